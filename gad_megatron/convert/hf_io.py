@@ -1,0 +1,195 @@
+"""HF checkpoint I/O: a validating safetensors reader and a streaming, size-bounded safetensors writer.
+
+Only safetensors is ever read (no pickle), and every problem with the input (non-safetensors weights, a
+truncated shard, missing / extra / mis-shaped tensors) is reported in one error naming the file or tensor,
+before any compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable, Optional
+
+import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """Bad input checkpoint; the message names the file or tensor."""
+
+
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+def _read_header(path: str) -> dict:
+    """Parses a safetensors header and checks that the file holds every byte the header promises."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        try:
+            lo, hi = info["data_offsets"]
+            shape = info["shape"]
+            nbytes = _DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if hi - lo != numel * nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} byte range does not match its shape {shape}")
+        end = max(end, hi)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end}); "
+            "re-download or re-export it"
+        )
+    return header
+
+
+class SafetensorsReader:
+    """All tensors of an HF checkpoint directory, lazily (memory-mapped, one tensor at a time)."""
+
+    def __init__(self, hf_dir: str):
+        self.dir = hf_dir
+        if not os.path.isdir(hf_dir):
+            raise CheckpointError(f"{hf_dir}: not a directory")
+        index = os.path.join(hf_dir, INDEX_NAME)
+        single = os.path.join(hf_dir, SINGLE_NAME)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: malformed safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(single):
+            files, weight_map = [SINGLE_NAME], None
+        else:
+            others = [f for f in os.listdir(hf_dir) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            hint = f" (found {', '.join(sorted(others))}: pickle weights are never loaded; convert them to " \
+                   "safetensors with transformers' save_pretrained(safe_serialization=True))" if others else ""
+            raise CheckpointError(f"{hf_dir}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+        self.shapes: dict = {}
+        self.dtypes: dict = {}
+        self._file_of: dict = {}
+        for fname in files:
+            path = os.path.join(hf_dir, fname)
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
+            for name, info in _read_header(path).items():
+                if name in self._file_of:
+                    raise CheckpointError(f"{path}: tensor {name!r} also stored in {self._file_of[name]}")
+                self._file_of[name] = path
+                self.shapes[name] = tuple(info["shape"])
+                self.dtypes[name] = info["dtype"]
+        if weight_map is not None:
+            for name, fname in weight_map.items():
+                if self._file_of.get(name) != os.path.join(hf_dir, fname):
+                    raise CheckpointError(f"{index}: tensor {name!r} is mapped to {fname} but not stored there")
+        self._handles: dict = {}
+
+    def names(self) -> list:
+        return list(self.shapes)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._file_of.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} not found")
+        h = self._handles.get(path)
+        if h is None:
+            h = self._handles[path] = safe_open(path, framework="pt")
+        return h.get_tensor(name)
+
+    def validate(self, expected: dict, ignore_suffixes: Iterable[str] = (), optional: Iterable[str] = ()) -> None:
+        """``expected``: {name: shape}. One error listing every missing, extra and mis-shaped tensor."""
+        optional = set(optional)
+        ignore = tuple(ignore_suffixes)
+        missing = [n for n in expected if n not in self.shapes]
+        extra = [n for n in self.shapes if n not in expected and n not in optional and not n.endswith(ignore)]
+        bad = [
+            f"{n} has shape {list(self.shapes[n])}, expected {list(s)}"
+            for n, s in expected.items()
+            if n in self.shapes and tuple(self.shapes[n]) != tuple(s)
+        ]
+        problems = []
+        if missing:
+            problems.append("missing tensors: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        if extra:
+            problems.append("unexpected tensors: " + ", ".join(extra[:20]) + (" ..." if len(extra) > 20 else ""))
+        if bad:
+            problems.append("mis-shaped tensors: " + "; ".join(bad[:20]))
+        if problems:
+            raise CheckpointError(f"{self.dir}: " + " | ".join(problems))
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into size-bounded safetensors shards as they arrive, then the index.
+
+    Holds at most one shard's worth of tensors in memory.
+    """
+
+    def __init__(self, out_dir: str, max_shard_bytes: int = 2 * 1024**3, metadata: Optional[dict] = None):
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict = {}
+        self._pending_bytes = 0
+        self._shards: list = []  # [(tmp file name, [tensor names])]
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in names for _, names in self._shards):
+            raise ValueError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous().cpu()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        fname = f"shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, os.path.join(self.out_dir, fname), metadata=self.metadata)
+        self._shards.append((fname, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list:
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        names = []
+        for k, (tmp, tensors) in enumerate(self._shards):
+            final = SINGLE_NAME if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, final))
+            names.append(final)
+            weight_map.update({t: final for t in tensors})
+        if n > 1:
+            with open(os.path.join(self.out_dir, INDEX_NAME), "w") as f:
+                json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
+        return names

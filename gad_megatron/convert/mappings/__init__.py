@@ -1,0 +1,1 @@
+"""One file per architecture; each defines ``MAPPING`` (an ArchMapping). Adding an architecture = adding a file."""

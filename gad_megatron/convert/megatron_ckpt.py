@@ -1,0 +1,198 @@
+"""Megatron-LM-layout distributed checkpoints (``torch_dist``), written atomically.
+
+Layout::
+
+    CKPT/
+      latest_checkpointed_iteration.txt      # "0"
+      iter_0000000/                          # dist_checkpointing (torch_dist) of {"model": ...}
+      hf/config.json (+ tokenizer files)     # the HF config the model was built from
+      gad_meta.json                          # role (student | discriminator), model_type, source
+
+The state dict keys are megatron-core GPTModel's standard ``sharded_state_dict`` keys (``_extra_state``
+included), so Megatron-LM loads it, and it can be re-read at any TP/PP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "gad_meta.json"
+HF_SUBDIR = "hf"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "generation_config.json", "chat_template.jinja",
+)
+
+
+def iter_dir(ckpt: str, iteration: int) -> str:
+    return os.path.join(ckpt, f"iter_{iteration:07d}")
+
+
+def read_iteration(ckpt: str) -> int:
+    path = os.path.join(ckpt, TRACKER)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not a megatron checkpoint (no {TRACKER})")
+    text = open(path).read().strip()
+    if text == "release":
+        raise ValueError(f"{path}: 'release' checkpoints are not in iter_* layout; re-save with an iteration")
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path}: expected an iteration number, got {text!r}") from None
+
+
+def read_meta(ckpt: str) -> dict:
+    path = os.path.join(ckpt, META)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing (not written by gad-convert / gad-megatron)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def hf_config_dir(ckpt: str) -> str:
+    return os.path.join(ckpt, HF_SUBDIR)
+
+
+def _model_state(chunks) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_str(value: Optional[str]) -> str:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_checkpoint(
+    chunks,
+    ckpt: str,
+    hf_dir: str,
+    meta: dict,
+    iteration: int = 0,
+    overwrite: bool = False,
+    extra_state: Optional[dict] = None,
+) -> str:
+    """Collective: every rank calls it. Written into a temp dir beside ``ckpt``, renamed at the end."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = os.path.abspath(ckpt)
+    tmp = None
+    if _rank0():
+        if os.path.exists(ckpt) and not overwrite:
+            tmp = f"ERROR:{ckpt} already exists (pass --overwrite to replace it)"
+        else:
+            os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=os.path.basename(ckpt) + ".tmp-", dir=os.path.dirname(ckpt))
+            os.makedirs(iter_dir(tmp, iteration))
+    tmp = _broadcast_str(tmp)
+    if tmp.startswith("ERROR:"):
+        raise FileExistsError(tmp[len("ERROR:"):])
+    try:
+        state = _model_state(chunks)
+        state.update({"checkpoint_version": 3.0, "iteration": iteration, **(extra_state or {})})
+        dist_checkpointing.save(state, iter_dir(tmp, iteration))
+        _barrier()
+        if _rank0():
+            with open(os.path.join(tmp, TRACKER), "w") as f:
+                f.write(str(iteration))
+            copy_hf_side_files(hf_dir, hf_config_dir(tmp))
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump(meta, f, indent=2)
+            if os.path.exists(ckpt):
+                shutil.rmtree(ckpt)
+            os.replace(tmp, ckpt)
+    except BaseException:
+        if _rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    return ckpt
+
+
+def copy_hf_side_files(hf_dir: str, dst: str, config: Optional[dict] = None) -> None:
+    """config.json (or ``config`` when given) and whatever tokenizer files the source has."""
+    os.makedirs(dst, exist_ok=True)
+    if config is None:
+        shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(dst, "config.json"))
+    else:
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    for name in TOKENIZER_FILES:
+        src = os.path.join(hf_dir, name)
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(dst, name))
+
+
+def load_checkpoint(chunks, ckpt: str) -> int:
+    """Collective: loads ``ckpt`` into the (any-layout) model chunks; returns the iteration."""
+    from megatron.core import dist_checkpointing
+
+    iteration = read_iteration(ckpt)
+    loaded = dist_checkpointing.load(_model_state(chunks), iter_dir(ckpt, iteration))
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded[f"model{i}"], strict=True)
+    return iteration
+
+
+class CheckpointTensorReader:
+    """Reads full per-layer tensors from a torch_dist checkpoint, a few at a time (streaming export).
+
+    Needs torch.distributed initialised (one process is enough); reads only the bytes it asks for.
+    """
+
+    def __init__(self, ckpt: str):
+        from megatron.core import dist_checkpointing
+
+        self.ckpt = ckpt
+        self.dir = iter_dir(ckpt, read_iteration(ckpt))
+        self.meta = dist_checkpointing.load_tensors_metadata(self.dir)
+
+    def read(self, requests) -> dict:
+        """``requests``: [(key, layer or None)] -> {(key, layer): tensor}."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        sd = {}
+        for key, layer in requests:
+            if key not in self.meta:
+                raise KeyError(f"{self.dir}: tensor {key!r} not in checkpoint")
+            m = self.meta[key]
+            shape = tuple(m.global_shape)
+            name = f"{key}@{layer}"
+            if layer is None:
+                sd[name] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=m.dtype), replica_id=0)
+            else:
+                sd[name] = ShardedTensor.from_rank_offsets(
+                    key, torch.empty(shape[1:], dtype=m.dtype), (0, layer, shape[0]), replica_id=0, prepend_axis_num=1
+                )
+        loaded = dist_checkpointing.load(sd, self.dir, validate_access_integrity=False)
+        return {(k, l): loaded[f"{k}@{l}"] for k, l in requests}

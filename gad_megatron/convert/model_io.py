@@ -1,0 +1,109 @@
+"""Moving whole (un-sharded, per-layer) tensors in and out of a live TP/PP-sharded megatron model.
+
+Which slice of a full tensor a rank holds is read from megatron's own ``sharded_state_dict`` metadata
+(``global_offset`` and the local shape of every ShardedTensor, with SwiGLU factories expanded), so TP, PP and
+VPP are handled in one place without per-layer knowledge of split axes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from gad_megatron.convert.hf_io import SafetensorsReader
+from gad_megatron.convert.mapping import LAYER_PREFIX, ArchMapping, expected_hf_tensors, to_mcore
+
+
+@dataclass
+class LocalShard:
+    key: str  # canonical checkpoint key
+    layer: Optional[int]  # global layer index for decoder.layers.* keys
+    data: torch.Tensor  # view of this rank's parameter storage
+    slices: tuple  # where ``data`` sits inside the full per-layer tensor
+    full_shape: tuple
+    is_main_replica: bool
+
+
+def _flatten(sd) -> Iterator:
+    if isinstance(sd, dict):
+        for v in sd.values():
+            yield from _flatten(v)
+    elif isinstance(sd, (list, tuple)):
+        for v in sd:
+            yield from _flatten(v)
+    else:
+        yield sd
+
+
+def local_shards(chunks) -> list:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out = []
+    for model in chunks:
+        for obj in _flatten(model.sharded_state_dict()):
+            pieces = obj.build() if isinstance(obj, ShardedTensorFactory) else [obj]
+            for st in _flatten(pieces):
+                if not isinstance(st, ShardedTensor):
+                    continue  # _extra_state objects and the like carry no weights
+                p = st.prepend_axis_num
+                layer = None
+                if st.key.startswith(LAYER_PREFIX):
+                    if p != 1:
+                        raise RuntimeError(f"{st.key}: expected one stacked layer axis, got {p}")
+                    layer = int(st.global_offset[0])
+                offs = st.global_offset[p:]
+                slices = tuple(slice(o, o + s) for o, s in zip(offs, st.data.shape))
+                replica = st.replica_id if isinstance(st.replica_id, tuple) else (st.replica_id,)
+                out.append(
+                    LocalShard(st.key, layer, st.data, slices, tuple(st.global_shape[p:]), all(r == 0 for r in replica))
+                )
+    return out
+
+
+@torch.no_grad()
+def fill_model(chunks, full_tensor: Callable[[str, Optional[int]], torch.Tensor], skip_keys=()) -> int:
+    """Copies into every local parameter its slice of ``full_tensor(key, layer)``; returns the count."""
+    n = 0
+    for sh in local_shards(chunks):
+        if sh.key in skip_keys:
+            continue
+        full = full_tensor(sh.key, sh.layer)
+        if tuple(full.shape) != sh.full_shape:
+            raise ValueError(f"{sh.key} (layer {sh.layer}): source shape {tuple(full.shape)} != {sh.full_shape}")
+        sh.data.copy_(full[sh.slices])
+        n += 1
+    return n
+
+
+class HFWeightSource:
+    """``full_tensor(key, layer)`` from an HF safetensors checkpoint through the architecture's mapping."""
+
+    def __init__(self, hf_dir: str, mapping: ArchMapping, arch, role: str = "student", reader=None):
+        self.reader = reader or SafetensorsReader(hf_dir)
+        self.mapping, self.arch, self.role = mapping, arch, role
+
+    def validate(self) -> None:
+        expected = expected_hf_tensors(self.mapping, self.arch, self.role)
+        optional = []
+        # Tied exporters may still write lm_head; a discriminator drops the LM head for its scalar head.
+        if self.arch.tie_word_embeddings or self.role == "discriminator":
+            optional.append("lm_head.weight")
+        if self.role == "discriminator" and not self.has_head():
+            expected.pop("score.weight", None)  # a causal-LM checkpoint: the head starts fresh
+        self.reader.validate(expected, self.mapping.ignore_suffixes, optional)
+
+    def has_head(self) -> bool:
+        return "score.weight" in self.reader.shapes
+
+    def __call__(self, key: str, layer: Optional[int]) -> torch.Tensor:
+        rule = self.mapping.rule_for(key, self.arch.tie_word_embeddings, self.role)
+        return to_mcore(rule, [self.reader.get(n) for n in rule.hf_names(layer)], self.arch)
+
+
+def load_hf_into_model(chunks, source: HFWeightSource) -> int:
+    """Fills the model from HF weights; a discriminator built from a causal LM keeps its freshly
+    initialised head (there is no ``score.weight`` to read)."""
+    fresh_head = source.role == "discriminator" and not source.has_head()
+    return fill_model(chunks, source, skip_keys={"output_layer.weight"} if fresh_head else ())

@@ -1,0 +1,21 @@
+"""megatron-core models built from HF configs: student / reference GPT and the discriminator."""
+
+from gad_megatron.models.hf_config import (
+    ArchSpec,
+    UnsupportedConfigError,
+    arch_spec_from_dir,
+    arch_spec_from_hf,
+    load_hf_config,
+)
+from gad_megatron.models.gpt import ModelOptions, ModelOptionsError, build_gpt_chunks
+
+__all__ = [
+    "ArchSpec",
+    "ModelOptions",
+    "ModelOptionsError",
+    "UnsupportedConfigError",
+    "arch_spec_from_dir",
+    "arch_spec_from_hf",
+    "build_gpt_chunks",
+    "load_hf_config",
+]

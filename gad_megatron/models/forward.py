@@ -1,0 +1,95 @@
+"""Forward / backward through megatron-core's pipeline schedules for the student and the discriminator.
+
+Every rank of a model-parallel group receives the same micro-batches (dicts of ``[b, s]`` tensors); the
+schedule decides which stage reads tokens and which computes the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def run_schedule(chunks, microbatches: list, step_fn: Callable, forward_only: bool) -> list:
+    """``step_fn(model, batch) -> (output_tensor, loss_func)``; returns the last stage's loss_func outputs."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tokens = microbatches[0]["tokens"]
+    iters = [iter(microbatches) for _ in chunks]
+
+    def forward_step(data_iterator, model):
+        return step_fn(model, next(data_iterator))
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters if len(chunks) > 1 else iters[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def _call(model, batch, labels=None):
+    t = batch["tokens"]
+    return model(t, batch.get("position_ids", position_ids_for(t)), None, labels=labels)
+
+
+def full_logits(chunks, microbatches: list) -> Optional[list]:
+    """Full-vocabulary logits ``[b, s, V]`` per micro-batch on the last pipeline stage; None elsewhere."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    def step(model, batch):
+        out = _call(model, batch)
+
+        def loss_func(logits):
+            return logits.sum() * 0.0, {"logits": gather_from_tensor_model_parallel_region(logits).detach()}
+
+        return out, loss_func
+
+    with torch.no_grad():
+        out = run_schedule(chunks, microbatches, step, forward_only=True)
+    if not ps.is_pipeline_last_stage():
+        return None
+    return [o["logits"] for o in out]
+
+
+def lm_loss_step(model, batch):
+    """Token-mean cross-entropy on ``labels`` where ``loss_mask`` is 1 (SeqKD / warmup objective)."""
+    per_token = _call(model, batch, labels=batch["labels"])
+
+    def loss_func(losses):
+        mask = batch["loss_mask"].to(losses.dtype)
+        total = (losses * mask).sum()
+        n = mask.sum().to(torch.int)
+        return total, n, {"lm_loss": torch.stack([total.detach(), mask.sum()])}
+
+    return per_token, loss_func
+
+
+def discriminator_scores(chunks, microbatches: list) -> Optional[list]:
+    """``[b]`` sequence scores per micro-batch on the last stage (None elsewhere)."""
+    from megatron.core import parallel_state as ps
+
+    from gad_megatron.models.discriminator import sequence_scores
+
+    def step(model, batch):
+        out = _call(model, batch)
+
+        def loss_func(per_token):
+            return per_token.sum() * 0.0, {"scores": sequence_scores(per_token, batch["attention_mask"]).detach()}
+
+        return out, loss_func
+
+    with torch.no_grad():
+        out = run_schedule(chunks, microbatches, step, forward_only=True)
+    if not ps.is_pipeline_last_stage():
+        return None
+    return [o["scores"] for o in out]

@@ -1,0 +1,162 @@
+"""Lets megatron-core run on CPU over gloo.
+
+megatron-core asks for CUDA unconditionally (``device=torch.cuda.current_device()``, ``.cuda()``,
+``zeros(..., device='cuda')``, ``torch.cuda.synchronize()``, a CUDA RNG tracker, ``.type()`` asserts) in ~45
+places that move between releases. Rather than patching call sites by line, this module:
+
+* installs a process-wide ``TorchFunctionMode`` that rewrites every CUDA device request to CPU,
+* stubs the few ``torch.cuda`` functions megatron calls for bookkeeping (device index, sync, events, streams),
+* swaps megatron's CUDA RNG tracker for one that forks the CPU generator,
+* answers ``.type()`` (no-argument form) with the CUDA spelling megatron's optimizer asserts on.
+
+It is imported only by :func:`gad_megatron.runtime.parallel.initialize` when the device is CPU, and must be
+applied in every process before a model is built. GPU runs never import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_LOCK = threading.Lock()
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # megatron passes torch.cuda.current_device() (an int) as device=; on CPU no int device is legitimate.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and kwargs["device"] is not None and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = torch.device("cpu")
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if (i > 0 and _is_cuda_device(a)) else a for i, a in enumerate(args))
+        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # clip_grads / optimizer assert grad.type() == 'torch.cuda.FloatTensor'.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        return func(*args, **kwargs)
+
+
+class _FakeEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class _FakeStream(_FakeEvent):
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _FakeEvent()
+
+
+def _stub(name, result=None):
+    # One distinct function per stub: torch._dynamo keys its rule map by function object and rejects one object
+    # registered under two torch.cuda names.
+    def stub(*args, **kwargs):
+        return result() if callable(result) else result
+
+    stub.__name__ = stub.__qualname__ = f"cpu_shim_{name}"
+    return stub
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats", "manual_seed",
+                 "manual_seed_all", "set_stream"):
+        setattr(cuda, name, _stub(name))
+    for name in ("current_device", "memory_allocated", "max_memory_allocated", "memory_reserved",
+                 "max_memory_reserved"):
+        setattr(cuda, name, _stub(name, 0))
+    cuda.device_count = _stub("device_count", 1)
+    cuda.Event = _FakeEvent
+    cuda.Stream = _FakeStream
+    cuda.current_stream = _stub("current_stream", _FakeStream)
+    cuda.default_stream = _stub("default_stream", _FakeStream)
+    cuda.stream = _stub("stream", contextlib.nullcontext)
+    cuda.nvtx.range_push = _stub("range_push")
+    cuda.nvtx.range_pop = _stub("range_pop")
+
+
+def _install_cpu_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Megatron's named RNG streams (data-parallel / model-parallel seeds) on the CPU generator."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def apply() -> None:
+    """Idempotent; call before building any megatron model in this process."""
+    global _APPLIED
+    with _LOCK:
+        if _APPLIED:
+            return
+        import megatron.core  # noqa: F401  (imports torch._dynamo before torch.cuda is stubbed)
+
+        _patch_torch_cuda()
+        # Entered and never exited: the redirect must cover the whole life of the process.
+        _CudaToCpuMode().__enter__()
+        _install_cpu_rng_tracker()
+        _APPLIED = True
+
+
+def is_applied() -> bool:
+    return _APPLIED

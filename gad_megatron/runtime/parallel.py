@@ -1,0 +1,173 @@
+"""One parallel runtime for GPU (nccl) and CPU (gloo).
+
+The student, the discriminator and the frozen reference model are all built on the single megatron-core
+``parallel_state`` this module initialises.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+class LayoutError(ValueError):
+    """The requested TP/PP/CP/VPP layout does not fit the world size or the model."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: Optional[int] = None
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    device: Optional[str] = None  # "cuda" | "cpu"; None: cuda when available
+    seed: int = 1234
+    timeout_minutes: int = 30
+
+    def resolved_device(self) -> str:
+        if self.device:
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+
+def validate_layout(
+    par: ParallelConfig,
+    world_size: int,
+    num_layers: Optional[int] = None,
+    num_attention_heads: Optional[int] = None,
+    num_query_groups: Optional[int] = None,
+) -> int:
+    """Checks the layout against the world size and (optionally) the model; returns the DP size.
+
+    Raises one LayoutError naming every problem, before anything is allocated.
+    """
+    problems = []
+    tp, pp, cp = par.tensor_parallel, par.pipeline_parallel, par.context_parallel
+    for name, v in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("context_parallel", cp)):
+        if v < 1:
+            problems.append(f"{name}={v} must be >= 1")
+    if problems:
+        raise LayoutError("; ".join(problems))
+    mp = tp * pp * cp
+    if world_size % mp:
+        problems.append(f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp} = {mp}")
+    if num_attention_heads is not None and num_attention_heads % tp:
+        problems.append(f"num_attention_heads={num_attention_heads} is not divisible by TP={tp}")
+    if num_query_groups is not None and num_query_groups % tp:
+        problems.append(f"num_query_groups (num_key_value_heads)={num_query_groups} is not divisible by TP={tp}")
+    vpp = par.virtual_pipeline_parallel or 1
+    if par.virtual_pipeline_parallel is not None and pp == 1:
+        problems.append("virtual_pipeline_parallel needs pipeline_parallel > 1")
+    if num_layers is not None and num_layers % (pp * vpp):
+        problems.append(f"num_layers={num_layers} is not divisible by PP*VPP = {pp}*{vpp} = {pp * vpp}")
+    if par.sequence_parallel and tp == 1:
+        problems.append("sequence_parallel needs tensor_parallel > 1")
+    if problems:
+        raise LayoutError("invalid parallel layout: " + "; ".join(problems))
+    return world_size // mp
+
+
+def _env_world() -> tuple[int, int, int]:
+    # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; srun sets SLURM_* (MASTER_ADDR/PORT come from the sbatch script).
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return rank, world, local
+
+
+def initialize(par: ParallelConfig, model_dims: Optional[dict] = None) -> dict:
+    """Initialise torch.distributed (env:// rendezvous), megatron parallel_state and the seeds.
+
+    ``model_dims`` (num_layers / num_attention_heads / num_query_groups) lets the layout be validated
+    against the model before any process group or tensor is created.
+    Returns a small dict describing this rank's place in the layout.
+    """
+    rank, world, local_rank = _env_world()
+    dp = validate_layout(par, world, **(model_dims or {}))
+    device = par.resolved_device()
+    if device == "cpu":
+        from gad_megatron.runtime import cpu_shim  # only ever imported on CPU
+
+        cpu_shim.apply()
+    else:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend="gloo" if device == "cpu" else "nccl",
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=par.timeout_minutes),
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=par.tensor_parallel,
+        pipeline_model_parallel_size=par.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_parallel,
+        context_parallel_size=par.context_parallel,
+        distributed_timeout_minutes=par.timeout_minutes,
+    )
+    set_seed(par.seed)
+    return {
+        "rank": rank,
+        "world_size": world,
+        "data_parallel": dp,
+        "device": device,
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+    }
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank for data order; megatron forks per-TP-rank streams for model-parallel init."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    if ps.model_parallel_is_initialized():
+        # Offset by pipeline rank, as Megatron-LM does, so stages do not draw the same numbers.
+        model_parallel_cuda_manual_seed(seed + 100 * ps.get_pipeline_model_parallel_rank())
+
+
+def destroy() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if _on_gpu() else torch.device("cpu")
+
+
+def _on_gpu() -> bool:
+    from gad_megatron.runtime import cpu_shim_applied
+
+    return torch.cuda.is_available() and not cpu_shim_applied()

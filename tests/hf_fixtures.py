@@ -1,0 +1,66 @@
+"""Tiny random HF models of every supported architecture, made locally (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# name -> (config class name, model_type kwargs). Shapes are tiny but exercise GQA, TP=2 splits of heads and
+# query groups, tied and untied embeddings, llama3 rope scaling and Qwen3's explicit head_dim + QK norms.
+_COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    initializer_range=0.1,
+)
+
+ARCHS = {
+    "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=10000.0)),
+    "qwen2_untied": ("Qwen2Config", dict(tie_word_embeddings=False, rope_theta=1000000.0)),
+    "llama31": (
+        "LlamaConfig",
+        dict(
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+    ),
+    "llama32_tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=500000.0)),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32, rope_theta=1000000.0)),
+    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None, rope_theta=1000000.0)),
+}
+
+
+def make_hf_model(name: str, out_dir: str, seed: int = 0, seq_cls: bool = False) -> str:
+    import transformers
+
+    cls_name, extra = ARCHS[name]
+    cfg = getattr(transformers, cls_name)(**{**_COMMON, **extra})
+    cfg.pad_token_id = 0
+    if seq_cls:
+        cfg.num_labels = 1
+    torch.manual_seed(seed)
+    auto = transformers.AutoModelForSequenceClassification if seq_cls else transformers.AutoModelForCausalLM
+    model = auto.from_config(cfg, torch_dtype=torch.float32, attn_implementation="eager")
+    # Random (not default-initialised) norms and biases so a mis-mapped norm or bias shows up in the logits.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif n.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
