@@ -166,33 +166,68 @@ def load_checkpoint(chunks, ckpt: str) -> int:
 class CheckpointTensorReader:
     """Reads full per-layer tensors from a torch_dist checkpoint, a few at a time (streaming export).
 
-    Needs torch.distributed initialised (one process is enough); reads only the bytes it asks for.
+    Uses torch.distributed.checkpoint directly with a planner that asks for one layer's slice of each stacked
+    ``decoder.layers.*`` tensor, so only those bytes are read. No process group is needed.
     """
 
     def __init__(self, ckpt: str):
-        from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint import FileSystemReader
 
         self.ckpt = ckpt
         self.dir = iter_dir(ckpt, read_iteration(ckpt))
-        self.meta = dist_checkpointing.load_tensors_metadata(self.dir)
+        self._storage = FileSystemReader(self.dir)
+        self.meta = self._storage.read_metadata().state_dict_metadata
 
     def read(self, requests) -> dict:
-        """``requests``: [(key, layer or None)] -> {(key, layer): tensor}."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        """``requests``: [(key, layer or None)], each key at most once -> {(key, layer): tensor}."""
+        import torch.distributed.checkpoint as dcp
 
-        sd = {}
+        dests, offsets = {}, {}
         for key, layer in requests:
-            if key not in self.meta:
+            md = self.meta.get(key)
+            if md is None or not hasattr(md, "size"):
                 raise KeyError(f"{self.dir}: tensor {key!r} not in checkpoint")
-            m = self.meta[key]
-            shape = tuple(m.global_shape)
-            name = f"{key}@{layer}"
+            shape = tuple(md.size)
             if layer is None:
-                sd[name] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=m.dtype), replica_id=0)
+                dests[key], offsets[key] = torch.empty(shape, dtype=md.properties.dtype), (0,) * len(shape)
             else:
-                sd[name] = ShardedTensor.from_rank_offsets(
-                    key, torch.empty(shape[1:], dtype=m.dtype), (0, layer, shape[0]), replica_id=0, prepend_axis_num=1
-                )
-        loaded = dist_checkpointing.load(sd, self.dir, validate_access_integrity=False)
-        return {(k, l): loaded[f"{k}@{l}"] for k, l in requests}
+                if not 0 <= layer < shape[0]:
+                    raise KeyError(f"{self.dir}: {key!r} has {shape[0]} layers, asked for layer {layer}")
+                dests[key] = torch.empty((1,) + shape[1:], dtype=md.properties.dtype)
+                offsets[key] = (layer,) + (0,) * (len(shape) - 1)
+        dcp.load(dests, storage_reader=self._storage, planner=_SlicePlanner(offsets), no_dist=True)
+        return {(k, l): dests[k] if l is None else dests[k][0] for k, l in requests}
+
+
+def _slice_planner_class():
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class SlicePlanner(DefaultLoadPlanner):
+        """Each destination tensor is the chunk of its checkpoint tensor that starts at ``offsets[key]``."""
+
+        def __init__(self, offsets: dict):
+            super().__init__()
+            self.offsets = offsets
+
+        def create_local_plan(self):
+            items = []
+            for key, off in self.offsets.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(off), sizes=self.state_dict[key].shape)
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            # Destinations are plain tensors (not torch ShardedTensors): narrow by the item's own offsets.
+            t = self.state_dict[read_item.dest_index.fqn]
+            for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                t = t.narrow(dim, o, n)
+            return t
+
+    return SlicePlanner
+
+
+def _SlicePlanner(offsets: dict):
+    return _slice_planner_class()(offsets)

@@ -171,3 +171,15 @@ def _on_gpu() -> bool:
     from gad_megatron.runtime import cpu_shim_applied
 
     return torch.cuda.is_available() and not cpu_shim_applied()
+
+
+def ensure_process_group() -> None:
+    """A one-process gloo group for tools that need torch.distributed but no parallelism (e.g. export)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    store = tempfile.NamedTemporaryFile(prefix="gad-pg-", delete=False).name
+    dist.init_process_group(backend="gloo", init_method=f"file://{store}", rank=0, world_size=1)

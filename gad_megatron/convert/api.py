@@ -1,0 +1,167 @@
+"""HF <-> megatron-core conversion: the functions behind ``gad-convert``.
+
+``hf_to_mcore`` runs on every rank of a TP*PP group (the CLI launches them); ``mcore_to_hf`` streams a
+checkpoint of any layout to HF safetensors in one process, holding one layer's tensors plus one output shard.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+from gad_megatron.convert.hf_io import ShardedSafetensorsWriter
+from gad_megatron.convert.mapping import mapping_for, to_hf
+from gad_megatron.convert.megatron_ckpt import (
+    CheckpointTensorReader,
+    copy_hf_side_files,
+    hf_config_dir,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
+from gad_megatron.models.gpt import ModelOptions, build_gpt_chunks
+from gad_megatron.models.hf_config import arch_spec_from_dir, arch_spec_from_hf, load_hf_config
+
+ROLES = ("student", "discriminator")
+_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def hf_dtype(cfg: dict) -> str:
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if name not in _HF_DTYPES:
+        raise ValueError(f"config.json: unsupported dtype {name!r} (use one of {sorted(_HF_DTYPES)})")
+    return _HF_DTYPES[name]
+
+
+def build_role_chunks(arch, role: str, opts: Optional[ModelOptions] = None, head_init: str = "normal"):
+    if role == "student":
+        return build_gpt_chunks(arch, opts)
+    if role == "discriminator":
+        from gad_megatron.models.discriminator import build_discriminator_chunks
+
+        return build_discriminator_chunks(arch, opts, head_init=head_init)
+    raise ValueError(f"role={role!r}: use one of {ROLES}")
+
+
+def check_hf_input(hf_dir: str, role: str = "student"):
+    """Everything that can be wrong with the HF input, raised once, before any process group or compute."""
+    arch = arch_spec_from_dir(hf_dir)
+    hf_dtype(arch.hf_config)
+    src = HFWeightSource(hf_dir, mapping_for(arch.model_type), arch, role)
+    src.validate()
+    return arch, src
+
+
+def hf_to_mcore(hf_dir: str, out: str, role: str = "student", overwrite: bool = False, head_init: str = "normal"):
+    """Collective over the already-initialised parallel state: build, fill from HF, save atomically."""
+    arch, src = check_hf_input(hf_dir, role)
+    opts = ModelOptions(dtype=hf_dtype(arch.hf_config), transformer_impl="local")
+    chunks = build_role_chunks(arch, role, opts, head_init=head_init)
+    load_hf_into_model(chunks, src)
+    meta = {"role": role, "model_type": arch.model_type, "source": os.path.abspath(hf_dir), "dtype": opts.dtype}
+    return save_checkpoint(chunks, out, hf_dir, meta, overwrite=overwrite)
+
+
+def load_from_checkpoint(ckpt: str, opts: Optional[ModelOptions] = None):
+    """Collective: builds the model recorded in ``ckpt`` at the current parallel layout and loads it."""
+    meta = read_meta(ckpt)
+    arch = arch_spec_from_dir(hf_config_dir(ckpt))
+    opts = opts or ModelOptions(dtype=meta.get("dtype", "fp32"), transformer_impl="local")
+    chunks = build_role_chunks(arch, meta["role"], opts)
+    load_checkpoint(chunks, ckpt)
+    return arch, chunks, meta
+
+
+def export_hf_config(arch, role: str) -> dict:
+    mapping = mapping_for(arch.model_type)
+    cfg = dict(arch.hf_config)
+    if role == "discriminator":
+        cfg.update(
+            architectures=[mapping.seq_cls_class],
+            num_labels=1,
+            id2label={"0": "LABEL_0"},
+            label2id={"LABEL_0": 0},
+            tie_word_embeddings=False,
+        )
+        # HF sequence classifiers find the last real token through pad_token_id.
+        if cfg.get("pad_token_id") is None:
+            eos = cfg.get("eos_token_id")
+            cfg["pad_token_id"] = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
+    else:
+        cfg["architectures"] = [mapping.causal_lm_class]
+    return cfg
+
+
+def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> list:
+    """Streams ``ckpt`` to an HF directory (written to a temp dir, renamed at the end). One process."""
+    meta = read_meta(ckpt)
+    role = meta["role"]
+    src_cfg_dir = hf_config_dir(ckpt)
+    cfg = load_hf_config(src_cfg_dir)
+    arch = arch_spec_from_hf(cfg, source=os.path.join(src_cfg_dir, "config.json"))
+    mapping = mapping_for(arch.model_type)
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    reader = CheckpointTensorReader(ckpt)
+    rules = mapping.active_rules(arch.tie_word_embeddings, role)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+    try:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        groups = [[(r, None) for r in rules if not r.per_layer]]
+        groups += [[(r, i) for r in rules if r.per_layer] for i in range(arch.num_layers)]
+        for group in groups:
+            # One read per layer: peak memory is one layer's tensors plus one pending output shard.
+            got = reader.read([(r.mcore, i) for r, i in group])
+            for r, i in group:
+                for name, t in zip(r.hf_names(i), to_hf(r, got[(r.mcore, i)], arch)):
+                    writer.add(name, t)
+            del got
+        files = writer.close()
+        copy_hf_side_files(src_cfg_dir, tmp, config=export_hf_config(arch, role))
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
+def reference_model(hf_dir: str, role: str):
+    """The HF transformers model a converted checkpoint must agree with (eager attention, fp32)."""
+    import transformers
+
+    auto = transformers.AutoModelForSequenceClassification if role == "discriminator" else transformers.AutoModelForCausalLM
+    return auto.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def verify(hf_dir: str, ckpt: str, batch: int = 2, seq_len: int = 32, seed: int = 0) -> Optional[dict]:
+    """Collective: runs the checkpoint (current layout) and HF on the same tokens; returns the diff on the
+    rank that holds the output (last pipeline stage, TP rank 0), None elsewhere."""
+    from megatron.core import parallel_state as ps
+
+    from gad_megatron.models.forward import discriminator_scores, full_logits
+
+    arch, chunks, meta = load_from_checkpoint(ckpt, ModelOptions(dtype="fp32", transformer_impl="local"))
+    for c in chunks:
+        c.eval()
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, arch.vocab_size, (batch, seq_len), generator=g)
+    mb = {"tokens": tokens, "attention_mask": torch.ones_like(tokens)}
+    role = meta["role"]
+    ours = (discriminator_scores if role == "discriminator" else full_logits)(chunks, [mb])
+    if ours is None or ps.get_tensor_model_parallel_rank() != 0:
+        return None
+    ref_model = reference_model(hf_dir, role)
+    with torch.no_grad():
+        ref = ref_model(tokens).logits
+    ref = ref[:, 0] if role == "discriminator" else ref
+    diff = (ours[0].float() - ref.float()).abs()
+    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "role": role, "shape": list(ref.shape)}
