@@ -56,7 +56,7 @@ def build_discriminator_chunks(arch, opts: Optional[ModelOptions] = None, head_i
 
     Use :func:`sequence_scores` to take the score at each sequence's last real token.
     """
-    from megatron.core.transformer.utils import init_method_normal
+    from megatron.core.utils import init_method_normal
 
     if head_init not in ("normal", "zero"):
         raise ValueError(f"head_init={head_init!r}: use normal or zero")

@@ -36,7 +36,7 @@ def run_schedule(chunks, microbatches: list, step_fn: Callable, forward_only: bo
     )
 
 
-def _call(model, batch, labels=None):
+def model_call(model, batch, labels=None):
     t = batch["tokens"]
     return model(t, batch.get("position_ids", position_ids_for(t)), None, labels=labels)
 
@@ -47,7 +47,7 @@ def full_logits(chunks, microbatches: list) -> Optional[list]:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     def step(model, batch):
-        out = _call(model, batch)
+        out = model_call(model, batch)
 
         def loss_func(logits):
             return logits.sum() * 0.0, {"logits": gather_from_tensor_model_parallel_region(logits).detach()}
@@ -61,19 +61,6 @@ def full_logits(chunks, microbatches: list) -> Optional[list]:
     return [o["logits"] for o in out]
 
 
-def lm_loss_step(model, batch):
-    """Token-mean cross-entropy on ``labels`` where ``loss_mask`` is 1 (SeqKD / warmup objective)."""
-    per_token = _call(model, batch, labels=batch["labels"])
-
-    def loss_func(losses):
-        mask = batch["loss_mask"].to(losses.dtype)
-        total = (losses * mask).sum()
-        n = mask.sum().to(torch.int)
-        return total, n, {"lm_loss": torch.stack([total.detach(), mask.sum()])}
-
-    return per_token, loss_func
-
-
 def discriminator_scores(chunks, microbatches: list) -> Optional[list]:
     """``[b]`` sequence scores per micro-batch on the last stage (None elsewhere)."""
     from megatron.core import parallel_state as ps
@@ -81,7 +68,7 @@ def discriminator_scores(chunks, microbatches: list) -> Optional[list]:
     from gad_megatron.models.discriminator import sequence_scores
 
     def step(model, batch):
-        out = _call(model, batch)
+        out = model_call(model, batch)
 
         def loss_func(per_token):
             return per_token.sum() * 0.0, {"scores": sequence_scores(per_token, batch["attention_mask"]).detach()}

@@ -1,0 +1,1 @@
+"""GAD objectives: SeqKD cross-entropy (generator warmup), Bradley-Terry (discriminator); GRPO comes with the trainer."""

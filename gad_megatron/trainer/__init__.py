@@ -1,0 +1,1 @@
+"""Training: megatron DDP + optimizer engine (this module), the GAD loop (coming with the trainer issue)."""

@@ -1,0 +1,61 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from hf_fixtures import ARCHS, make_hf_model  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(nproc: int, worker: str, *args, timeout: int = 300) -> str:
+    """Runs tests/workers/<worker> on ``nproc`` gloo ranks under torchrun, in its own process session with a
+    hard timeout: when one rank fails the others block in gloo, so on timeout the whole group is killed."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}", os.path.join(HERE, "workers", worker), *map(str, args),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, HERE]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, cwd=ROOT)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{worker} x{nproc} timed out after {timeout}s:\n{out[-6000:]}")
+    if proc.returncode != 0:
+        raise AssertionError(f"{worker} x{nproc} failed ({proc.returncode}):\n{out[-8000:]}")
+    return out
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """{arch name: HF dir} of tiny random causal LMs of every supported architecture."""
+    base = tmp_path_factory.mktemp("hf")
+    return {name: make_hf_model(name, str(base / name), seed=i) for i, name in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def converted(hf_models, tmp_path_factory):
+    """Every arch converted HF -> megatron at TP2PP2 (student), plus a discriminator from qwen2_untied."""
+    base = tmp_path_factory.mktemp("mcore")
+    run_ranks(4, "convert_worker.py", str(base), json.dumps(hf_models), timeout=600)
+    return {name: str(base / name) for name in hf_models} | {"disc": str(base / "disc")}
