@@ -96,7 +96,10 @@ def _patch_torch_cuda() -> None:
     for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats", "manual_seed",
                  "manual_seed_all", "set_stream"):
         setattr(cuda, name, _stub(name))
-    for name in ("current_device", "memory_allocated", "max_memory_allocated", "memory_reserved",
+    # current_device() is used as ``device=`` in megatron, also inside autograd Function.backward, where the
+    # TorchFunctionMode is not active: answering with the CPU device itself makes those calls correct too.
+    cuda.current_device = _stub("current_device", lambda: torch.device("cpu"))
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
                  "max_memory_reserved"):
         setattr(cuda, name, _stub(name, 0))
     cuda.device_count = _stub("device_count", 1)

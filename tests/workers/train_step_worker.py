@@ -1,0 +1,114 @@
+"""One optimizer step of the student (LM loss) and of the discriminator (BT loss) at one layout, plus the
+discriminator's padding / last-token checks. argv: tp pp student_ckpt disc_ckpt out.json"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def toy_lm_batches(vocab):
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for _ in range(2):  # two micro-batches through the pipeline schedule
+        tokens = torch.randint(0, vocab, (2, 16), generator=g)
+        labels = torch.roll(tokens, -1, dims=1)
+        mask = torch.ones_like(tokens, dtype=torch.float)
+        mask[:, :5] = 0  # prompt tokens carry no loss (SeqKD trains on the teacher answer only)
+        mask[:, -1] = 0
+        out.append({"tokens": tokens, "labels": labels, "loss_mask": mask})
+    return out
+
+
+def toy_pair_batch(vocab):
+    """2 prompts x (1 teacher + 2 student answers), right-padded to 16 tokens."""
+    g = torch.Generator().manual_seed(12)
+    lengths = [16, 12, 9, 16, 7, 13]
+    tokens = torch.randint(1, vocab, (6, 16), generator=g)
+    mask = torch.zeros(6, 16, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        tokens[i, n:] = 0
+    return {"tokens": tokens, "attention_mask": mask, "n_teacher": 2, "teacher_of": torch.tensor([0, 0, 1, 1])}
+
+
+def snapshot(modules):
+    return [p.detach().clone() for m in modules for p in m.parameters()]
+
+
+def changed(before, modules):
+    after = [p.detach() for m in modules for p in m.parameters()]
+    flags = torch.tensor([float(not torch.equal(a, b)) for a, b in zip(before, after)])
+    counts = torch.tensor([flags.sum().item(), float(len(flags))])
+    dist.all_reduce(counts)
+    return counts.tolist()
+
+
+def main():
+    from megatron.core import parallel_state as ps
+
+    from gad_megatron.algo.losses import bt_loss_step, lm_loss_step
+    from gad_megatron.convert import api
+    from gad_megatron.models.forward import discriminator_scores, run_schedule
+    from gad_megatron.runtime import ParallelConfig, initialize
+    from gad_megatron.trainer.engine import OptimConfig, TrainEngine, reduce_token_mean
+
+    tp, pp, s_ckpt, d_ckpt, out_path = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu"))
+    result = {}
+    reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    # --- student: LM loss step ---
+    arch, chunks, _ = api.load_from_checkpoint(s_ckpt)
+    engine = TrainEngine(chunks, OptimConfig(lr=1e-3, clip_grad=1.0))
+    batches = toy_lm_batches(arch.vocab_size)
+    before = snapshot(engine.modules)
+    out = engine.train_step(batches, lm_loss_step)
+    result["student_changed"] = changed(before, engine.modules)
+    after = run_schedule(engine.chunks, batches, lm_loss_step, forward_only=True)
+    if reporter:
+        result["student_loss"] = reduce_token_mean(out["outputs"], "lm_loss")
+        result["student_loss_after"] = reduce_token_mean(after, "lm_loss")
+
+    # --- discriminator: padding invariance and the head on the last real token ---
+    arch, d_chunks, _ = api.load_from_checkpoint(d_ckpt)
+    pair = toy_pair_batch(arch.vocab_size)
+    captured = {}
+    if ps.is_pipeline_last_stage():
+        head = d_chunks[-1].output_layer
+        head.register_forward_hook(lambda m, inp, out: captured.__setitem__("hidden", inp[0].detach()))
+    scores = discriminator_scores(d_chunks, [pair])
+    wider = {**pair, "tokens": torch.cat([pair["tokens"], torch.zeros(6, 5, dtype=torch.long)], 1),
+             "attention_mask": torch.cat([pair["attention_mask"], torch.zeros(6, 5, dtype=torch.long)], 1)}
+    if scores is not None:
+        hidden = captured["hidden"]  # [s, b, h] input of the head at the last forward (the padded one)
+    scores_wider = discriminator_scores(d_chunks, [wider])
+    if scores is not None:
+        w = d_chunks[-1].output_layer.weight.detach()  # [1, h/TP]
+        parts = [torch.empty_like(w) for _ in range(tp)]
+        dist.all_gather(parts, w, group=ps.get_tensor_model_parallel_group())
+        full_w = torch.cat(parts, dim=1)[0]
+        last = pair["attention_mask"].sum(1) - 1
+        manual = torch.stack([hidden[last[b], b] @ full_w for b in range(6)])
+        if reporter:
+            result["pad_invariance_max_diff"] = (scores[0] - scores_wider[0]).abs().max().item()
+            result["head_on_last_token_max_diff"] = (scores[0] - manual).abs().max().item()
+            result["score_spread"] = (scores[0].max() - scores[0].min()).item()
+
+    # --- discriminator: BT loss step ---
+    d_engine = TrainEngine(d_chunks, OptimConfig(lr=1e-3, clip_grad=1.0))
+    before = snapshot(d_engine.modules)
+    out = d_engine.train_step([pair], bt_loss_step)
+    result["disc_changed"] = changed(before, d_engine.modules)
+    after = run_schedule(d_engine.chunks, [pair], bt_loss_step, forward_only=True)
+    if reporter:
+        result["disc_loss"] = out["outputs"][0]["bt_loss"].item()
+        result["disc_acc"] = out["outputs"][0]["d_acc"].item()
+        result["disc_loss_after"] = after[0]["bt_loss"].item()
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
