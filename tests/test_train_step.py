@@ -9,10 +9,10 @@ from conftest import read_json, run_ranks
 def steps(converted, tmp_path_factory):
     d = tmp_path_factory.mktemp("steps")
     out = {}
-    for tp, pp in [(1, 1), (2, 2)]:
-        path = d / f"tp{tp}pp{pp}.json"
-        run_ranks(tp * pp, "train_step_worker.py", tp, pp, converted["qwen2_tied"], converted["disc"], path)
-        out[(tp, pp)] = read_json(path)
+    for tp, pp, variant in [(1, 1, "plain"), (2, 2, "plain"), (2, 2, "switches")]:
+        path = d / f"tp{tp}pp{pp}{variant}.json"
+        run_ranks(tp * pp, "train_step_worker.py", tp, pp, converted["qwen2_tied"], converted["disc"], path, variant)
+        out[(tp, pp) if variant == "plain" else variant] = read_json(path)
     return out
 
 
@@ -20,6 +20,12 @@ def steps(converted, tmp_path_factory):
 def test_loss_equal_across_layouts(steps, key):
     a, b = steps[(1, 1)][key], steps[(2, 2)][key]
     assert abs(a - b) <= 1e-5, f"{key}: TP1PP1 {a} vs TP2PP2 {b}"
+
+
+@pytest.mark.parametrize("key", ["student_loss", "student_loss_after", "disc_loss", "disc_loss_after"])
+def test_sequence_parallel_recompute_distributed_optimizer_match(steps, key):
+    a, b = steps[(1, 1)][key], steps["switches"][key]
+    assert abs(a - b) <= 1e-5, f"{key}: TP1PP1 {a} vs TP2PP2+SP+recompute+distopt {b}"
 
 
 def test_step_changes_parameters_and_loss(steps):

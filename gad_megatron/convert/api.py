@@ -154,8 +154,12 @@ def verify(hf_dir: str, ckpt: str, batch: int = 2, seq_len: int = 32, seed: int 
         c.eval()
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, arch.vocab_size, (batch, seq_len), generator=g)
-    mb = {"tokens": tokens, "attention_mask": torch.ones_like(tokens)}
     role = meta["role"]
+    pad = arch.hf_config.get("pad_token_id")
+    if role == "discriminator" and pad is not None:
+        # HF sequence classifiers score the last token that is not pad_token_id: keep pad out of the input.
+        tokens[tokens == pad] = (pad + 1) % arch.vocab_size
+    mb = {"tokens": tokens, "attention_mask": torch.ones_like(tokens)}
     ours = (discriminator_scores if role == "discriminator" else full_logits)(chunks, [mb])
     if ours is None or ps.get_tensor_model_parallel_rank() != 0:
         return None

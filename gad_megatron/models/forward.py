@@ -17,9 +17,17 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
 
 def run_schedule(chunks, microbatches: list, step_fn: Callable, forward_only: bool) -> list:
     """``step_fn(model, batch) -> (output_tensor, loss_func)``; returns the last stage's loss_func outputs."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     tokens = microbatches[0]["tokens"]
+    shapes = {tuple(mb["tokens"].shape) for mb in microbatches}
+    if len(shapes) != 1:
+        raise ValueError(f"micro-batch 'tokens' must share one shape through the pipeline, got {sorted(shapes)}")
+    tp = ps.get_tensor_model_parallel_world_size()
+    config = (chunks[0].module if hasattr(chunks[0], "module") else chunks[0]).config
+    if config.sequence_parallel and tokens.shape[1] % tp:
+        raise ValueError(f"'tokens' sequence length {tokens.shape[1]} must be a multiple of TP={tp} with sequence parallel")
     iters = [iter(microbatches) for _ in chunks]
 
     def forward_step(data_iterator, model):

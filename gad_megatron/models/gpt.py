@@ -131,11 +131,31 @@ def build_transformer_config(arch: ArchSpec, opts: ModelOptions):
 
 
 def layer_spec(arch: ArchSpec, opts: ModelOptions):
+    """TE layer spec (fused norms, FP8) when TE is used; otherwise megatron's local spec with our RMSNorm."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_transformer_engine(opts):
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    from gad_megatron.models.norms import RMSNorm
+
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    if arch.qk_layernorm:
+        spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
+    return spec
+
+
+def _block_spec(spec, config, vp_stage):
+    """The local spec's final norm must be our RMSNorm too, which needs an explicit block spec."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from gad_megatron.models.norms import RMSNorm
+
+    if spec.submodules.input_layernorm is not RMSNorm:
+        return spec  # TE spec: megatron picks TENorm for the final norm itself
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=RMSNorm)
 
 
 def _stages():
@@ -167,7 +187,7 @@ def build_gpt_chunks(arch: ArchSpec, opts: Optional[ModelOptions] = None, parall
     for pre, post, vp_stage in _stages():
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=_block_spec(spec, config, vp_stage),
             vocab_size=arch.vocab_size,
             max_sequence_length=opts.max_sequence_length or arch.max_position_embeddings,
             pre_process=pre,

@@ -142,8 +142,26 @@ def _install_cpu_rng_tracker() -> None:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(orig)
 
+    # Activation recomputation (CheckpointFunction) saves and restores the "CUDA" RNG state around the
+    # recomputed forward: on CPU that is the CPU generator.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
     mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
     mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def _redirect_in_backward() -> None:
+    """The autograd engine runs custom Function.backward (megatron's TP mappings, activation recomputation)
+    without the process's TorchFunctionMode, so wrap those backward calls in the redirect as well."""
+    from torch.autograd import function as autograd_function
+
+    original = autograd_function.BackwardCFunction.apply
+
+    def apply_with_redirect(self, *args):
+        with _CudaToCpuMode():
+            return original(self, *args)
+
+    autograd_function.BackwardCFunction.apply = apply_with_redirect
 
 
 def apply() -> None:
@@ -157,6 +175,7 @@ def apply() -> None:
         _patch_torch_cuda()
         # Entered and never exited: the redirect must cover the whole life of the process.
         _CudaToCpuMode().__enter__()
+        _redirect_in_backward()
         _install_cpu_rng_tracker()
         _APPLIED = True
 

@@ -54,14 +54,21 @@ def main():
     from gad_megatron.runtime import ParallelConfig, initialize
     from gad_megatron.trainer.engine import OptimConfig, TrainEngine, reduce_token_mean
 
+    from gad_megatron.models import ModelOptions
+
     tp, pp, s_ckpt, d_ckpt, out_path = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
-    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu"))
+    switches = len(sys.argv) > 6 and sys.argv[6] == "switches"
+    # "switches": sequence parallel + full activation recomputation + distributed optimizer.
+    opts = ModelOptions(sequence_parallel=switches, recompute_granularity="full" if switches else None,
+                        transformer_impl="local")
+    optim = OptimConfig(lr=1e-3, clip_grad=1.0, use_distributed_optimizer=switches)
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=switches, device="cpu"))
     result = {}
     reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
     # --- student: LM loss step ---
-    arch, chunks, _ = api.load_from_checkpoint(s_ckpt)
-    engine = TrainEngine(chunks, OptimConfig(lr=1e-3, clip_grad=1.0))
+    arch, chunks, _ = api.load_from_checkpoint(s_ckpt, opts)
+    engine = TrainEngine(chunks, optim)
     batches = toy_lm_batches(arch.vocab_size)
     before = snapshot(engine.modules)
     out = engine.train_step(batches, lm_loss_step)
@@ -72,17 +79,21 @@ def main():
         result["student_loss_after"] = reduce_token_mean(after, "lm_loss")
 
     # --- discriminator: padding invariance and the head on the last real token ---
-    arch, d_chunks, _ = api.load_from_checkpoint(d_ckpt)
+    arch, d_chunks, _ = api.load_from_checkpoint(d_ckpt, opts)
     pair = toy_pair_batch(arch.vocab_size)
     captured = {}
     if ps.is_pipeline_last_stage():
         head = d_chunks[-1].output_layer
         head.register_forward_hook(lambda m, inp, out: captured.__setitem__("hidden", inp[0].detach()))
     scores = discriminator_scores(d_chunks, [pair])
-    wider = {**pair, "tokens": torch.cat([pair["tokens"], torch.zeros(6, 5, dtype=torch.long)], 1),
-             "attention_mask": torch.cat([pair["attention_mask"], torch.zeros(6, 5, dtype=torch.long)], 1)}
+    wider = {**pair, "tokens": torch.cat([pair["tokens"], torch.zeros(6, 6, dtype=torch.long)], 1),
+             "attention_mask": torch.cat([pair["attention_mask"], torch.zeros(6, 6, dtype=torch.long)], 1)}
     if scores is not None:
-        hidden = captured["hidden"]  # [s, b, h] input of the head at the last forward (the padded one)
+        hidden = captured["hidden"]  # [s(/TP with SP), b, h]: input of the head in the first forward
+        if switches:
+            pieces = [torch.empty_like(hidden) for _ in range(tp)]
+            dist.all_gather(pieces, hidden.contiguous(), group=ps.get_tensor_model_parallel_group())
+            hidden = torch.cat(pieces, dim=0)
     scores_wider = discriminator_scores(d_chunks, [wider])
     if scores is not None:
         w = d_chunks[-1].output_layer.weight.detach()  # [1, h/TP]
@@ -97,7 +108,7 @@ def main():
             result["score_spread"] = (scores[0].max() - scores[0].min()).item()
 
     # --- discriminator: BT loss step ---
-    d_engine = TrainEngine(d_chunks, OptimConfig(lr=1e-3, clip_grad=1.0))
+    d_engine = TrainEngine(d_chunks, optim)
     before = snapshot(d_engine.modules)
     out = d_engine.train_step([pair], bt_loss_step)
     result["disc_changed"] = changed(before, d_engine.modules)

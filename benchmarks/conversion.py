@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Conversion throughput next to a plain file copy, measured side by side in one run.
+
+Builds a ~1B-parameter synthetic HF checkpoint (Qwen2 shape, bf16) on disk, then times
+  copy        : copying the same safetensors files (the I/O ceiling on this machine)
+  hf-to-mcore : gad-convert at TP1PP1 (one process)
+  mcore-to-hf : gad-convert streaming export
+each in a fresh process, and prints seconds, GB/s, peak RSS, and the ratios to copy.
+Goal (issue 2): conversion >= 0.5x copy bandwidth; peak RSS <= 2x largest tensor + 1 GiB.
+
+    python benchmarks/conversion.py [--layers 18] [--workdir /tmp/gad-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_checkpoint(out: str, layers: int, hidden=1536, ffn=8960, heads=12, kv=2, vocab=151936) -> dict:
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    d = hidden // heads
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden, "intermediate_size": ffn,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+        "hidden_act": "silu", "torch_dtype": "bfloat16", "use_sliding_window": False,
+    }
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    shards, current, size, weight_map = [], {}, 0, {}
+
+    def flush():
+        nonlocal current, size
+        name = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(current, os.path.join(out, name), metadata={"format": "pt"})
+        shards.append(name)
+        weight_map.update({k: name for k in current})
+        current, size = {}, 0
+
+    def add(name, t):
+        nonlocal size
+        current[name] = t
+        size += t.numel() * 2
+        if size > 2 * 1024**3:
+            flush()
+
+    add("model.embed_tokens.weight", rnd(vocab, hidden))
+    add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        add(p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        add(p + "self_attn.q_proj.weight", rnd(heads * d, hidden))
+        add(p + "self_attn.k_proj.weight", rnd(kv * d, hidden))
+        add(p + "self_attn.v_proj.weight", rnd(kv * d, hidden))
+        add(p + "self_attn.q_proj.bias", rnd(heads * d))
+        add(p + "self_attn.k_proj.bias", rnd(kv * d))
+        add(p + "self_attn.v_proj.bias", rnd(kv * d))
+        add(p + "self_attn.o_proj.weight", rnd(hidden, heads * d))
+        add(p + "mlp.gate_proj.weight", rnd(ffn, hidden))
+        add(p + "mlp.up_proj.weight", rnd(ffn, hidden))
+        add(p + "mlp.down_proj.weight", rnd(hidden, ffn))
+    if current:
+        flush()
+    # Rename to the HF convention now that the count is known.
+    final = {}
+    for k, name in enumerate(shards):
+        new = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(os.path.join(out, name), os.path.join(out, new))
+        final[name] = new
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: final[v] for k, v in weight_map.items()}}, f)
+    n_params = sum(1 for _ in weight_map)
+    largest = vocab * hidden * 2
+    return {"tensors": n_params, "largest_tensor_bytes": largest}
+
+
+def timed(cmd: list) -> tuple:
+    """Runs cmd in a child; returns (seconds, peak RSS bytes of that child)."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    dt = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read()[-3000:]}")
+    return dt, usage.ru_maxrss * 1024
+
+
+def dir_bytes(path: str, suffix=(".safetensors", ".distcp")) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(suffix))
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=18, help="18 layers of the Qwen2.5-1.5B shape ~= 1.07B params")
+    ap.add_argument("--workdir", default="/tmp/gad-bench-conversion")
+    a = ap.parse_args()
+    shutil.rmtree(a.workdir, ignore_errors=True)
+    hf, ckpt, back, copy_dst = (os.path.join(a.workdir, n) for n in ("hf", "mcore", "hf_back", "copy"))
+    t0 = time.perf_counter()
+    info = make_checkpoint(hf, a.layers)
+    nbytes = dir_bytes(hf)
+    print(f"synthetic checkpoint: {nbytes / 1e9:.2f} GB ({nbytes / 2 / 1e9:.2f}B params, bf16), "
+          f"largest tensor {info['largest_tensor_bytes'] / 2**20:.0f} MiB, built in {time.perf_counter() - t0:.0f}s")
+    # Drop the page cache effect of building: every measured step reads files the previous one wrote.
+    cp = [sys.executable, "-c", f"import shutil; shutil.copytree({hf!r}, {copy_dst!r})"]
+    cli = [sys.executable, "-m", "gad_megatron.convert.cli"]
+    rows = []
+    for name, cmd in [
+        ("copy", cp),
+        ("hf-to-mcore", cli + ["hf-to-mcore", "--hf", hf, "--out", ckpt]),
+        ("mcore-to-hf", cli + ["mcore-to-hf", "--ckpt", ckpt, "--out", back]),
+    ]:
+        dt, rss = timed(cmd)
+        rows.append((name, dt, nbytes / dt / 1e9, rss))
+    copy_gbs = rows[0][2]
+    budget = 2 * info["largest_tensor_bytes"] + 2**30
+    print(f"{'step':<12} {'seconds':>8} {'GB/s':>7} {'vs copy':>8} {'peak RSS':>10} {'RSS budget':>11}")
+    for name, dt, gbs, rss in rows:
+        print(f"{name:<12} {dt:8.1f} {gbs:7.2f} {gbs / copy_gbs:8.2f} {rss / 2**30:9.2f}G {budget / 2**30:10.2f}G")
+    shutil.rmtree(a.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

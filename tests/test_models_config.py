@@ -1,0 +1,89 @@
+"""HF config -> megatron config: architecture facts, FP8 / TE plumbing, switches (no process group needed)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gad_megatron.models import ModelOptions, ModelOptionsError, arch_spec_from_dir
+from gad_megatron.models.gpt import transformer_config_kwargs, use_transformer_engine
+
+PAR = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+
+
+def test_arch_facts(hf_models):
+    q2 = arch_spec_from_dir(hf_models["qwen2_tied"])
+    assert (q2.qkv_bias, q2.qk_layernorm, q2.tie_word_embeddings) == (True, False, True)
+    assert (q2.num_query_groups, q2.kv_channels, q2.rotary_base) == (2, 16, 10000.0)
+    l31 = arch_spec_from_dir(hf_models["llama31"])
+    assert (l31.rope_scaling, l31.rope_scaling_factor, l31.qkv_bias, l31.tie_word_embeddings) == (True, 8.0, False, False)
+    q3 = arch_spec_from_dir(hf_models["qwen3"])
+    assert (q3.qk_layernorm, q3.kv_channels, q3.hidden_size) == (True, 32, 64)  # head_dim != hidden/heads
+
+
+def test_transformers4_config_spelling(hf_models, tmp_path):
+    cfg = json.load(open(f"{hf_models['llama31']}/config.json"))
+    rp = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    cfg["rope_scaling"] = rp
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    a = arch_spec_from_dir(str(tmp_path))
+    assert (a.rotary_base, a.rope_scaling, a.rope_scaling_factor) == (500000.0, True, 8.0)
+
+
+@pytest.mark.parametrize("fmt,recipe", [("hybrid", "delayed"), ("e4m3", "tensorwise"), ("e4m3", "mxfp8")])
+def test_fp8_options_reach_transformer_config(hf_models, fmt, recipe):
+    arch = arch_spec_from_dir(hf_models["qwen2_untied"])
+    opts = ModelOptions(dtype="bf16", fp8=fmt, fp8_recipe=recipe, fp8_amax_history_len=16, transformer_impl="transformer_engine")
+    kw = transformer_config_kwargs(arch, opts, PAR)
+    assert (kw["fp8"], kw["fp8_recipe"], kw["fp8_amax_history_len"], kw["fp8_amax_compute_algo"]) == (fmt, recipe, 16, "max")
+    assert kw["bf16"] and kw["params_dtype"].is_floating_point and kw["tensor_model_parallel_size"] == 2
+
+
+def test_no_fp8_keys_without_fp8(hf_models):
+    kw = transformer_config_kwargs(arch_spec_from_dir(hf_models["qwen3"]), ModelOptions(), PAR)
+    assert "fp8" not in kw and kw["qk_layernorm"] and kw["kv_channels"] == 32 and not kw["add_qkv_bias"]
+
+
+@pytest.mark.parametrize(
+    "opts,pattern",
+    [
+        (ModelOptions(fp8="e5m2"), "fp8='e5m2'"),
+        (ModelOptions(fp8="hybrid", fp8_recipe="blockwise"), "fp8_recipe='blockwise'"),
+        (ModelOptions(dtype="fp8"), "dtype='fp8'"),
+        (ModelOptions(recompute_granularity="layer"), "recompute_granularity='layer'"),
+    ],
+)
+def test_bad_options(hf_models, opts, pattern):
+    with pytest.raises(ModelOptionsError, match=pattern):
+        transformer_config_kwargs(arch_spec_from_dir(hf_models["qwen3"]), opts, PAR)
+
+
+def test_recompute_and_sp_switches(hf_models):
+    kw = transformer_config_kwargs(arch_spec_from_dir(hf_models["qwen3"]),
+                                   ModelOptions(recompute_granularity="full", sequence_parallel=True), PAR)
+    assert (kw["recompute_granularity"], kw["recompute_method"], kw["recompute_num_layers"], kw["sequence_parallel"]) == ("full", "uniform", 1, True)
+
+
+def test_layer_implementation_choice(monkeypatch):
+    import gad_megatron.models.gpt as gpt
+
+    monkeypatch.setattr(gpt, "te_available", lambda: False)
+    assert use_transformer_engine(ModelOptions()) is False  # auto without TE: local spec
+    with pytest.raises(ModelOptionsError, match="fp8 requested but transformer_engine is not installed"):
+        use_transformer_engine(ModelOptions(fp8="hybrid"))
+    with pytest.raises(ModelOptionsError, match="transformer_engine is not installed"):
+        use_transformer_engine(ModelOptions(transformer_impl="transformer_engine"))
+    with pytest.raises(ModelOptionsError, match="fp8 needs transformer_impl=transformer_engine"):
+        use_transformer_engine(ModelOptions(transformer_impl="local", fp8="hybrid"))
+    monkeypatch.setattr(gpt, "te_available", lambda: True)
+    assert use_transformer_engine(ModelOptions(transformer_impl="transformer_engine")) is True
+
+
+def test_cpu_shim_not_imported_by_library_imports():
+    code = ("import sys, gad_megatron.models, gad_megatron.convert.api, gad_megatron.trainer.engine, "
+            "gad_megatron.runtime; print('gad_megatron.runtime.cpu_shim' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
