@@ -93,16 +93,31 @@ def make_checkpoint(out: str, layers: int, hidden=1536, ffn=8960, heads=12, kv=2
     return {"tensors": n_params, "largest_tensor_bytes": largest}
 
 
-def timed(cmd: list) -> tuple:
-    """Runs cmd in a child; returns (seconds, peak RSS bytes of that child)."""
+# Peak RSS is read from the child's own /proc/self/status VmHWM at exit: getrusage's ru_maxrss would also
+# count the (large) parent's pages the child had between fork and exec.
+_PEAK = (
+    "import atexit, runpy, sys\n"
+    "def _peak():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'): sys.stderr.write('PEAK_RSS_KB ' + line.split()[1] + '\\n')\n"
+    "atexit.register(_peak)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__') if sys.argv[0].endswith('.py') else "
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+)
+
+
+def timed(args: list) -> tuple:
+    """Runs ``python -m module args`` (or a script) in a child; returns (seconds, peak RSS bytes)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", _PEAK, *args], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     dt = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read()[-3000:]}")
-    return dt, usage.ru_maxrss * 1024
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
+    kb = [int(l.split()[1]) for l in proc.stderr.splitlines() if l.startswith("PEAK_RSS_KB ")]
+    return dt, kb[-1] * 1024
 
 
 def dir_bytes(path: str, suffix=(".safetensors", ".distcp")) -> int:
@@ -124,9 +139,8 @@ def main() -> None:
     nbytes = dir_bytes(hf)
     print(f"synthetic checkpoint: {nbytes / 1e9:.2f} GB ({nbytes / 2 / 1e9:.2f}B params, bf16), "
           f"largest tensor {info['largest_tensor_bytes'] / 2**20:.0f} MiB, built in {time.perf_counter() - t0:.0f}s")
-    # Drop the page cache effect of building: every measured step reads files the previous one wrote.
-    cp = [sys.executable, "-c", f"import shutil; shutil.copytree({hf!r}, {copy_dst!r})"]
-    cli = [sys.executable, "-m", "gad_megatron.convert.cli"]
+    cp = [os.path.join(ROOT, "benchmarks", "copytree.py"), hf, copy_dst]
+    cli = ["gad_megatron.convert.cli"]
     rows = []
     for name, cmd in [
         ("copy", cp),

@@ -21,6 +21,14 @@ def test_logits_parity_with_hf(hf_models, tmp_path, tp, pp):
         assert diff <= 1e-4, f"{name} at TP{tp}PP{pp}: max |logit diff| {diff}"
 
 
+def test_logits_parity_virtual_pipeline(hf_models, tmp_path):
+    """PP2 x VPP2 (one layer per model chunk, interleaved schedule)."""
+    models = {n: hf_models[n] for n in ("qwen2_tied", "llama31")}
+    run_ranks(2, "parity_worker.py", 1, 2, "hf", json.dumps(models), tmp_path, "-", 2)
+    res = read_json(tmp_path / "result.json")
+    assert set(res) == set(models) and max(res.values()) <= 1e-4, res
+
+
 def test_roundtrip_tp2pp2_is_bit_identical(hf_models, converted, tmp_path):
     for name, hf in hf_models.items():
         out = tmp_path / name

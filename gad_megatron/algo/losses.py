@@ -15,7 +15,7 @@ def lm_loss_step(model, batch):
     per_token = model_call(model, batch, labels=batch["labels"])
 
     def loss_func(losses):
-        mask = batch["loss_mask"].to(losses.dtype)
+        mask = batch["loss_mask"].to(device=losses.device, dtype=losses.dtype)
         total = (losses * mask).sum()
         n = mask.sum()
         return total, n.to(torch.int), {"lm_loss": torch.stack([total.detach(), n.detach()])}
@@ -26,7 +26,7 @@ def lm_loss_step(model, batch):
 def bradley_terry(teacher_scores: torch.Tensor, student_scores: torch.Tensor, teacher_of: torch.Tensor):
     """Mean over student samples of ``-log sigmoid(D(y_t) - D(y_s))``; each student sample is paired with its
     prompt's teacher answer (``teacher_of[j]`` = row of that answer). Returns (loss, pairwise accuracy)."""
-    margin = teacher_scores[teacher_of] - student_scores
+    margin = teacher_scores[teacher_of.to(teacher_scores.device)] - student_scores
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
 
 

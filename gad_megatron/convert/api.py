@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from gad_megatron.convert.hf_io import ShardedSafetensorsWriter
-from gad_megatron.convert.mapping import mapping_for, to_hf
+from gad_megatron.convert.hf_io import StreamingSafetensorsWriter
+from gad_megatron.convert.mapping import dims, mapping_for, to_hf
 from gad_megatron.convert.megatron_ckpt import (
     CheckpointTensorReader,
     copy_hf_side_files,
@@ -60,7 +60,7 @@ def check_hf_input(hf_dir: str, role: str = "student"):
 def hf_to_mcore(hf_dir: str, out: str, role: str = "student", overwrite: bool = False, head_init: str = "normal"):
     """Collective over the already-initialised parallel state: build, fill from HF, save atomically."""
     arch, src = check_hf_input(hf_dir, role)
-    opts = ModelOptions(dtype=hf_dtype(arch.hf_config), transformer_impl="local")
+    opts = ModelOptions(dtype=hf_dtype(arch.hf_config), transformer_impl="local", perform_initialization=False)
     chunks = build_role_chunks(arch, role, opts, head_init=head_init)
     load_hf_into_model(chunks, src)
     meta = {"role": role, "model_type": arch.model_type, "source": os.path.abspath(hf_dir), "dtype": opts.dtype}
@@ -71,7 +71,7 @@ def load_from_checkpoint(ckpt: str, opts: Optional[ModelOptions] = None):
     """Collective: builds the model recorded in ``ckpt`` at the current parallel layout and loads it."""
     meta = read_meta(ckpt)
     arch = arch_spec_from_dir(hf_config_dir(ckpt))
-    opts = opts or ModelOptions(dtype=meta.get("dtype", "fp32"), transformer_impl="local")
+    opts = opts or ModelOptions(dtype=meta.get("dtype", "fp32"), transformer_impl="local", perform_initialization=False)
     chunks = build_role_chunks(arch, meta["role"], opts)
     load_checkpoint(chunks, ckpt)
     return arch, chunks, meta
@@ -97,8 +97,9 @@ def export_hf_config(arch, role: str) -> dict:
     return cfg
 
 
-def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> list:
-    """Streams ``ckpt`` to an HF directory (written to a temp dir, renamed at the end). One process."""
+def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3) -> list:
+    """Streams ``ckpt`` to an HF directory (written to a temp dir, renamed at the end). One process; holds
+    one layer's tensors at a time, and writes each output tensor straight to its shard file."""
     meta = read_meta(ckpt)
     role = meta["role"]
     src_cfg_dir = hf_config_dir(ckpt)
@@ -113,9 +114,16 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
     try:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         groups = [[(r, None) for r in rules if not r.per_layer]]
         groups += [[(r, i) for r in rules if r.per_layer] for i in range(arch.num_layers)]
+        d = dims(arch)
+        plan = [
+            (name, tuple(d[x] for x in shape), reader.dtype(r.mcore))
+            for group in groups
+            for r, i in group
+            for name, shape in zip(r.hf_names(i), r.hf_shapes)
+        ]
+        writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes)
         for group in groups:
             # One read per layer: peak memory is one layer's tensors plus one pending output shard.
             got = reader.read([(r.mcore, i) for r, i in group])
@@ -149,7 +157,9 @@ def verify(hf_dir: str, ckpt: str, batch: int = 2, seq_len: int = 32, seed: int 
 
     from gad_megatron.models.forward import discriminator_scores, full_logits
 
-    arch, chunks, meta = load_from_checkpoint(ckpt, ModelOptions(dtype="fp32", transformer_impl="local"))
+    arch, chunks, meta = load_from_checkpoint(
+        ckpt, ModelOptions(dtype="fp32", transformer_impl="local", perform_initialization=False)
+    )
     for c in chunks:
         c.eval()
     g = torch.Generator().manual_seed(seed)
@@ -167,5 +177,5 @@ def verify(hf_dir: str, ckpt: str, batch: int = 2, seq_len: int = 32, seed: int 
     with torch.no_grad():
         ref = ref_model(tokens).logits
     ref = ref[:, 0] if role == "discriminator" else ref
-    diff = (ours[0].float() - ref.float()).abs()
+    diff = (ours[0].float().cpu() - ref.float()).abs()
     return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "role": role, "shape": list(ref.shape)}

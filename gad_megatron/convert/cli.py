@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("mcore-to-hf", help="megatron checkpoint -> HF safetensors (+ index, config, tokenizer)")
     b.add_argument("--ckpt", required=True)
     b.add_argument("--out", required=True)
-    b.add_argument("--max-shard-size-mb", type=int, default=2048)
+    b.add_argument("--max-shard-size-mb", type=int, default=5120)
     b.add_argument("--overwrite", action="store_true")
     v = sub.add_parser("verify", help="max / mean |logit diff| between an HF model and a megatron checkpoint")
     v.add_argument("--hf", required=True)

@@ -107,8 +107,6 @@ class SafetensorsReader:
             for name, fname in weight_map.items():
                 if self._file_of.get(name) != os.path.join(hf_dir, fname):
                     raise CheckpointError(f"{index}: tensor {name!r} is mapped to {fname} but not stored there")
-        self._handles: dict = {}
-
     def names(self) -> list:
         return list(self.shapes)
 
@@ -118,10 +116,10 @@ class SafetensorsReader:
         path = self._file_of.get(name)
         if path is None:
             raise CheckpointError(f"{self.dir}: tensor {name!r} not found")
-        h = self._handles.get(path)
-        if h is None:
-            h = self._handles[path] = safe_open(path, framework="pt")
-        return h.get_tensor(name)
+        # Opened per tensor: a handle kept open keeps every page it touched mapped (and counted in RSS),
+        # which for a whole model is the model's size again.
+        with safe_open(path, framework="pt") as h:
+            return h.get_tensor(name)
 
     def validate(self, expected: dict, ignore_suffixes: Iterable[str] = (), optional: Iterable[str] = ()) -> None:
         """``expected``: {name: shape}. One error listing every missing, extra and mis-shaped tensor."""
@@ -145,51 +143,89 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.dir}: " + " | ".join(problems))
 
 
-class ShardedSafetensorsWriter:
-    """Writes tensors into size-bounded safetensors shards as they arrive, then the index.
+_TORCH_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
-    Holds at most one shard's worth of tensors in memory.
+
+class StreamingSafetensorsWriter:
+    """Writes a planned list of tensors into size-bounded safetensors shards, one tensor at a time.
+
+    The safetensors library can only write a shard from tensors all held in memory; since the names, shapes
+    and dtypes of an export are known up front, the shard headers are written first and each tensor's bytes
+    are appended as it arrives, so memory stays at one tensor. Files are plain safetensors (read back with
+    the library in the tests) plus ``model.safetensors.index.json`` when there is more than one shard.
     """
 
-    def __init__(self, out_dir: str, max_shard_bytes: int = 2 * 1024**3, metadata: Optional[dict] = None):
+    def __init__(self, out_dir: str, plan: list, max_shard_bytes: int = 5 * 1024**3, metadata: Optional[dict] = None):
+        """``plan``: [(name, shape, torch dtype)] in the order :meth:`add` will be called."""
         self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict = {}
-        self._pending_bytes = 0
-        self._shards: list = []  # [(tmp file name, [tensor names])]
-        self.total_bytes = 0
+        shards, current, size = [], [], 0
+        for name, shape, dtype in plan:
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = [], 0
+            current.append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        if current or not shards:
+            shards.append(current)
+        n = len(shards)
+        self.files = [SINGLE_NAME if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self._shards = shards
+        self._order = [(k, entry) for k, shard in enumerate(shards) for entry in shard]
+        self._next = 0
+        self._fh = None
+        self._open_shard = -1
+        self.total_bytes = sum(e[3] for _, e in self._order)
+
+    def _start_shard(self, k: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        header, offset = {"__metadata__": self.metadata}, 0
+        for name, shape, dtype, nbytes in self._shards[k]:
+            header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+        self._fh = open(os.path.join(self.out_dir, self.files[k]), "wb")
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._open_shard = k
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
-            raise ValueError(f"tensor {name!r} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().contiguous().cpu()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        fname = f"shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, os.path.join(self.out_dir, fname), metadata=self.metadata)
-        self._shards.append((fname, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        if self._next >= len(self._order):
+            raise ValueError(f"tensor {name!r} is not in the export plan")
+        k, (want, shape, dtype, _) = self._order[self._next]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"export plan expected {want} {list(shape)} {dtype}, got {name} {list(tensor.shape)} {tensor.dtype}"
+            )
+        if k != self._open_shard:
+            self._start_shard(k)
+        t = tensor.detach().cpu().contiguous()
+        if t.numel():
+            self._fh.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no copy of the bytes
+        self._next += 1
 
     def close(self) -> list:
-        if self._pending or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        weight_map = {}
-        names = []
-        for k, (tmp, tensors) in enumerate(self._shards):
-            final = SINGLE_NAME if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, final))
-            names.append(final)
-            weight_map.update({t: final for t in tensors})
-        if n > 1:
+        if self._next != len(self._order):
+            missing = [e[0] for _, e in self._order[self._next:]]
+            raise ValueError(f"export incomplete: {len(missing)} tensors never written (first: {missing[0]})")
+        if self._fh is None:
+            self._start_shard(0)
+        self._fh.close()
+        if len(self.files) > 1:
+            weight_map = {e[0]: self.files[k] for k, e in self._order}
             with open(os.path.join(self.out_dir, INDEX_NAME), "w") as f:
                 json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
-        return names
+        return list(self.files)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -178,6 +178,12 @@ class CheckpointTensorReader:
         self._storage = FileSystemReader(self.dir)
         self.meta = self._storage.read_metadata().state_dict_metadata
 
+    def dtype(self, key: str) -> torch.dtype:
+        md = self.meta.get(key)
+        if md is None or not hasattr(md, "size"):
+            raise KeyError(f"{self.dir}: tensor {key!r} not in checkpoint")
+        return md.properties.dtype
+
     def read(self, requests) -> dict:
         """``requests``: [(key, layer or None)], each key at most once -> {(key, layer): tensor}."""
         import torch.distributed.checkpoint as dcp

@@ -30,7 +30,9 @@ def _scalar_head_class():
             # The head sees the full sequence: gather it ourselves (below) and keep the head itself non-SP,
             # otherwise RowParallelLinear would reduce-scatter the scores along the sequence.
             self._gather_sp = config.sequence_parallel
-            head_config = dataclasses.replace(config, sequence_parallel=False)
+            # The head is initialised even when the backbone skips init (it is about to be loaded): a
+            # discriminator made from a causal LM has no head weights to load.
+            head_config = dataclasses.replace(config, sequence_parallel=False, perform_initialization=True)
             super().__init__(
                 config.hidden_size,
                 1,

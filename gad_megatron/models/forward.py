@@ -45,8 +45,12 @@ def run_schedule(chunks, microbatches: list, step_fn: Callable, forward_only: bo
 
 
 def model_call(model, batch, labels=None):
-    t = batch["tokens"]
-    return model(t, batch.get("position_ids", position_ids_for(t)), None, labels=labels)
+    """Runs one chunk on a micro-batch; batches live on CPU and move to the model's device here."""
+    dev = next(model.parameters()).device
+    t = batch["tokens"].to(dev)
+    pos = batch.get("position_ids")
+    pos = position_ids_for(t) if pos is None else pos.to(dev)
+    return model(t, pos, None, labels=None if labels is None else labels.to(dev))
 
 
 def full_logits(chunks, microbatches: list) -> Optional[list]:

@@ -31,6 +31,9 @@ class ModelOptions:
     recompute_num_layers: Optional[int] = None
     sequence_parallel: bool = False
     max_sequence_length: Optional[int] = None
+    # False when every weight is about to be overwritten (conversion, loading a checkpoint): skips megatron's
+    # random init, which on CPU dominates the time to build a model.
+    perform_initialization: bool = True
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,6 +102,7 @@ def transformer_config_kwargs(arch: ArchSpec, opts: ModelOptions, par_sizes: dic
         pipeline_dtype=dtype,
         sequence_parallel=opts.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=opts.perform_initialization,
         recompute_granularity=opts.recompute_granularity,
         recompute_method=opts.recompute_method,
         recompute_num_layers=opts.recompute_num_layers,

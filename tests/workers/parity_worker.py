@@ -22,8 +22,9 @@ from gad_megatron.runtime import ParallelConfig, initialize
 def main():
     tp, pp, source = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     models, out_dir = json.loads(sys.argv[4]), sys.argv[5]
-    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu"))
-    hf_dirs = json.loads(sys.argv[6]) if len(sys.argv) > 6 else models
+    hf_dirs = json.loads(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] != "-" else models
+    vpp = int(sys.argv[7]) if len(sys.argv) > 7 else None
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline_parallel=vpp, device="cpu"))
     results = {}
     for name, path in models.items():
         if source == "hf":
@@ -33,8 +34,10 @@ def main():
         else:
             arch, chunks, _ = api.load_from_checkpoint(path)
         tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(7))
-        logits = full_logits(chunks, [{"tokens": tokens}])
+        # One row per micro-batch: the interleaved (VPP) schedule needs several micro-batches.
+        logits = full_logits(chunks, [{"tokens": tokens[i : i + 1]} for i in range(2)])
         if logits is not None and dist.get_rank() == dist.get_world_size() - 1:
+            logits = [torch.cat(logits)]
             torch.save(logits[0], os.path.join(out_dir, f"{name}.pt"))
             ref = api.reference_model(hf_dirs[name], "student")
             with torch.no_grad():

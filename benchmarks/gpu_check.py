@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""GPU path check for one lent H100/H200 (NCCL, world size 1): logits parity with HF in fp32 and bf16 for
+every architecture, a student LM step and a discriminator BT step, with the CPU-only code never imported.
+
+Run through benchmarks/gpu_check.sh (it installs the carried megatron-core wheel and calls torchrun).
+Prints a table and writes gpu_check.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False  # parity is checked in true fp32
+    torch.backends.cudnn.allow_tf32 = False
+
+    import transformers
+    from hf_fixtures import ARCHS, make_hf_model
+
+    from gad_megatron.algo.losses import bt_loss_step, lm_loss_step
+    from gad_megatron.convert.mapping import mapping_for
+    from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
+    from gad_megatron.models import ModelOptions, arch_spec_from_dir, build_gpt_chunks
+    from gad_megatron.models.discriminator import build_discriminator_chunks
+    from gad_megatron.models.forward import full_logits
+    from gad_megatron.runtime import ParallelConfig, cpu_shim_applied, initialize
+    from gad_megatron.trainer.engine import OptimConfig, TrainEngine, reduce_token_mean
+
+    info = initialize(ParallelConfig(device="cuda"))
+    assert info["device"] == "cuda" and torch.distributed.get_backend() == "nccl"
+    assert "gad_megatron.runtime.cpu_shim" not in sys.modules and not cpu_shim_applied()
+    rows, result = [], {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    work = tempfile.mkdtemp(prefix="gad-gpu-")
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(7))
+    for i, name in enumerate(ARCHS):
+        hf_dir = make_hf_model(name, os.path.join(work, name), seed=i)
+        arch = arch_spec_from_dir(hf_dir)
+        for dtype, tdtype, tol in (("fp32", torch.float32, 1e-4), ("bf16", torch.bfloat16, None)):
+            chunks = build_gpt_chunks(arch, ModelOptions(dtype=dtype, transformer_impl="local"))
+            load_hf_into_model(chunks, HFWeightSource(hf_dir, mapping_for(arch.model_type), arch))
+            t0 = time.perf_counter()
+            ours = full_logits(chunks, [{"tokens": tokens}])[0].float().cpu()
+            dt = time.perf_counter() - t0
+            ref_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdtype, attn_implementation="eager").cuda()
+            with torch.no_grad():
+                ref = ref_model(tokens.cuda()).logits.float().cpu()
+            diff = (ours - ref).abs()
+            ok = tol is None or diff.max().item() <= tol
+            rows.append((f"logits {name} {dtype}", diff.max().item(), diff.mean().item(), dt, ok))
+            del chunks, ref_model
+
+    # One LM step (SeqKD warmup objective) and one BT step; the first loss must equal HF's cross-entropy.
+    hf_dir = os.path.join(work, "qwen2_tied")
+    arch = arch_spec_from_dir(hf_dir)
+    chunks = build_gpt_chunks(arch, ModelOptions(dtype="fp32", transformer_impl="local"))
+    load_hf_into_model(chunks, HFWeightSource(hf_dir, mapping_for(arch.model_type), arch))
+    labels = torch.roll(tokens, -1, 1)
+    mask = torch.ones_like(tokens, dtype=torch.float)
+    mask[:, -1] = 0
+    engine = TrainEngine(chunks, OptimConfig(lr=1e-3, clip_grad=1.0))
+    out = engine.train_step([{"tokens": tokens, "labels": labels, "loss_mask": mask}], lm_loss_step)
+    loss = reduce_token_mean(out["outputs"], "lm_loss")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        lg = hf(tokens).logits
+    ce = torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), labels[:, :-1].reshape(-1)).item()
+    rows.append(("student LM step: loss vs HF CE", abs(loss - ce), abs(loss - ce), 0.0, abs(loss - ce) <= 1e-4))
+    d_chunks = build_discriminator_chunks(arch, ModelOptions(dtype="bf16", transformer_impl="local"))
+    load_hf_into_model(d_chunks, HFWeightSource(hf_dir, mapping_for(arch.model_type), arch, role="discriminator"))
+    d_engine = TrainEngine(d_chunks, OptimConfig(lr=1e-4, clip_grad=0.2))
+    pair = {"tokens": tokens.repeat(2, 1)[:3], "attention_mask": torch.ones(3, 24, dtype=torch.long),
+            "n_teacher": 1, "teacher_of": torch.tensor([0, 0])}
+    bt = [d_engine.train_step([pair], bt_loss_step)["outputs"][0]["bt_loss"].item() for _ in range(3)]
+    rows.append(("disc BT bf16: 3 steps decrease", bt[0] - bt[-1], 0.0, 0.0, bt[-1] < bt[0]))
+
+    print(f"GPU check on {result['device']} (torch {result['torch']}, NCCL, world 1)")
+    print(f"{'check':<40} {'max|diff|':>11} {'mean|diff|':>11} {'fwd s':>7} {'ok':>4}")
+    for r in rows:
+        print(f"{r[0]:<40} {r[1]:11.3e} {r[2]:11.3e} {r[3]:7.3f} {'yes' if r[4] else 'NO':>4}")
+    result["rows"] = [dict(zip(("check", "max_abs_diff", "mean_abs_diff", "seconds", "ok"), r)) for r in rows]
+    with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    if not all(r[4] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One short GPU check for a lent H100/H200 (see the device tool's README). Prepare once on the CPU machine:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl megatron-core==0.16.1
+# then run it there with carry [".whl"]:  bash benchmarks/gpu_check.sh
+# It prints a table and leaves gpu_check.log / gpu_check.json under $OUT. Record the numbers in
+# docs/performance.md (card, date).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_check}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_check.log"
+timeout 480 python3 -m torch.distributed.run --standalone --nproc-per-node=1 benchmarks/gpu_check.py --out "$OUT" 2>&1 \
+  | tee -a "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"
