@@ -92,3 +92,25 @@ def discriminator_scores(chunks, microbatches: list) -> Optional[list]:
     if not ps.is_pipeline_last_stage():
         return None
     return [o["scores"] for o in out]
+
+
+def token_logprobs(chunks, sequences: list, pad_id: int = 0) -> Optional[list]:
+    """Collective. ``log p(tok_t | tok_<t)`` for t = 1..len-1 of each token-id sequence under the model
+    (raw logits, no temperature: what vLLM reports). Returns the list on the last pipeline stage."""
+    from megatron.core import parallel_state as ps
+
+    if not sequences:
+        raise ValueError("token_logprobs: no sequences")
+    width = max(len(s) for s in sequences)
+    tp = ps.get_tensor_model_parallel_world_size()
+    config = (chunks[0].module if hasattr(chunks[0], "module") else chunks[0]).config
+    if config.sequence_parallel and width % tp:
+        width += tp - width % tp
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        tokens[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    logits = full_logits(chunks, [{"tokens": tokens}])
+    if logits is None:
+        return None
+    lp = torch.log_softmax(logits[0].double(), dim=-1).cpu()
+    return [lp[i, torch.arange(len(s) - 1), tokens[i, 1 : len(s)]] for i, s in enumerate(sequences)]

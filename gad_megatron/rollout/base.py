@@ -32,6 +32,7 @@ class Sample:
     logprobs: list  # log p(token) under the sampling policy, one per generated token
     finish_reason: str  # "stop" | "length"
     text: str = ""
+    cumulative_logprob: Optional[float] = None  # as the engine reports it (vLLM), for cross-checks
 
     @property
     def sequence_logprob(self) -> float:
@@ -41,6 +42,9 @@ class Sample:
 class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list:
         """Token-id prompts -> ``[[Sample] * n] * len(prompts)``, grouped by prompt, in prompt order."""
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list:
+        """log p(token_t | tokens_<t) for t = 1..len-1 of each sequence (a ``[len-1]`` tensor each)."""
 
     def update_weights(self, buckets: Iterable) -> None:
         """Loads ``[(hf_name, tensor), ...]`` buckets (HF names and layouts) into the engine's model, as one

@@ -99,8 +99,23 @@ class VLLMEngine:
             group = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
-                group.append(Sample(pi, list(c.token_ids), lps, c.finish_reason or "length", c.text or ""))
+                group.append(Sample(pi, list(c.token_ids), lps, c.finish_reason or "length", c.text or "",
+                                    c.cumulative_logprob))
             result.append(group)
+        return result
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list:
+        """Per-token logprobs of given sequences (vLLM ``prompt_logprobs``): the probe after a weight sync."""
+        import torch
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        result = []
+        for seq, out in zip(sequences, outs):
+            steps = out.prompt_logprobs[1:]  # the first token has no logprob
+            result.append(torch.tensor([step[tok].logprob for tok, step in zip(seq[1:], steps)], dtype=torch.float64))
         return result
 
     # -- weights -----------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ class SyncStats:
     bytes: int = 0
     buckets: int = 0
     seconds: float = 0.0
+    gap_mean: Optional[float] = None
+    gap_max: Optional[float] = None
 
 
 def _sync_device() -> None:
@@ -119,25 +121,83 @@ def buckets(named: Iterator, bucket_bytes: int) -> Iterator[list]:
         yield bucket
 
 
-def sync_weights(chunks, engine, mapping: ArchMapping, arch, bucket_mb: int = 512, dst: int = 0) -> Optional[SyncStats]:
-    """Collective: pushes the live student weights into ``engine`` (which lives on global rank ``dst``)."""
-    import torch.distributed as dist
+class WeightSync:
+    """Pushes the live student weights into the rollout engine after every policy update, then (on by
+    default) checks them: a fixed probe batch is scored by the engine and by the trainer, and the logprob gap
+    is logged, warned about above ``warn_gap`` and fatal above ``stop_gap``.
 
-    t0 = time.perf_counter()
-    full = gather_full_tensors(chunks, dst=dst)
-    if dist.get_rank() != dst:
-        return None
-    _sync_device()
-    stats = SyncStats()
+    Collective: construct and call :meth:`sync` on every rank; ``engine`` is only needed on rank ``dst``.
+    """
 
-    def counted():
-        for bucket in buckets(hf_tensors(full, mapping, arch), bucket_mb * 1024 * 1024):
-            stats.buckets += 1
-            for name, t in bucket:
-                stats.tensors += 1
-                stats.bytes += t.numel() * t.element_size()
-            yield bucket
+    def __init__(self, chunks, engine, arch, mapping: Optional[ArchMapping] = None, bucket_mb: int = 512,
+                 dst: int = 0, verify: bool = True, probe: Optional[list] = None, warn_gap: float = 1e-3,
+                 stop_gap: float = 5e-2):
+        from gad_megatron.convert.mapping import mapping_for
 
-    engine.update_weights(counted())
-    stats.seconds = time.perf_counter() - t0
-    return stats
+        self.chunks, self.engine, self.arch = chunks, engine, arch
+        self.mapping = mapping or mapping_for(arch.model_type)
+        self.bucket_mb, self.dst = bucket_mb, dst
+        self.verify = verify
+        g = torch.Generator().manual_seed(1234)
+        self.probe = probe or [torch.randint(1, arch.vocab_size, (24,), generator=g).tolist() for _ in range(4)]
+        self.warn_gap, self.stop_gap = warn_gap, stop_gap
+
+    def sync(self) -> Optional[SyncStats]:
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        full = gather_full_tensors(self.chunks, dst=self.dst)
+        stats = SyncStats()
+        if dist.get_rank() == self.dst:
+            _sync_device()
+
+            def counted():
+                for bucket in buckets(hf_tensors(full, self.mapping, self.arch), self.bucket_mb * 1024 * 1024):
+                    stats.buckets += 1
+                    stats.tensors += len(bucket)
+                    stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                    yield bucket
+
+            self.engine.update_weights(counted())
+        del full
+        stats.seconds = time.perf_counter() - t0
+        if self.verify:
+            gap = self.logprob_gap(self.probe)
+            if gap is not None:
+                stats.gap_mean, stats.gap_max = gap
+                self._judge(gap)
+        return stats if dist.get_rank() == self.dst else None
+
+    def logprob_gap(self, sequences: list) -> Optional[tuple]:
+        """Collective: (mean, max) |engine logprob - trainer logprob| over ``sequences``, on rank dst."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from gad_megatron.models.forward import token_logprobs
+
+        ours = token_logprobs(self.chunks, sequences)
+        box = [ours]
+        # The last pipeline stage of dst's pipeline group holds the trainer side; dst holds the engine.
+        src = ps.get_pipeline_model_parallel_last_rank() if dist.get_rank() == self.dst else None
+        src_box = [src]
+        dist.broadcast_object_list(src_box, src=self.dst)
+        dist.broadcast_object_list(box, src=src_box[0])
+        if dist.get_rank() != self.dst:
+            return None
+        theirs = self.engine.score(sequences)
+        diffs = torch.cat([(a - b).abs() for a, b in zip(box[0], theirs)])
+        return diffs.mean().item(), diffs.max().item()
+
+    def _judge(self, gap: tuple) -> None:
+        import logging
+
+        log = logging.getLogger("gad_megatron.weight_sync")
+        mean, mx = gap
+        log.info("weight sync: trainer vs rollout logprob gap mean %.3e max %.3e", mean, mx)
+        if mx > self.stop_gap:
+            raise RuntimeError(
+                f"weight sync verification failed: trainer vs rollout logprob gap max {mx:.3e} > stop_gap "
+                f"{self.stop_gap:.1e} (mean {mean:.3e}); the engine is not running the trainer's weights"
+            )
+        if mx > self.warn_gap:
+            log.warning("weight sync: logprob gap max %.3e above warn_gap %.1e", mx, self.warn_gap)
