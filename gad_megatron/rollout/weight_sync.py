@@ -129,7 +129,7 @@ class WeightSync:
     Collective: construct and call :meth:`sync` on every rank; ``engine`` is only needed on rank ``dst``.
     """
 
-    def __init__(self, chunks, engine, arch, mapping: Optional[ArchMapping] = None, bucket_mb: int = 512,
+    def __init__(self, chunks, engine, arch, mapping: Optional[ArchMapping] = None, bucket_mb: float = 512,
                  dst: int = 0, verify: bool = True, probe: Optional[list] = None, warn_gap: float = 1e-3,
                  stop_gap: float = 5e-2):
         from gad_megatron.convert.mapping import mapping_for
@@ -152,7 +152,7 @@ class WeightSync:
             _sync_device()
 
             def counted():
-                for bucket in buckets(hf_tensors(full, self.mapping, self.arch), self.bucket_mb * 1024 * 1024):
+                for bucket in buckets(hf_tensors(full, self.mapping, self.arch), int(self.bucket_mb * 1024 * 1024)):
                     stats.buckets += 1
                     stats.tensors += len(bucket)
                     stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)

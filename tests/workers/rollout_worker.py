@@ -48,7 +48,15 @@ def main():
     if rank == 0:
         res["vllm_before_sync"] = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
 
-    sync = WeightSync(chunks, engine, arch, bucket_mb=1)
+    sync = WeightSync(chunks, engine, arch, bucket_mb=0.25)
+    gap = sync.logprob_gap(sync.probe)  # engine still on B: the verifier must refuse this
+    if rank == 0:
+        res["gap_before_sync"] = list(gap)
+        try:
+            sync._judge(gap)
+            res["judge_before_sync"] = "accepted"
+        except RuntimeError as e:
+            res["judge_before_sync"] = str(e)
     stats = sync.sync()
     if rank == 0:
         res["sync"] = {"tensors": stats.tensors, "buckets": stats.buckets, "gap_mean": stats.gap_mean, "gap_max": stats.gap_max}

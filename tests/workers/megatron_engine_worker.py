@@ -1,0 +1,42 @@
+"""The megatron rollout engine alone (no vLLM): greedy vs HF, and sampled groups. argv: tp pp hf out.json"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+PROMPTS = [[5, 6, 7, 8], [10, 11, 12], [3, 90, 17, 44, 2, 61]]
+
+
+def main():
+    import transformers
+    from megatron.core import parallel_state as ps
+
+    from gad_megatron.convert.mapping import mapping_for
+    from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
+    from gad_megatron.models import arch_spec_from_dir, build_gpt_chunks
+    from gad_megatron.rollout.base import SamplingConfig
+    from gad_megatron.rollout.megatron_engine import MegatronEngine
+    from gad_megatron.runtime import ParallelConfig, initialize
+
+    tp, pp, hf, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu"))
+    arch = arch_spec_from_dir(hf)
+    chunks = build_gpt_chunks(arch)
+    load_hf_into_model(chunks, HFWeightSource(hf, mapping_for(arch.model_type), arch))
+    engine = MegatronEngine(chunks)
+    greedy = engine.generate(PROMPTS, SamplingConfig().greedy(max_tokens=10))
+    sampled = engine.generate(PROMPTS, SamplingConfig(n=8, temperature=0.8, max_tokens=6, seed=3, stop_token_ids=[7]))
+    res = {"megatron": [g[0].token_ids for g in greedy], "rank": dist.get_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank()}
+    res["sampled"] = [[(s.prompt_index, s.token_ids, s.finish_reason, len(s.logprobs)) for s in g] for g in sampled]
+    if dist.get_rank() == 0:
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager")
+        res["hf"] = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+        with open(out, "w") as f:
+            json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main()
