@@ -4,7 +4,7 @@ import json
 
 import pytest
 from conftest import read_json, run_ranks
-from hf_fixtures import VLLM_SHAPE, make_hf_model
+from hf_fixtures import VLLM_SHAPE, make_hf_model, make_tokenizer
 
 from gad_megatron.rollout.vllm_engine import vllm_available
 
@@ -26,6 +26,7 @@ def rollout(tmp_path_factory):
     d = tmp_path_factory.mktemp("rollout")
     a = make_hf_model("qwen2_tied", str(d / "A"), seed=1, **VLLM_SHAPE)
     b = make_hf_model("qwen2_tied", str(d / "B"), seed=2, **VLLM_SHAPE)
+    make_tokenizer(a), make_tokenizer(b)
     run_ranks(2, "rollout_worker.py", a, b, d, d / "out.json", timeout=600)
     return read_json(d / "out.json")
 
@@ -76,3 +77,13 @@ def test_megatron_engine_greedy_equals_hf(hf_models, tmp_path, tp, pp):
         for _, toks, finish, n_lp in g:
             assert n_lp == len(toks) and 1 <= len(toks) <= 6
             assert (finish == "stop") == (toks[-1] == 7 and len(toks) <= 6) or finish == "length"
+
+
+def test_chat_template_applied_once_for_engine_and_trainer(rollout):
+    chat = rollout["chat"]
+    assert chat["prompt_text"][0] == "<|user|>hello how are you<|end|><|assistant|>"
+    assert chat["prompt_text"][1].startswith("<|system|>be short<|end|><|user|>")
+    assert chat["vllm"] == chat["megatron"]
+    assert chat["vllm_text"] == chat["decoded"]
+    for toks, finish in zip(chat["vllm"], chat["finish"]):
+        assert (finish == "stop") == (toks[-1] == 1)  # <|end|> closes the turn

@@ -87,6 +87,29 @@ def main():
         res["distinct_samples"] = [len({tuple(toks) for _, toks, *_ in g}) for g in groups]
         res["sample_logprob_gap"] = [d.mean().item(), d.max().item()]
 
+    # Chat: the template is applied once (gad_megatron.data.chat) and both engines get the same token ids.
+    from transformers import AutoTokenizer
+
+    from gad_megatron.data.chat import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(hf_a)
+    convs = [[{"role": "user", "content": "hello how are you"}], [{"role": "system", "content": "be short"},
+             {"role": "user", "content": "write a poem about the sea"}]]
+    ids = [prompt_ids(tok, c) for c in convs]
+    chat = SamplingConfig().greedy(max_tokens=MAX_NEW)
+    chat.stop_token_ids = [tok.eos_token_id]
+    meg = MegatronEngine(chunks).generate(ids, chat)
+    if rank == 0:
+        vl = engine.generate(ids, chat)
+        res["chat"] = {
+            "prompt_text": [tok.decode(i) for i in ids],
+            "vllm": [g[0].token_ids for g in vl],
+            "megatron": [g[0].token_ids for g in meg],
+            "vllm_text": [g[0].text for g in vl],
+            "decoded": [tok.decode(g[0].token_ids, skip_special_tokens=True) for g in vl],
+            "finish": [g[0].finish_reason for g in vl],
+        }
+
     # A training step changes the weights; after a sync vLLM must follow.
     train = TrainEngine(chunks, OptimConfig(lr=3e-2, clip_grad=1.0))
     tokens = torch.randint(1, arch.vocab_size, (4, 16), generator=torch.Generator().manual_seed(5))
