@@ -27,7 +27,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_checkpoint(out: str, layers: int, hidden=1536, ffn=8960, heads=12, kv=2, vocab=151936) -> dict:
+def make_checkpoint(out: str, layers: int, hidden=1536, ffn=8960, heads=12, kv=2, vocab=151936,
+                    dtype=torch.bfloat16) -> dict:
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
@@ -36,14 +37,14 @@ def make_checkpoint(out: str, layers: int, hidden=1536, ffn=8960, heads=12, kv=2
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden, "intermediate_size": ffn,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-        "hidden_act": "silu", "torch_dtype": "bfloat16", "use_sliding_window": False,
+        "hidden_act": "silu", "torch_dtype": str(dtype).replace("torch.", ""), "use_sliding_window": False,
     }
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f)
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
 
     shards, current, size, weight_map = [], {}, 0, {}
 
@@ -58,16 +59,16 @@ def make_checkpoint(out: str, layers: int, hidden=1536, ffn=8960, heads=12, kv=2
     def add(name, t):
         nonlocal size
         current[name] = t
-        size += t.numel() * 2
+        size += t.numel() * t.element_size()
         if size > 2 * 1024**3:
             flush()
 
     add("model.embed_tokens.weight", rnd(vocab, hidden))
-    add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    add("model.norm.weight", torch.ones(hidden, dtype=dtype))
     for i in range(layers):
         p = f"model.layers.{i}."
-        add(p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-        add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        add(p + "input_layernorm.weight", torch.ones(hidden, dtype=dtype))
+        add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=dtype))
         add(p + "self_attn.q_proj.weight", rnd(heads * d, hidden))
         add(p + "self_attn.k_proj.weight", rnd(kv * d, hidden))
         add(p + "self_attn.v_proj.weight", rnd(kv * d, hidden))
@@ -89,7 +90,7 @@ def make_checkpoint(out: str, layers: int, hidden=1536, ffn=8960, heads=12, kv=2
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": {k: final[v] for k, v in weight_map.items()}}, f)
     n_params = sum(1 for _ in weight_map)
-    largest = vocab * hidden * 2
+    largest = vocab * hidden * torch.empty((), dtype=dtype).element_size()
     return {"tensors": n_params, "largest_tensor_bytes": largest}
 
 

@@ -7,7 +7,10 @@ want="$(cat setup.py scripts/env.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "[env] installing the CPU stack into $VENV (first run takes a few minutes)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  pip_() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
+  LOG="$VENV/install.log"
+  # pip's output goes to a log (the local wheel mirror makes it noisy); shown when an install fails.
+  pip_() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >>"$LOG" 2>&1 \
+             || { tail -40 "$LOG" >&2; echo "[env] pip install $* failed (log: $LOG)" >&2; return 1; }; }
   # Pin torch first: an unpinned requirement would pull a multi-GB CUDA build.
   if [ -n "${PIP_FIND_LINKS:-}" ] || [ -n "${GAD_TORCH_INDEX:-}" ]; then
     pip_ "torch==2.13.0" ${GAD_TORCH_INDEX:+--index-url "$GAD_TORCH_INDEX"}

@@ -44,6 +44,11 @@ def local_shards(chunks) -> list:
     for model in chunks:
         for obj in _flatten(model.sharded_state_dict()):
             pieces = obj.build() if isinstance(obj, ShardedTensorFactory) else [obj]
+            if isinstance(obj, ShardedTensorFactory):
+                whole = _whole_factory(obj, list(_flatten(pieces)))
+                if whole is not None:
+                    out.append(whole)
+                    continue
             for st in _flatten(pieces):
                 if not isinstance(st, ShardedTensor):
                     continue  # _extra_state objects and the like carry no weights
@@ -60,6 +65,19 @@ def local_shards(chunks) -> list:
                     LocalShard(st.key, layer, st.data, slices, tuple(st.global_shape[p:]), all(r == 0 for r in replica))
                 )
     return out
+
+
+def _whole_factory(obj, pieces: list) -> Optional[LocalShard]:
+    """A SwiGLU factory whose pieces make up the whole tensor (TP=1): one shard over the parameter itself,
+    which is then already in the checkpoint's [gate; up] layout. Saves a copy per layer in weight sync."""
+    p = pieces[0].prepend_axis_num
+    full_shape = tuple(pieces[0].global_shape[p:])
+    if tuple(obj.data.shape) != full_shape or sum(st.data.numel() for st in pieces) != obj.data.numel():
+        return None
+    layer = int(pieces[0].global_offset[0]) if obj.key.startswith(LAYER_PREFIX) else None
+    replica = pieces[0].replica_id if isinstance(pieces[0].replica_id, tuple) else (pieces[0].replica_id,)
+    return LocalShard(obj.key, layer, obj.data, tuple(slice(0, n) for n in full_shape), full_shape,
+                      all(r == 0 for r in replica))
 
 
 @torch.no_grad()

@@ -45,6 +45,9 @@ def _assemble_stage(chunks) -> dict:
     full = {}
     for sh in local_shards(chunks):
         k = (sh.key, sh.layer)
+        if tuple(sh.data.shape) == sh.full_shape and k not in full:
+            full[k] = sh.data.detach()  # the whole tensor is local: no copy
+            continue
         if k not in full:
             full[k] = torch.empty(sh.full_shape, dtype=sh.data.dtype, device=sh.data.device)
         if tuple(sh.data.shape) == sh.full_shape or tp == 1:
