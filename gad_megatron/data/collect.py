@@ -1,0 +1,403 @@
+"""``gad-collect``: teacher answers from an OpenAI-compatible endpoint, appended as the rows the trainer reads.
+
+Row: ``{"id", "messages", "teacher_response", "model", "usage", "finish_reason"}`` (one JSON object per line).
+
+- asyncio with a bound on requests in flight and on requests / tokens per minute;
+- retries with exponential backoff + jitter on 429, 5xx, timeouts, connection drops, malformed replies and
+  truncated streams, honouring Retry-After;
+- resumable: ids already in the output (or in the ``.rejected.jsonl`` beside it) are never requested again;
+  a torn last line (kill -9 mid-write) is dropped and reported; lines are written whole and flushed, fsync'd
+  every ``fsync_every`` rows;
+- cost tally from ``usage`` with a per-model price table and a ``--max-cost`` stop;
+- the paper's filters (empty / refused answers, length limits) as explicit, counted options;
+- the API key is read from the environment and never printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+log = logging.getLogger("gad_megatron.collect")
+
+REFUSAL_PATTERNS = (
+    r"^\s*(i'?m sorry|i am sorry|sorry,)",
+    r"^\s*i (can ?not|can't|won't|am unable to|'m unable to) (help|assist|comply|provide)",
+    r"^\s*as an ai( language model)?,? i (can ?not|can't)",
+)
+
+
+@dataclass
+class CollectConfig:
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    max_in_flight: int = 16
+    requests_per_minute: float = 0.0  # 0: unlimited
+    tokens_per_minute: float = 0.0
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    timeout_s: float = 120.0
+    max_retries: int = 8
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    stream: bool = False
+    prices: dict = field(default_factory=dict)  # model -> {"input": $/1M tokens, "output": $/1M tokens}
+    max_cost: Optional[float] = None
+    drop_empty: bool = True
+    drop_refusals: bool = False
+    min_chars: int = 0
+    max_chars: int = 0  # 0: no limit
+    fsync_every: int = 32
+    progress: bool = True
+
+
+class RetryableReply(Exception):
+    """A reply that arrived but cannot be used (malformed, truncated): ask again."""
+
+
+class FatalReply(Exception):
+    """A reply that asking again will not fix (bad request, bad key)."""
+
+
+class RateLimiter:
+    """Requests-per-minute and tokens-per-minute budgets (token buckets refilled continuously)."""
+
+    def __init__(self, rpm: float, tpm: float):
+        self.rpm, self.tpm = rpm, tpm
+        self._req = rpm
+        self._tok = tpm
+        self._t = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    def _refill(self):
+        now = time.monotonic()
+        dt, self._t = now - self._t, now
+        if self.rpm:
+            self._req = min(self.rpm, self._req + dt * self.rpm / 60.0)
+        if self.tpm:
+            self._tok = min(self.tpm, self._tok + dt * self.tpm / 60.0)
+
+    async def acquire(self, est_tokens: int):
+        if not (self.rpm or self.tpm):
+            return
+        async with self._lock:
+            while True:
+                self._refill()
+                ok_r = not self.rpm or self._req >= 1
+                ok_t = not self.tpm or self._tok >= min(est_tokens, self.tpm)
+                if ok_r and ok_t:
+                    self._req -= 1 if self.rpm else 0
+                    self._tok -= est_tokens if self.tpm else 0
+                    return
+                need = 0.0
+                if not ok_r:
+                    need = max(need, (1 - self._req) * 60.0 / self.rpm)
+                if not ok_t:
+                    need = max(need, (min(est_tokens, self.tpm) - self._tok) * 60.0 / self.tpm)
+                await asyncio.sleep(max(need, 0.001))
+
+    def settle(self, est_tokens: int, actual_tokens: int):
+        if self.tpm:
+            self._tok += est_tokens - actual_tokens  # refund / charge the estimate's error
+
+
+def recover_output(path: str) -> tuple:
+    """Ids already written and whether a torn last line was dropped (the file is truncated to it)."""
+    done, torn = set(), False
+    if not os.path.exists(path):
+        return done, torn
+    with open(path, "rb+") as f:
+        data = f.read()
+        good_end = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                torn = True
+                break
+            try:
+                done.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                if good_end + len(line) == len(data):
+                    torn = True  # a last line that does not parse: torn mid-write
+                    break
+                line_no = data[:good_end].count(b"\n") + 1
+                raise ValueError(f"{path}: line {line_no} is not a row (not JSON with 'id')")
+            good_end += len(line)
+        if torn:
+            f.truncate(good_end)
+    return done, torn
+
+
+class Collector:
+    def __init__(self, cfg: CollectConfig, out_path: str):
+        self.cfg = cfg
+        self.out_path = out_path
+        self.rejected_path = out_path + ".rejected.jsonl"
+        self.counts = {"written": 0, "skipped_done": 0, "retries": 0, "failed": 0, "filtered_empty": 0,
+                       "filtered_refusal": 0, "filtered_too_short": 0, "filtered_too_long": 0,
+                       "stopped_by_cost": 0, "torn_line_dropped": 0}
+        self.cost = 0.0
+        self.tokens = {"prompt": 0, "completion": 0}
+        self._refusal = [re.compile(p, re.IGNORECASE) for p in REFUSAL_PATTERNS]
+        self._unpriced_warned = False
+
+    # -- pieces --------------------------------------------------------------------------------------------
+    def _client(self):
+        from openai import AsyncOpenAI
+
+        key = os.environ.get(self.cfg.api_key_env)
+        if not key:
+            raise FatalReply(f"environment variable {self.cfg.api_key_env} is not set (it holds the API key)")
+        # Retries are ours (they honour Retry-After and count); the client must not retry on its own.
+        return AsyncOpenAI(base_url=self.cfg.base_url, api_key=key, max_retries=0, timeout=self.cfg.timeout_s)
+
+    def price(self, usage: dict) -> float:
+        p = self.cfg.prices.get(self.cfg.model)
+        if p is None:
+            if self.cfg.prices and not self._unpriced_warned:
+                log.warning("no price for model %s in the price table: cost counts as 0", self.cfg.model)
+                self._unpriced_warned = True
+            return 0.0
+        return (usage.get("prompt_tokens", 0) * p["input"] + usage.get("completion_tokens", 0) * p["output"]) / 1e6
+
+    def filter_reason(self, text: str) -> Optional[str]:
+        if self.cfg.drop_empty and not text.strip():
+            return "filtered_empty"
+        if self.cfg.drop_refusals and any(r.search(text) for r in self._refusal):
+            return "filtered_refusal"
+        if self.cfg.min_chars and len(text) < self.cfg.min_chars:
+            return "filtered_too_short"
+        if self.cfg.max_chars and len(text) > self.cfg.max_chars:
+            return "filtered_too_long"
+        return None
+
+    async def _ask_once(self, client, messages: list) -> tuple:
+        kw = {"model": self.cfg.model, "messages": messages}
+        if self.cfg.max_tokens:
+            kw["max_tokens"] = self.cfg.max_tokens
+        if self.cfg.temperature is not None:
+            kw["temperature"] = self.cfg.temperature
+        if not self.cfg.stream:
+            resp = await client.chat.completions.create(**kw)
+            if not getattr(resp, "choices", None) or resp.choices[0].message is None:
+                raise RetryableReply("reply without choices")
+            text = resp.choices[0].message.content
+            if text is None:
+                raise RetryableReply("reply without content")
+            usage = resp.usage.model_dump() if resp.usage else {}
+            return text, resp.choices[0].finish_reason, usage, resp.model or self.cfg.model
+        stream = await client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+        parts, finish, usage, model = [], None, {}, self.cfg.model
+        async for chunk in stream:
+            model = chunk.model or model
+            if chunk.usage:
+                usage = chunk.usage.model_dump()
+            for ch in chunk.choices or []:
+                if ch.delta and ch.delta.content:
+                    parts.append(ch.delta.content)
+                if ch.finish_reason:
+                    finish = ch.finish_reason
+        if finish is None:
+            raise RetryableReply("stream ended without a finish_reason (truncated)")
+        return "".join(parts), finish, usage, model
+
+    def _retry_delay(self, attempt: int, err: Exception) -> float:
+        retry_after = None
+        resp = getattr(err, "response", None)
+        if resp is not None:
+            ra = resp.headers.get("retry-after") if hasattr(resp, "headers") else None
+            try:
+                retry_after = float(ra) if ra is not None else None
+            except ValueError:
+                retry_after = None
+        if retry_after is not None:
+            return retry_after + random.uniform(0, 0.1 * retry_after + 0.01)
+        base = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2 ** attempt))
+        return random.uniform(0.5 * base, base)  # jitter
+
+    @staticmethod
+    def _classify(err: Exception) -> str:
+        import openai
+
+        if isinstance(err, RetryableReply):
+            return "retry"
+        if isinstance(err, openai.APIStatusError):
+            if err.status_code == 429 or err.status_code >= 500 or err.status_code == 408:
+                return "retry"
+            return "fatal_request" if err.status_code in (400, 404, 413, 422) else "fatal_run"
+        if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError,
+                            json.JSONDecodeError)):
+            return "retry"
+        if type(err).__module__.startswith(("httpx", "httpcore", "h11")):
+            return "retry"
+        return "fatal_run"
+
+    async def ask(self, client, messages: list) -> Optional[tuple]:
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                return await self._ask_once(client, messages)
+            except Exception as err:  # noqa: BLE001  (classified below; unknown errors stop the run)
+                kind = self._classify(err)
+                if kind == "fatal_run":
+                    raise FatalReply(f"{type(err).__name__}: {_safe(str(err))}") from None
+                if kind == "fatal_request" or attempt == self.cfg.max_retries:
+                    log.warning("giving up on a prompt after %d attempts: %s: %s", attempt + 1, type(err).__name__,
+                                _safe(str(err))[:200])
+                    return None
+                self.counts["retries"] += 1
+                await asyncio.sleep(self._retry_delay(attempt, err))
+        return None
+
+    # -- the run -------------------------------------------------------------------------------------------
+    async def run(self, items: list) -> dict:
+        done, torn = recover_output(self.out_path)
+        rejected, torn_r = recover_output(self.rejected_path)
+        if torn or torn_r:
+            self.counts["torn_line_dropped"] = int(torn) + int(torn_r)
+            log.warning("dropped a torn last line left by an interrupted run (%s)", self.out_path if torn else self.rejected_path)
+        todo = [it for it in items if it["id"] not in done and it["id"] not in rejected]
+        self.counts["skipped_done"] = len(items) - len(todo)
+        client = self._client()
+        limiter = RateLimiter(self.cfg.requests_per_minute, self.cfg.tokens_per_minute)
+        sem = asyncio.Semaphore(self.cfg.max_in_flight)
+        stop = asyncio.Event()
+        out = open(self.out_path, "a", encoding="utf-8")
+        rej = open(self.rejected_path, "a", encoding="utf-8")
+        since_sync = 0
+        bar = None
+        if self.cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="gad-collect", unit="req", file=sys.stderr, dynamic_ncols=True)
+
+        def write(f, row):
+            nonlocal since_sync
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")  # one whole line per write
+            f.flush()
+            since_sync += 1
+            if since_sync >= self.cfg.fsync_every:
+                os.fsync(out.fileno())
+                os.fsync(rej.fileno())
+                since_sync = 0
+
+        async def one(item):
+            async with sem:
+                if stop.is_set():
+                    return
+                est = sum(len(m["content"]) for m in item["messages"]) // 4 + (self.cfg.max_tokens or 512)
+                await limiter.acquire(est)
+                got = await self.ask(client, item["messages"])
+            if got is None:
+                self.counts["failed"] += 1
+            else:
+                text, finish, usage, model = got
+                limiter.settle(est, int(usage.get("total_tokens", est)))
+                self.cost += self.price(usage)
+                self.tokens["prompt"] += int(usage.get("prompt_tokens", 0))
+                self.tokens["completion"] += int(usage.get("completion_tokens", 0))
+                reason = self.filter_reason(text)
+                row = {"id": item["id"], "messages": item["messages"], "teacher_response": text, "model": model,
+                       "usage": usage, "finish_reason": finish}
+                if reason:
+                    self.counts[reason] += 1
+                    write(rej, {**row, "rejected": reason})
+                else:
+                    self.counts["written"] += 1
+                    write(out, row)
+                if self.cfg.max_cost is not None and self.cost >= self.cfg.max_cost and not stop.is_set():
+                    log.warning("cost %.4f reached --max-cost %.4f: stopping", self.cost, self.cfg.max_cost)
+                    stop.set()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(cost=f"${self.cost:.4f}", retries=self.counts["retries"], refresh=False)
+
+        try:
+            await asyncio.gather(*(one(it) for it in todo))
+        finally:
+            out.flush(), rej.flush()
+            os.fsync(out.fileno()), os.fsync(rej.fileno())
+            out.close(), rej.close()
+            if bar is not None:
+                bar.close()
+            await client.close()
+        if stop.is_set():
+            self.counts["stopped_by_cost"] = len(todo) - self.counts["written"] - self.counts["failed"] - sum(
+                v for k, v in self.counts.items() if k.startswith("filtered_"))
+        return {**self.counts, "cost": round(self.cost, 6), "tokens": self.tokens}
+
+
+def _safe(text: str) -> str:
+    """Error texts can echo request headers; never let the key through."""
+    for name in ("OPENAI_API_KEY",):
+        key = os.environ.get(name)
+        if key:
+            text = text.replace(key, "***")
+    return re.sub(r"(Bearer\s+)\S+", r"\1***", text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gad-collect", description="Collect black-box teacher answers.")
+    p.add_argument("--prompts", required=True, help=".jsonl / .parquet / saved datasets dir (LMSYS or 'prompt' rows)")
+    p.add_argument("--out", required=True, help="JSONL the trainer reads (appended; resumable)")
+    p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
+    p.add_argument("--model", default=os.environ.get("GAD_TEACHER_MODEL", "gpt-5-chat-latest"))
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
+    p.add_argument("--id-field", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-in-flight", type=int, default=16)
+    p.add_argument("--rpm", type=float, default=0.0)
+    p.add_argument("--tpm", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--max-retries", type=int, default=8)
+    p.add_argument("--backoff-base", type=float, default=0.5)
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--prices", default=None, help='JSON file: {"model": {"input": $/1M, "output": $/1M}}')
+    p.add_argument("--max-cost", type=float, default=None)
+    p.add_argument("--keep-empty", action="store_true")
+    p.add_argument("--drop-refusals", action="store_true")
+    p.add_argument("--min-chars", type=int, default=0)
+    p.add_argument("--max-chars", type=int, default=0)
+    p.add_argument("--fsync-every", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    from gad_megatron.data.prompts import PromptFormatError, load_prompts
+
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prices = {}
+    if a.prices:
+        with open(a.prices) as f:
+            prices = json.load(f)
+    cfg = CollectConfig(
+        base_url=a.base_url, model=a.model, api_key_env=a.api_key_env, max_in_flight=a.max_in_flight,
+        requests_per_minute=a.rpm, tokens_per_minute=a.tpm, max_tokens=a.max_tokens, temperature=a.temperature,
+        timeout_s=a.timeout, max_retries=a.max_retries, backoff_base_s=a.backoff_base, stream=a.stream,
+        prices=prices, max_cost=a.max_cost, drop_empty=not a.keep_empty, drop_refusals=a.drop_refusals,
+        min_chars=a.min_chars, max_chars=a.max_chars, fsync_every=a.fsync_every, progress=not a.no_progress,
+    )
+    try:
+        items = load_prompts(a.prompts, a.id_field, a.limit)
+        summary = asyncio.run(Collector(cfg, a.out).run(items))
+    except (PromptFormatError, FatalReply, ValueError, FileNotFoundError) as e:
+        print(f"gad-collect: error: {_safe(str(e))}", file=sys.stderr)
+        return 2
+    print(json.dumps({"prompts": len(items), **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

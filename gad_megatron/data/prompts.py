@@ -1,0 +1,88 @@
+"""Prompt sets: JSONL, parquet or a saved HF ``datasets`` directory, in the LMSYS-Chat-1M conversation format
+or with a plain ``prompt`` field. Every row becomes ``{"id", "messages"}`` (messages up to the last user turn;
+the teacher answers that turn).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterator, Optional
+
+
+class PromptFormatError(ValueError):
+    pass
+
+
+def _stable_id(messages: list) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def to_item(row: dict, where: str, id_field: Optional[str] = None) -> dict:
+    """One raw row -> {"id", "messages"}; ``where`` names the file and line for errors."""
+    if "conversation" in row or "messages" in row:
+        conv = row.get("conversation", row.get("messages"))
+        if not isinstance(conv, list) or not conv:
+            raise PromptFormatError(f"{where}: 'conversation' must be a non-empty list of {{role, content}}")
+        messages = []
+        for turn in conv:
+            if not isinstance(turn, dict) or "content" not in turn or turn.get("role") not in ("system", "user", "assistant"):
+                raise PromptFormatError(f"{where}: each turn needs role (system|user|assistant) and content")
+            messages.append({"role": turn["role"], "content": str(turn["content"])})
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()  # the teacher answers the last user turn; a recorded answer is dropped
+        if not messages or messages[-1]["role"] != "user":
+            raise PromptFormatError(f"{where}: conversation has no user turn to answer")
+    elif "prompt" in row:
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise PromptFormatError(f"{where}: 'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": row["prompt"]}]
+        if row.get("system"):
+            messages.insert(0, {"role": "system", "content": str(row["system"])})
+    else:
+        raise PromptFormatError(f"{where}: expected a 'conversation' (LMSYS), 'messages' or 'prompt' field")
+    for key in ([id_field] if id_field else []) + ["id", "conversation_id", "question_id"]:
+        if key and row.get(key) is not None:
+            return {"id": str(row[key]), "messages": messages}
+    return {"id": _stable_id(messages), "messages": messages}
+
+
+def iter_prompts(path: str, id_field: Optional[str] = None, split: str = "train") -> Iterator[dict]:
+    if path.endswith((".jsonl", ".json")) and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PromptFormatError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise PromptFormatError(f"{path}:{i}: expected a JSON object per line")
+                yield to_item(row, f"{path}:{i}", id_field)
+        return
+    import datasets
+
+    if path.endswith(".parquet"):
+        ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    elif os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        raise PromptFormatError(f"{path}: not a .jsonl / .parquet file or a saved datasets directory")
+    for i, row in enumerate(ds):
+        yield to_item(dict(row), f"{path}[{i}]", id_field)
+
+
+def load_prompts(path: str, id_field: Optional[str] = None, limit: Optional[int] = None) -> list:
+    items, seen = [], set()
+    for item in iter_prompts(path, id_field):
+        if item["id"] in seen:
+            continue  # the same prompt twice is paid once
+        seen.add(item["id"])
+        items.append(item)
+        if limit and len(items) >= limit:
+            break
+    return items
