@@ -18,7 +18,7 @@ setup(
         "transformers>=4.51",
         "sentencepiece",
         "tqdm",
-        "openai>=1.40",
+        "openai[aiohttp]>=1.40",
         "datasets",
     ],
     extras_require={

@@ -152,7 +152,16 @@ class RetryingChat:
         if not key:
             raise FatalReply(f"environment variable {self.cfg.api_key_env} is not set (it holds the API key)")
         # Retries are ours (they honour Retry-After and count); the client must not retry on its own.
-        return AsyncOpenAI(base_url=self.cfg.base_url, api_key=key, max_retries=0, timeout=self.cfg.timeout_s)
+        kw = {}
+        try:
+            # The aiohttp transport costs a fraction of httpx's CPU per request: at high concurrency on a small
+            # machine the client, not the server, was the bottleneck (benchmarks/collect.py).
+            from openai import DefaultAioHttpClient
+
+            kw["http_client"] = DefaultAioHttpClient(timeout=self.cfg.timeout_s)
+        except (ImportError, RuntimeError):
+            pass
+        return AsyncOpenAI(base_url=self.cfg.base_url, api_key=key, max_retries=0, timeout=self.cfg.timeout_s, **kw)
 
     async def _ask_once(self, client, messages: list) -> tuple:
         kw = {"model": self.cfg.model, "messages": messages}
