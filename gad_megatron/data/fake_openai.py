@@ -139,7 +139,7 @@ class FakeOpenAI:
     async def stats(self, request):
         from aiohttp import web
 
-        return web.json_response({"total": self.total, "requests": dict(self.requests),
+        return web.json_response({"total": self.total, "requests": dict(self.requests), "auth": sorted(self.auth_headers),
                                   "successes": {str(k): v for k, v in self.successes.items()}})
 
     def app(self):
