@@ -161,25 +161,3 @@ def destroy() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if _on_gpu() else torch.device("cpu")
-
-
-def _on_gpu() -> bool:
-    from gad_megatron.runtime import cpu_shim_applied
-
-    return torch.cuda.is_available() and not cpu_shim_applied()
-
-
-def ensure_process_group() -> None:
-    """A one-process gloo group for tools that need torch.distributed but no parallelism (e.g. export)."""
-    import tempfile
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    store = tempfile.NamedTemporaryFile(prefix="gad-pg-", delete=False).name
-    dist.init_process_group(backend="gloo", init_method=f"file://{store}", rank=0, world_size=1)
