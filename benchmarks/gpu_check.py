@@ -89,6 +89,28 @@ def main() -> None:
     bt = [d_engine.train_step([pair], bt_loss_step)["outputs"][0]["bt_loss"].item() for _ in range(3)]
     rows.append(("disc BT bf16: 3 steps decrease", bt[0] - bt[-1], 0.0, 0.0, bt[-1] < bt[0]))
 
+    # Rollout on GPU: the megatron engine's greedy tokens equal HF's; the weight-sync gather matches the weights.
+    from gad_megatron.rollout.base import SamplingConfig
+    from gad_megatron.rollout.megatron_engine import MegatronEngine
+    from gad_megatron.rollout.weight_sync import gather_full_tensors, hf_tensors
+
+    hf_dir = os.path.join(work, "llama31")
+    arch = arch_spec_from_dir(hf_dir)
+    chunks = build_gpt_chunks(arch, ModelOptions(dtype="fp32", transformer_impl="local"))
+    load_hf_into_model(chunks, HFWeightSource(hf_dir, mapping_for(arch.model_type), arch))
+    prompts = [[5, 6, 7, 8], [10, 11, 12]]
+    ours = [g[0].token_ids for g in MegatronEngine(chunks).generate(prompts, SamplingConfig().greedy(max_tokens=10))]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    ref = [hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+           for p in prompts]
+    rows.append(("megatron engine greedy == HF", float(ours != ref), 0.0, 0.0, ours == ref))
+    from safetensors.torch import load_file
+
+    src = load_file(os.path.join(hf_dir, "model.safetensors"))
+    synced = dict(hf_tensors(gather_full_tensors(chunks), mapping_for(arch.model_type), arch))
+    worst = max((synced[n].float().cpu() - src[n].float()).abs().max().item() for n in src)
+    rows.append(("weight-sync gather vs HF tensors", worst, 0.0, 0.0, worst == 0.0 and set(synced) == set(src)))
+
     print(f"GPU check on {result['device']} (torch {result['torch']}, NCCL, world 1)")
     print(f"{'check':<40} {'max|diff|':>11} {'mean|diff|':>11} {'fwd s':>7} {'ok':>4}")
     for r in rows:
