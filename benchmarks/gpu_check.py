@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: dry-run the script's logic here")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False  # parity is checked in true fp32
@@ -42,10 +43,12 @@ def main() -> None:
     from gad_megatron.runtime import ParallelConfig, cpu_shim_applied, initialize
     from gad_megatron.trainer.engine import OptimConfig, TrainEngine, reduce_token_mean
 
-    info = initialize(ParallelConfig(device="cuda"))
-    assert info["device"] == "cuda" and torch.distributed.get_backend() == "nccl"
-    assert "gad_megatron.runtime.cpu_shim" not in sys.modules and not cpu_shim_applied()
-    rows, result = [], {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    info = initialize(ParallelConfig(device=a.device))
+    if a.device == "cuda":
+        assert info["device"] == "cuda" and torch.distributed.get_backend() == "nccl"
+        assert "gad_megatron.runtime.cpu_shim" not in sys.modules and not cpu_shim_applied()
+    rows = []
+    result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run)", "torch": torch.__version__}
     work = tempfile.mkdtemp(prefix="gad-gpu-")
     tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(7))
     for i, name in enumerate(ARCHS):
@@ -57,9 +60,9 @@ def main() -> None:
             t0 = time.perf_counter()
             ours = full_logits(chunks, [{"tokens": tokens}])[0].float().cpu()
             dt = time.perf_counter() - t0
-            ref_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdtype, attn_implementation="eager").cuda()
+            ref_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdtype, attn_implementation="eager").to(a.device)
             with torch.no_grad():
-                ref = ref_model(tokens.cuda()).logits.float().cpu()
+                ref = ref_model(tokens.to(a.device)).logits.float().cpu()
             diff = (ours - ref).abs()
             ok = tol is None or diff.max().item() <= tol
             rows.append((f"logits {name} {dtype}", diff.max().item(), diff.mean().item(), dt, ok))
@@ -111,7 +114,7 @@ def main() -> None:
     worst = max((synced[n].float().cpu() - src[n].float()).abs().max().item() for n in src)
     rows.append(("weight-sync gather vs HF tensors", worst, 0.0, 0.0, worst == 0.0 and set(synced) == set(src)))
 
-    print(f"GPU check on {result['device']} (torch {result['torch']}, NCCL, world 1)")
+    print(f"GPU check on {result['device']} (torch {result['torch']}, {torch.distributed.get_backend()}, world 1)")
     print(f"{'check':<40} {'max|diff|':>11} {'mean|diff|':>11} {'fwd s':>7} {'ok':>4}")
     for r in rows:
         print(f"{r[0]:<40} {r[1]:11.3e} {r[2]:11.3e} {r[3]:7.3f} {'yes' if r[4] else 'NO':>4}")

@@ -19,6 +19,6 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_check.log"
-timeout 480 python3 -m torch.distributed.run --standalone --nproc-per-node=1 benchmarks/gpu_check.py --out "$OUT" 2>&1 \
+timeout 480 python3 -m torch.distributed.run --standalone --nproc-per-node=1 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 \
   | tee -a "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"
