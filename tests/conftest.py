@@ -55,7 +55,12 @@ def hf_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def converted(hf_models, tmp_path_factory):
-    """Every arch converted HF -> megatron at TP2PP2 (student), plus a discriminator from qwen2_untied."""
+    """Every arch converted HF -> megatron at TP2PP2 (student), a bf16 model, and a discriminator from
+    qwen2_untied. The bf16 model is not in ``hf_models`` (its logits are not fp32-comparable)."""
+    import torch
+
     base = tmp_path_factory.mktemp("mcore")
-    run_ranks(4, "convert_worker.py", str(base), json.dumps(hf_models), timeout=600)
-    return {name: str(base / name) for name in hf_models} | {"disc": str(base / "disc")}
+    extra = {"qwen2_bf16": make_hf_model("qwen2_untied", str(base / "hf_qwen2_bf16"), seed=9, dtype=torch.bfloat16)}
+    run_ranks(4, "convert_worker.py", str(base), json.dumps({**hf_models, **extra}), timeout=600)
+    return {name: str(base / name) for name in [*hf_models, *extra]} | {"disc": str(base / "disc")} | {
+        "hf_qwen2_bf16": extra["qwen2_bf16"]}

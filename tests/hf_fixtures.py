@@ -47,7 +47,7 @@ ARCHS = {
 VLLM_SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=192)
 
 
-def make_hf_model(name: str, out_dir: str, seed: int = 0, seq_cls: bool = False, **overrides) -> str:
+def make_hf_model(name: str, out_dir: str, seed: int = 0, seq_cls: bool = False, dtype=torch.float32, **overrides) -> str:
     import transformers
 
     cls_name, extra = ARCHS[name]
@@ -57,7 +57,7 @@ def make_hf_model(name: str, out_dir: str, seed: int = 0, seq_cls: bool = False,
         cfg.num_labels = 1
     torch.manual_seed(seed)
     auto = transformers.AutoModelForSequenceClassification if seq_cls else transformers.AutoModelForCausalLM
-    model = auto.from_config(cfg, torch_dtype=torch.float32, attn_implementation="eager")
+    model = auto.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     # Random (not default-initialised) norms and biases so a mis-mapped norm or bias shows up in the logits.
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -66,7 +66,7 @@ def make_hf_model(name: str, out_dir: str, seed: int = 0, seq_cls: bool = False,
             elif n.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.to(dtype).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 

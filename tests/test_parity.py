@@ -30,7 +30,7 @@ def test_logits_parity_virtual_pipeline(hf_models, tmp_path):
 
 
 def test_roundtrip_tp2pp2_is_bit_identical(hf_models, converted, tmp_path):
-    for name, hf in hf_models.items():
+    for name, hf in {**hf_models, "qwen2_bf16": converted["hf_qwen2_bf16"]}.items():
         out = tmp_path / name
         api.mcore_to_hf(converted[name], str(out), max_shard_bytes=40_000)  # small shards: exercise the index
         a, b = SafetensorsReader(hf), SafetensorsReader(str(out))
@@ -39,6 +39,7 @@ def test_roundtrip_tp2pp2_is_bit_identical(hf_models, converted, tmp_path):
             x, y = a.get(t), b.get(t)
             assert x.dtype == y.dtype and torch.equal(x, y), f"{name}: {t} differs after the round trip"
         assert (out / "model.safetensors.index.json").exists()
+    assert SafetensorsReader(converted["hf_qwen2_bf16"]).dtypes["model.norm.weight"] == "BF16"
 
 
 def test_tp2pp2_checkpoint_reread_at_tp1pp1_gives_same_logits(hf_models, converted, tmp_path):
