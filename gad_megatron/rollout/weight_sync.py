@@ -3,7 +3,8 @@
 Gathers the student's TP shards (all-gather in each TP group) and PP stages (point-to-point to the engine's
 rank), maps megatron tensors to HF names and layouts through the architecture's declarative mapping (the
 same one ``gad-convert`` uses), groups them into size-bounded buckets and hands them to the engine.
-Only the engine-owning rank receives; every rank must call :func:`sync_weights`.
+Only the engine-owning rank receives; every rank must call :meth:`WeightSync.sync`. The gather currently
+assembles the whole model on the engine rank before bucketing (buckets bound each transfer, not the peak).
 """
 
 from __future__ import annotations
