@@ -287,7 +287,6 @@ class Collector:
         chat = RetryingChat(self.cfg)
         client = chat.client()
         limiter = RateLimiter(self.cfg.requests_per_minute, self.cfg.tokens_per_minute)
-        sem = asyncio.Semaphore(self.cfg.max_in_flight)
         stop = asyncio.Event()
         out = open(self.out_path, "a", encoding="utf-8")
         rej = open(self.rejected_path, "a", encoding="utf-8")
@@ -309,13 +308,12 @@ class Collector:
                 since_sync = 0
 
         async def one(item):
-            async with sem:
-                if stop.is_set():
-                    return
-                est = sum(len(m["content"]) for m in item["messages"]) // 4 + (self.cfg.max_tokens or 512)
-                await limiter.acquire(est)
-                got = await chat.ask(client, item["messages"])
-                self.counts["retries"] = chat.retries
+            if stop.is_set():
+                return
+            est = sum(len(m["content"]) for m in item["messages"]) // 4 + (self.cfg.max_tokens or 512)
+            await limiter.acquire(est)
+            got = await chat.ask(client, item["messages"])
+            self.counts["retries"] = chat.retries
             if got is None:
                 self.counts["failed"] += 1
             else:
@@ -340,8 +338,15 @@ class Collector:
                 bar.update(1)
                 bar.set_postfix(cost=f"${self.cost:.4f}", retries=chat.retries, refresh=False)
 
+        queue = iter(todo)
+
+        async def worker():
+            # max_in_flight workers pull prompts: memory stays flat however many prompts there are.
+            for item in queue:
+                await one(item)
+
         try:
-            await asyncio.gather(*(one(it) for it in todo))
+            await asyncio.gather(*(worker() for _ in range(max(1, min(self.cfg.max_in_flight, len(todo))))))
         finally:
             out.flush(), rej.flush()
             os.fsync(out.fileno()), os.fsync(rej.fileno())
