@@ -87,3 +87,17 @@ def test_chat_template_applied_once_for_engine_and_trainer(rollout):
     assert chat["vllm_text"] == chat["decoded"]
     for toks, finish in zip(chat["vllm"], chat["finish"]):
         assert (finish == "stop") == (toks[-1] == 1)  # <|end|> closes the turn
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 2), (1, 2)])
+def test_weight_sync_gather_rebuilds_every_hf_tensor(hf_models, tmp_path, tp, pp):
+    """TP shards all-gathered, PP stages sent to rank 0 one tensor at a time; tied embeddings sent once."""
+    models = {n: hf_models[n] for n in ("qwen2_tied", "llama31", "qwen3")}
+    out = tmp_path / "g.json"
+    run_ranks(tp * pp, "sync_gather_worker.py", tp, pp, json.dumps(models), out)
+    per_rank = read_json(out)
+    for name in models:
+        r = per_rank[0][name]
+        assert r["missing"] == [] and r["extra"] == [] and r["max_diff"] == 0.0, (name, r)
+        assert r["buckets"] > 1
+        assert all(other[name]["delivered_elsewhere"] == 0 for other in per_rank[1:])

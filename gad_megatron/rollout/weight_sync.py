@@ -3,8 +3,8 @@
 Gathers the student's TP shards (all-gather in each TP group) and PP stages (point-to-point to the engine's
 rank), maps megatron tensors to HF names and layouts through the architecture's declarative mapping (the
 same one ``gad-convert`` uses), groups them into size-bounded buckets and hands them to the engine.
-Only the engine-owning rank receives; every rank must call :meth:`WeightSync.sync`. The gather currently
-assembles the whole model on the engine rank before bucketing (buckets bound each transfer, not the peak).
+Only the engine-owning rank receives; every rank must call :meth:`WeightSync.sync`. Tensors stream one at a
+time from the gathers into the buckets, so a rank holds at most one gathered tensor beyond the bucket.
 """
 
 from __future__ import annotations
@@ -36,25 +36,34 @@ def _sync_device() -> None:
         torch.cuda.current_stream().synchronize()
 
 
-def _assemble_stage(chunks) -> dict:
-    """{(key, layer): full tensor} for this pipeline stage, identical on every TP rank of the stage."""
+def _stage_tensors(chunks) -> Iterator:
+    """Collective over the TP group: yields (key, layer, full tensor) for this pipeline stage, one at a time.
+
+    Non-main replicas are skipped (DP copies; the tied output layer on the last stage, whose weights the first
+    stage owns); the decision is the same on every TP rank wherever a collective is involved (split
+    tensors), so the all-gathers line up. Shards of one tensor (the two SwiGLU halves) are consecutive.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
     group = ps.get_tensor_model_parallel_group()
-    full = {}
+    current, full = None, None
     for sh in local_shards(chunks):
+        if not sh.is_main_replica:
+            continue
         k = (sh.key, sh.layer)
-        if tuple(sh.data.shape) == sh.full_shape and k not in full:
-            full[k] = sh.data.detach()  # the whole tensor is local: no copy
-            continue
-        if k not in full:
-            full[k] = torch.empty(sh.full_shape, dtype=sh.data.dtype, device=sh.data.device)
+        if k != current:
+            if current is not None:
+                yield (*current, full)
+            current = k
+            if tuple(sh.data.shape) == sh.full_shape:
+                full = sh.data.detach()  # the whole tensor is local: no copy
+                continue
+            full = torch.empty(sh.full_shape, dtype=sh.data.dtype, device=sh.data.device)
         if tuple(sh.data.shape) == sh.full_shape or tp == 1:
-            full[k][sh.slices] = sh.data
+            full[sh.slices] = sh.data
             continue
-        # The same shard list on every TP rank of a stage (same modules), so the collectives line up.
         pieces = [torch.empty_like(sh.data) for _ in range(tp)]
         dist.all_gather(pieces, sh.data.contiguous(), group=group)
         starts = torch.tensor([s.start for s in sh.slices], dtype=torch.long, device=sh.data.device)
@@ -62,53 +71,64 @@ def _assemble_stage(chunks) -> dict:
         dist.all_gather(all_starts, starts, group=group)
         for piece, st in zip(pieces, all_starts):
             idx = tuple(slice(int(o), int(o) + n) for o, n in zip(st, piece.shape))
-            full[k][idx] = piece
-    return full
+            full[idx] = piece
+    if current is not None:
+        yield (*current, full)
 
 
-def gather_full_tensors(chunks, dst: int = 0) -> Optional[dict]:
-    """Collective. {(key, layer): full tensor} of the whole model on global rank ``dst``; None elsewhere.
-    ``dst`` must be a first-stage rank."""
+def iter_full_tensors(chunks, dst: int = 0) -> Iterator:
+    """Collective generator: every rank must exhaust it. On global rank ``dst`` (a first-stage, TP-rank-0
+    rank) it yields (key, layer, full tensor) for the whole model, one tensor at a time (its own stage first,
+    then each later stage's tensors as they arrive point-to-point); elsewhere it yields nothing."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    stage = _assemble_stage(chunks)
     rank = dist.get_rank()
     pp = ps.get_pipeline_model_parallel_world_size()
-    if pp == 1:
-        return stage if rank == dst else None
-    pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
-    if dst not in pp_ranks:
-        # Only the pipeline group that contains dst takes part; other TP / DP replicas hold copies.
-        return None
-    result = dict(stage) if rank == dst else None
-    for src in pp_ranks:
-        if src == dst:
-            continue
-        if rank == src:
-            meta = [(k, tuple(t.shape), t.dtype) for k, t in stage.items()]
-            dist.send_object_list([meta], dst=dst)
-            for t in stage.values():
-                dist.send(t.contiguous(), dst=dst)
+    pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp > 1 else [rank]
+    my_stage = ps.get_pipeline_model_parallel_rank()
+    sending = pp > 1 and dst in pp_ranks and rank != dst and ps.get_tensor_model_parallel_rank() == 0
+    device = next(p.device for c in chunks for p in c.parameters())
+    for stage in range(pp):
+        if stage == my_stage:
+            for key, layer, full in _stage_tensors(chunks):
+                if rank == dst:
+                    yield key, layer, full
+                elif sending:
+                    dist.send_object_list([(key, layer, tuple(full.shape), full.dtype)], dst=dst)
+                    dist.send(full.contiguous(), dst=dst)
+            if sending:
+                dist.send_object_list([None], dst=dst)  # end of this stage
         elif rank == dst:
-            box = [None]
-            dist.recv_object_list(box, src=src)
-            for k, shape, dtype in box[0]:
-                t = torch.empty(shape, dtype=dtype)
+            src = pp_ranks[stage]
+            while True:
+                box = [None]
+                dist.recv_object_list(box, src=src)
+                if box[0] is None:
+                    break
+                key, layer, shape, dtype = box[0]
+                t = torch.empty(shape, dtype=dtype, device=device)
                 dist.recv(t, src=src)
-                # Tied embeddings appear on the first and the last stage: keep the first copy.
-                result.setdefault(k, t)
-    return result
+                yield key, layer, t
 
 
-def hf_tensors(full: dict, mapping: ArchMapping, arch, role: str = "student") -> Iterator:
-    """(hf name, tensor) for every gathered megatron tensor, in a stable order (non-layer, then by layer)."""
+def gather_full_tensors(chunks, dst: int = 0) -> Optional[dict]:
+    """Collective. {(key, layer): full tensor} of the whole model on ``dst`` (None elsewhere): the whole
+    model at once, for checks and tools; weight sync streams through :func:`iter_full_tensors` instead."""
+    import torch.distributed as dist
+
+    out = {(k, l): t for k, l, t in iter_full_tensors(chunks, dst)}
+    return out if dist.get_rank() == dst else None
+
+
+def hf_tensors(full, mapping: ArchMapping, arch, role: str = "student") -> Iterator:
+    """(hf name, tensor) for every gathered megatron tensor: ``full`` is a {(key, layer): tensor} dict or an
+    iterator of (key, layer, tensor)."""
     tied = arch.tie_word_embeddings and role == "student"
-    order = sorted(full, key=lambda kl: (kl[1] is not None, kl[1] or 0, kl[0]))
-    for key, layer in order:
+    items = ((k, l, t) for (k, l), t in full.items()) if isinstance(full, dict) else full
+    for key, layer, tensor in items:
         rule = mapping.rule_for(key, tied, role)
-        for name, t in zip(rule.hf_names(layer), to_hf(rule, full[(key, layer)], arch)):
-            yield name, t
+        yield from zip(rule.hf_names(layer), to_hf(rule, tensor, arch))
 
 
 def buckets(named: Iterator, bucket_bytes: int) -> Iterator[list]:
@@ -150,20 +170,21 @@ class WeightSync:
         import torch.distributed as dist
 
         t0 = time.perf_counter()
-        full = gather_full_tensors(self.chunks, dst=self.dst)
         stats = SyncStats()
+        stream = iter_full_tensors(self.chunks, dst=self.dst)
         if dist.get_rank() == self.dst:
-            _sync_device()
 
             def counted():
-                for bucket in buckets(hf_tensors(full, self.mapping, self.arch), int(self.bucket_mb * 1024 * 1024)):
+                for bucket in buckets(hf_tensors(stream, self.mapping, self.arch), int(self.bucket_mb * 1024 * 1024)):
+                    _sync_device()  # every gather of the bucket has finished before the engine reads it
                     stats.buckets += 1
                     stats.tensors += len(bucket)
                     stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
                     yield bucket
 
             self.engine.update_weights(counted())
-        del full
+        for _ in stream:  # the other ranks drive their side of the collectives (yields nothing there)
+            pass
         stats.seconds = time.perf_counter() - t0
         if self.verify:
             gap = self.logprob_gap(self.probe)

@@ -1,0 +1,51 @@
+"""The weight-sync gather at one layout: every HF tensor rebuilt from TP shards and PP stages.
+argv: tp pp models.json out.json"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def main():
+    from gad_megatron.convert.hf_io import SafetensorsReader
+    from gad_megatron.convert.mapping import mapping_for
+    from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
+    from gad_megatron.models import arch_spec_from_dir, build_gpt_chunks
+    from gad_megatron.rollout.weight_sync import buckets, hf_tensors, iter_full_tensors
+    from gad_megatron.runtime import ParallelConfig, initialize
+
+    tp, pp, models, out = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu"))
+    res = {}
+    for name, hf in models.items():
+        arch = arch_spec_from_dir(hf)
+        mapping = mapping_for(arch.model_type)
+        chunks = build_gpt_chunks(arch)
+        load_hf_into_model(chunks, HFWeightSource(hf, mapping, arch))
+        got, n_buckets = {}, 0
+        for bucket in buckets(hf_tensors(iter_full_tensors(chunks, dst=0), mapping, arch), 40_000):
+            n_buckets += 1
+            for n, t in bucket:
+                assert n not in got, f"{n} delivered twice"
+                got[n] = t
+        if dist.get_rank() == 0:
+            ref = SafetensorsReader(hf)
+            res[name] = {
+                "missing": sorted(set(ref.names()) - set(got)),
+                "extra": sorted(set(got) - set(ref.names())),
+                "max_diff": max((got[n] - ref.get(n)).abs().max().item() for n in got if n in ref.shapes),
+                "buckets": n_buckets,
+            }
+        else:
+            res[name] = {"delivered_elsewhere": len(got)}
+    all_res = [None] * dist.get_world_size()
+    dist.all_gather_object(all_res, res)
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(all_res, f)
+
+
+if __name__ == "__main__":
+    main()
