@@ -4,6 +4,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -64,3 +66,48 @@ def converted(hf_models, tmp_path_factory):
     run_ranks(4, "convert_worker.py", str(base), json.dumps({**hf_models, **extra}), timeout=600)
     return {name: str(base / name) for name in [*hf_models, *extra]} | {"disc": str(base / "disc")} | {
         "hf_qwen2_bf16": extra["qwen2_bf16"]}
+
+
+KEY = "sk-test-DO-NOT-LEAK-8c1f2e"
+
+
+class Server:
+    def __init__(self, *args):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "gad_megatron.data.fake_openai", "--port", str(self.port), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                self.stats()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("fake OpenAI server did not start")
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
+            return json.load(r)
+
+    def stop(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def make(*args):
+        s = Server(*args)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop()

@@ -6,59 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
-from conftest import free_port
+from conftest import KEY, ROOT, free_port
 
 from gad_megatron.data.collect import recover_output
 from gad_megatron.data.prompts import PromptFormatError, load_prompts
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEY = "sk-test-DO-NOT-LEAK-8c1f2e"
-
-
-class Server:
-    def __init__(self, *args):
-        self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "gad_megatron.data.fake_openai", "--port", str(self.port), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                self.stats()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("fake OpenAI server did not start")
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def stats(self):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
-            return json.load(r)
-
-    def stop(self):
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
-@pytest.fixture
-def server_factory():
-    servers = []
-
-    def make(*args):
-        s = Server(*args)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.stop()
-
 
 def write_prompts(path, prompts):
     with open(path, "w") as f:
@@ -157,7 +110,7 @@ def test_filters_cost_and_max_cost(server_factory, tmp_path):
 
 def test_api_key_never_printed_or_written(server_factory, tmp_path):
     srv = server_factory()
-    pf = write_prompts(tmp_path / "p.jsonl", [f"a [fault:3]" + str(i) for i in range(3)] + ["x"])
+    pf = write_prompts(tmp_path / "p.jsonl", ["a [fault:3]" + str(i) for i in range(3)] + ["x"])
     out = tmp_path / "out.jsonl"
     r = collect(srv, pf, out)
     blob = r.stdout + r.stderr + out.read_text()

@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from test_collect import KEY, server_factory  # noqa: F401  (fixture)
+from conftest import KEY
 
 from gad_megatron.data.collect import CollectConfig
 from gad_megatron.data.prompts import PromptFormatError
@@ -34,7 +34,7 @@ def test_parse_scores():
             parse_scores(bad)
 
 
-def test_judge_protocol_against_server(server_factory, tmp_path, monkeypatch):  # noqa: F811
+def test_judge_protocol_against_server(server_factory, tmp_path, monkeypatch):
     srv = server_factory()
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     items = [

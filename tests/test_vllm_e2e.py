@@ -9,9 +9,9 @@ import time
 import urllib.request
 
 import pytest
-from conftest import free_port
+from conftest import KEY, Server, free_port
 from hf_fixtures import VLLM_SHAPE, make_hf_model, make_tokenizer
-from test_collect import KEY, Server, rows, write_prompts
+from test_collect import rows, write_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-from typing import Optional
 
 from gad_megatron.eval import judge_prompts
 from gad_megatron.eval.judge import Judge, aggregate

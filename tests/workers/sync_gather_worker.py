@@ -4,7 +4,6 @@ argv: tp pp models.json out.json"""
 import json
 import sys
 
-import torch
 import torch.distributed as dist
 
 
