@@ -121,6 +121,16 @@ class SafetensorsReader:
         with safe_open(path, framework="pt") as h:
             return h.get_tensor(name)
 
+    def get_slice(self, name: str, slices: tuple) -> torch.Tensor:
+        """``tensor[slices]`` reading only those bytes (safetensors' lazy slicing)."""
+        from safetensors import safe_open
+
+        path = self._file_of.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} not found")
+        with safe_open(path, framework="pt") as h:
+            return h.get_slice(name)[slices]
+
     def validate(self, expected: dict, ignore_suffixes: Iterable[str] = (), optional: Iterable[str] = ()) -> None:
         """``expected``: {name: shape}. One error listing every missing, extra and mis-shaped tensor."""
         optional = set(optional)

@@ -87,10 +87,15 @@ def fill_model(chunks, full_tensor: Callable[[str, Optional[int]], torch.Tensor]
     for sh in local_shards(chunks):
         if sh.key in skip_keys:
             continue
-        full = full_tensor(sh.key, sh.layer)
-        if tuple(full.shape) != sh.full_shape:
-            raise ValueError(f"{sh.key} (layer {sh.layer}): source shape {tuple(full.shape)} != {sh.full_shape}")
-        sh.data.copy_(full[sh.slices])
+        # A source that can read just this rank's slice (a plain copy rule) spares reading the whole tensor on
+        # every TP rank: the embedding and output layer at TP8 read 1/8 each.
+        part = full_tensor.read_slice(sh.key, sh.layer, sh.slices, sh.full_shape) if hasattr(full_tensor, "read_slice") else None
+        if part is None:
+            full = full_tensor(sh.key, sh.layer)
+            if tuple(full.shape) != sh.full_shape:
+                raise ValueError(f"{sh.key} (layer {sh.layer}): source shape {tuple(full.shape)} != {sh.full_shape}")
+            part = full[sh.slices]
+        sh.data.copy_(part)
         n += 1
     return n
 
@@ -114,6 +119,16 @@ class HFWeightSource:
 
     def has_head(self) -> bool:
         return "score.weight" in self.reader.shapes
+
+    def read_slice(self, key: str, layer: Optional[int], slices: tuple, full_shape: tuple) -> Optional[torch.Tensor]:
+        """This rank's slice of a copy-rule tensor, read without the rest; None for fused layouts."""
+        rule = self.mapping.rule_for(key, self.arch.tie_word_embeddings, self.role)
+        if rule.kind != "copy":
+            return None
+        name = rule.hf_names(layer)[0]
+        if tuple(self.reader.shapes.get(name, ())) != tuple(full_shape):
+            raise ValueError(f"{key} (layer {layer}): source {name} shape {self.reader.shapes.get(name)} != {full_shape}")
+        return self.reader.get_slice(name, slices)
 
     def __call__(self, key: str, layer: Optional[int]) -> torch.Tensor:
         rule = self.mapping.rule_for(key, self.arch.tie_word_embeddings, self.role)
