@@ -101,3 +101,16 @@ def test_weight_sync_gather_rebuilds_every_hf_tensor(hf_models, tmp_path, tp, pp
         assert r["missing"] == [] and r["extra"] == [] and r["max_diff"] == 0.0, (name, r)
         assert r["buckets"] > 1
         assert all(other[name]["delivered_elsewhere"] == 0 for other in per_rank[1:])
+
+
+def test_inprocess_engine_transport(tmp_path):
+    """The in-process transport (tensors handed over, no files), megatron and vLLM in one process."""
+    reason = _vllm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    a = make_hf_model("qwen2_untied", str(tmp_path / "A"), seed=5, **VLLM_SHAPE)
+    b = make_hf_model("qwen2_untied", str(tmp_path / "B"), seed=6, **VLLM_SHAPE)
+    run_ranks(1, "inprocess_sync_worker.py", a, b, tmp_path / "o.json", timeout=400)
+    r = read_json(tmp_path / "o.json")
+    assert r["transport"] == "in-process" and r["buckets"] > 1
+    assert r["before"] != r["hf"] and r["after"] == r["hf"] and r["gap_max"] <= 1e-4

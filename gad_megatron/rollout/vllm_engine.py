@@ -5,21 +5,18 @@ sleep/wake to hand memory back to training between rollouts. On CPU (the ``vllm-
 a no-op and ``model.load_weights`` repacks oneDNN weights wrongly, so weights go through
 ``model_runner.reload_weights`` in a worker extension (:mod:`gad_megatron.rollout.vllm_worker`).
 
-Weight transport: with the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the buckets are handed
-over as tensors; with the engine core in its own process (vLLM's default) each bucket is written as one
-safetensors file under ``transfer_dir`` (``/dev/shm`` by default) and the worker streams the files into one
-in-place reload.
+Weight transport: see :mod:`gad_megatron.rollout.transport` (tensors in-process, safetensors files in
+/dev/shm when the engine core is its own process).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from gad_megatron.rollout.base import Sample, SamplingConfig
+from gad_megatron.rollout.transport import make_transport
 
 EXTENSION = "gad_megatron.rollout.vllm_worker.WeightSyncExtension"
 
@@ -76,6 +73,7 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.sleep_enabled = on_gpu and cfg.enable_sleep_mode
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+        self.transport = make_transport(self.in_process, cfg.transfer_dir)
 
     # -- rollout -----------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list:
@@ -121,28 +119,11 @@ class VLLMEngine:
     # -- weights -----------------------------------------------------------------------------------------
     def update_weights(self, buckets: Iterable) -> None:
         try:
-            self._reload(buckets)
+            self.transport.push(self.llm, buckets)
         finally:
             # KV blocks cached for earlier prompts were computed with the old weights: without this, a prompt
             # seen before the sync is answered from stale attention state.
             self.llm.reset_prefix_cache()
-
-    def _reload(self, buckets: Iterable) -> None:
-        if self.in_process:
-            self.llm.collective_rpc("gad_reload_from_buckets", args=(buckets,))
-            return
-        tmp = tempfile.mkdtemp(prefix="gad-sync-", dir=self.cfg.transfer_dir)
-        try:
-            from safetensors.torch import save_file
-
-            files = []
-            for i, bucket in enumerate(buckets):
-                path = os.path.join(tmp, f"bucket-{i:05d}.safetensors")
-                save_file({n: t.detach().cpu().contiguous() for n, t in bucket}, path)
-                files.append(path)
-            self.llm.collective_rpc("gad_reload_from_files", args=(files,))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def sleep(self) -> None:
         if self.sleep_enabled:

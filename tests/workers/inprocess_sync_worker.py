@@ -1,0 +1,45 @@
+"""Weight sync into an in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), megatron TP1 in the same
+process. argv: hf_A hf_B out.json"""
+
+import json
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+PROMPTS = [[5, 6, 7, 8], [10, 11, 12]]
+
+
+def main():
+    import torch
+    import transformers
+
+    from gad_megatron.convert.mapping import mapping_for
+    from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
+    from gad_megatron.models import arch_spec_from_dir, build_gpt_chunks
+    from gad_megatron.rollout.base import SamplingConfig
+    from gad_megatron.rollout.vllm_engine import VLLMConfig, VLLMEngine
+    from gad_megatron.rollout.weight_sync import WeightSync
+    from gad_megatron.runtime import ParallelConfig, initialize
+
+    hf_a, hf_b, out = sys.argv[1:4]
+    initialize(ParallelConfig(device="cpu"))
+    arch = arch_spec_from_dir(hf_a)
+    chunks = build_gpt_chunks(arch)
+    load_hf_into_model(chunks, HFWeightSource(hf_a, mapping_for(arch.model_type), arch))
+    engine = VLLMEngine(VLLMConfig(model=hf_b, max_model_len=128))
+    greedy = SamplingConfig().greedy(max_tokens=10)
+    before = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
+    stats = WeightSync(chunks, engine, arch, bucket_mb=0.25).sync()
+    after = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_a, dtype=torch.float32, attn_implementation="eager")
+    ref = [hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+           for p in PROMPTS]
+    with open(out, "w") as f:
+        json.dump({"transport": engine.transport.name, "before": before, "after": after, "hf": ref,
+                   "buckets": stats.buckets, "gap_max": stats.gap_max}, f)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
