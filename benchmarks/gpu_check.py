@@ -32,7 +32,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
     import transformers
-    from hf_fixtures import ARCHS, make_hf_model
+    from hf_fixtures import ARCHS, hf_greedy, make_hf_model
 
     from gad_megatron.algo.losses import bt_loss_step, lm_loss_step
     from gad_megatron.convert.mapping import mapping_for
@@ -103,9 +103,7 @@ def main() -> None:
     load_hf_into_model(chunks, HFWeightSource(hf_dir, mapping_for(arch.model_type), arch))
     prompts = [[5, 6, 7, 8], [10, 11, 12]]
     ours = [g[0].token_ids for g in MegatronEngine(chunks).generate(prompts, SamplingConfig().greedy(max_tokens=10))]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
-    ref = [hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-           for p in prompts]
+    ref = hf_greedy(hf_dir, prompts, 10)
     rows.append(("megatron engine greedy == HF", float(ours != ref), 0.0, 0.0, ours == ref))
     from safetensors.torch import load_file
 

@@ -101,3 +101,17 @@ def make_tokenizer(out_dir: str, vocab_size: int = 96) -> str:
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def hf_greedy(hf_dir: str, prompts: list, max_new_tokens: int) -> list:
+    """HF transformers' greedy continuation of each token-id prompt (fp32, eager attention, no EOS stop):
+    the reference every rollout engine is compared with."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    out = []
+    for p in prompts:
+        ids = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out

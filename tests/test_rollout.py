@@ -6,23 +6,14 @@ import pytest
 from conftest import read_json, run_ranks
 from hf_fixtures import VLLM_SHAPE, make_hf_model, make_tokenizer
 
-from gad_megatron.rollout.vllm_engine import vllm_available
-
-
-def _vllm_skip_reason():
-    try:
-        import vllm  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return f"vLLM is not installed here ({type(e).__name__}: {e}); install the vllm extra to run these"
-    return None
+from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
 
 
 @pytest.fixture(scope="module")
 def rollout(tmp_path_factory):
-    reason = _vllm_skip_reason()
+    reason = vllm_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    assert vllm_available()
     d = tmp_path_factory.mktemp("rollout")
     a = make_hf_model("qwen2_tied", str(d / "A"), seed=1, **VLLM_SHAPE)
     b = make_hf_model("qwen2_tied", str(d / "B"), seed=2, **VLLM_SHAPE)
@@ -105,7 +96,7 @@ def test_weight_sync_gather_rebuilds_every_hf_tensor(hf_models, tmp_path, tp, pp
 
 def test_inprocess_engine_transport(tmp_path):
     """The in-process transport (tensors handed over, no files), megatron and vLLM in one process."""
-    reason = _vllm_skip_reason()
+    reason = vllm_unavailable_reason()
     if reason:
         pytest.skip(reason)
     a = make_hf_model("qwen2_untied", str(tmp_path / "A"), seed=5, **VLLM_SHAPE)

@@ -13,19 +13,16 @@ from conftest import KEY, Server, free_port
 from hf_fixtures import VLLM_SHAPE, make_hf_model, make_tokenizer
 from test_collect import rows, write_prompts
 
+from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _need_vllm():
-    try:
-        import vllm  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"vLLM is not installed here ({type(e).__name__}: {e})")
 
 
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory):
-    _need_vllm()
+    reason = vllm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     d = str(tmp_path_factory.mktemp("chatmodel") / "m")
     make_hf_model("qwen2_tied", d, seed=4, **VLLM_SHAPE)
     make_tokenizer(d)

@@ -178,11 +178,14 @@ class CheckpointTensorReader:
         self._storage = FileSystemReader(self.dir)
         self.meta = self._storage.read_metadata().state_dict_metadata
 
-    def dtype(self, key: str) -> torch.dtype:
+    def _tensor_meta(self, key: str):
         md = self.meta.get(key)
         if md is None or not hasattr(md, "size"):
             raise KeyError(f"{self.dir}: tensor {key!r} not in checkpoint")
-        return md.properties.dtype
+        return md
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor_meta(key).properties.dtype
 
     def read(self, requests) -> dict:
         """``requests``: [(key, layer or None)], each key at most once -> {(key, layer): tensor}."""
@@ -190,9 +193,7 @@ class CheckpointTensorReader:
 
         dests, offsets = {}, {}
         for key, layer in requests:
-            md = self.meta.get(key)
-            if md is None or not hasattr(md, "size"):
-                raise KeyError(f"{self.dir}: tensor {key!r} not in checkpoint")
+            md = self._tensor_meta(key)
             shape = tuple(md.size)
             if layer is None:
                 dests[key], offsets[key] = torch.empty(shape, dtype=md.properties.dtype), (0,) * len(shape)

@@ -60,10 +60,7 @@ def local_shards(chunks) -> list:
                     layer = int(st.global_offset[0])
                 offs = st.global_offset[p:]
                 slices = tuple(slice(o, o + s) for o, s in zip(offs, st.data.shape))
-                replica = st.replica_id if isinstance(st.replica_id, tuple) else (st.replica_id,)
-                out.append(
-                    LocalShard(st.key, layer, st.data, slices, tuple(st.global_shape[p:]), all(r == 0 for r in replica))
-                )
+                out.append(LocalShard(st.key, layer, st.data, slices, tuple(st.global_shape[p:]), _is_main(st)))
     return out
 
 
@@ -75,9 +72,13 @@ def _whole_factory(obj, pieces: list) -> Optional[LocalShard]:
     if tuple(obj.data.shape) != full_shape or sum(st.data.numel() for st in pieces) != obj.data.numel():
         return None
     layer = int(pieces[0].global_offset[0]) if obj.key.startswith(LAYER_PREFIX) else None
-    replica = pieces[0].replica_id if isinstance(pieces[0].replica_id, tuple) else (pieces[0].replica_id,)
-    return LocalShard(obj.key, layer, obj.data, tuple(slice(0, n) for n in full_shape), full_shape,
-                      all(r == 0 for r in replica))
+    return LocalShard(obj.key, layer, obj.data, tuple(slice(0, n) for n in full_shape), full_shape, _is_main(pieces[0]))
+
+
+def _is_main(st) -> bool:
+    """megatron's replica_id is an int or a tuple; the main replica is all zeros."""
+    replica = st.replica_id if isinstance(st.replica_id, tuple) else (st.replica_id,)
+    return all(r == 0 for r in replica)
 
 
 @torch.no_grad()

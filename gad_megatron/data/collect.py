@@ -231,10 +231,10 @@ class RetryingChat:
             except Exception as err:  # noqa: BLE001  (classified below; unknown errors stop the run)
                 kind = self._classify(err)
                 if kind == "fatal_run":
-                    raise FatalReply(f"{type(err).__name__}: {_safe(str(err))}") from None
+                    raise FatalReply(f"{type(err).__name__}: {_safe(str(err), self.cfg.api_key_env)}") from None
                 if kind == "fatal_request" or attempt == self.cfg.max_retries:
                     log.warning("giving up on a prompt after %d attempts: %s: %s", attempt + 1, type(err).__name__,
-                                _safe(str(err))[:200])
+                                _safe(str(err), self.cfg.api_key_env)[:200])
                     return None
                 self.retries += 1
                 await asyncio.sleep(self._retry_delay(attempt, err))
@@ -360,9 +360,9 @@ class Collector:
         return {**self.counts, "cost": round(self.cost, 6), "tokens": self.tokens}
 
 
-def _safe(text: str) -> str:
-    """Error texts can echo request headers; never let the key through."""
-    for name in ("OPENAI_API_KEY",):
+def _safe(text: str, key_env: str = "OPENAI_API_KEY") -> str:
+    """Error texts can echo request headers; never let the key through (the configured variable's too)."""
+    for name in {"OPENAI_API_KEY", key_env}:
         key = os.environ.get(name)
         if key:
             text = text.replace(key, "***")
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
         items = load_prompts(a.prompts, a.id_field, a.limit)
         summary = asyncio.run(Collector(cfg, a.out).run(items))
     except (PromptFormatError, FatalReply, ValueError, FileNotFoundError) as e:
-        print(f"gad-collect: error: {_safe(str(e))}", file=sys.stderr)
+        print(f"gad-collect: error: {_safe(str(e), a.api_key_env)}", file=sys.stderr)
         return 2
     print(json.dumps({"prompts": len(items), **summary}))
     return 0

@@ -231,7 +231,8 @@ def main(argv=None) -> int:
         rows = asyncio.run(judge_items(items, answers, a.out, cfg, run_name, a.max_in_flight, a.parse_retries))
         write_report(summarize(rows), os.path.dirname(os.path.abspath(a.out)), plot=not a.no_plot)
     except (PromptFormatError, FatalReply, ValueError, FileNotFoundError) as e:
-        print(f"gad-eval: error: {_safe(str(e))}", file=sys.stderr)
+        key_env = a.api_key_env if a.cmd == "run" else "OPENAI_API_KEY"
+        print(f"gad-eval: error: {_safe(str(e), key_env)}", file=sys.stderr)
         return 2
     return 0
 

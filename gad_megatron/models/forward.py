@@ -15,6 +15,11 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
+def _config(chunks):
+    """The TransformerConfig of model chunks, DDP-wrapped or not."""
+    return (chunks[0].module if hasattr(chunks[0], "module") else chunks[0]).config
+
+
 def run_schedule(chunks, microbatches: list, step_fn: Callable, forward_only: bool) -> list:
     """``step_fn(model, batch) -> (output_tensor, loss_func)``; returns the last stage's loss_func outputs."""
     from megatron.core import parallel_state as ps
@@ -25,8 +30,7 @@ def run_schedule(chunks, microbatches: list, step_fn: Callable, forward_only: bo
     if len(shapes) != 1:
         raise ValueError(f"micro-batch 'tokens' must share one shape through the pipeline, got {sorted(shapes)}")
     tp = ps.get_tensor_model_parallel_world_size()
-    config = (chunks[0].module if hasattr(chunks[0], "module") else chunks[0]).config
-    if config.sequence_parallel and tokens.shape[1] % tp:
+    if _config(chunks).sequence_parallel and tokens.shape[1] % tp:
         raise ValueError(f"'tokens' sequence length {tokens.shape[1]} must be a multiple of TP={tp} with sequence parallel")
     iters = [iter(microbatches) for _ in chunks]
 
@@ -103,8 +107,7 @@ def token_logprobs(chunks, sequences: list, pad_id: int = 0) -> Optional[list]:
         raise ValueError("token_logprobs: no sequences")
     width = max(len(s) for s in sequences)
     tp = ps.get_tensor_model_parallel_world_size()
-    config = (chunks[0].module if hasattr(chunks[0], "module") else chunks[0]).config
-    if config.sequence_parallel and width % tp:
+    if _config(chunks).sequence_parallel and width % tp:
         width += tp - width % tp
     tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for i, s in enumerate(sequences):

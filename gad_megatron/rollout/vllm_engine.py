@@ -35,13 +35,14 @@ class VLLMConfig:
     transfer_dir: str = "/dev/shm"
 
 
-def vllm_available() -> bool:
+def vllm_unavailable_reason():
+    """None when vLLM imports; otherwise why not (a broken install counts as unavailable), for skips."""
     try:
         import vllm  # noqa: F401
 
-        return True
-    except Exception:  # noqa: BLE001  (a broken install counts as unavailable; the reason is in the skip)
-        return False
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"vLLM is not installed here ({type(e).__name__}: {e}); install the vllm extra"
 
 
 class VLLMEngine:

@@ -11,8 +11,7 @@ PROMPTS = [[5, 6, 7, 8], [10, 11, 12]]
 
 
 def main():
-    import torch
-    import transformers
+    from hf_fixtures import hf_greedy
 
     from gad_megatron.convert.mapping import mapping_for
     from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
@@ -32,9 +31,7 @@ def main():
     before = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
     stats = WeightSync(chunks, engine, arch, bucket_mb=0.25).sync()
     after = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_a, dtype=torch.float32, attn_implementation="eager")
-    ref = [hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-           for p in PROMPTS]
+    ref = hf_greedy(hf_a, PROMPTS, 10)
     with open(out, "w") as f:
         json.dump({"transport": engine.transport.name, "before": before, "after": after, "hf": ref,
                    "buckets": stats.buckets, "gap_max": stats.gap_max}, f)

@@ -3,14 +3,13 @@
 import json
 import sys
 
-import torch
 import torch.distributed as dist
+from hf_fixtures import hf_greedy
 
 PROMPTS = [[5, 6, 7, 8], [10, 11, 12], [3, 90, 17, 44, 2, 61]]
 
 
 def main():
-    import transformers
     from megatron.core import parallel_state as ps
 
     from gad_megatron.convert.mapping import mapping_for
@@ -31,9 +30,7 @@ def main():
     res = {"megatron": [g[0].token_ids for g in greedy], "rank": dist.get_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank()}
     res["sampled"] = [[(s.prompt_index, s.token_ids, s.finish_reason, len(s.logprobs)) for s in g] for g in sampled]
     if dist.get_rank() == 0:
-        model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager")
-        res["hf"] = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+        res["hf"] = hf_greedy(hf, PROMPTS, 10)
         with open(out, "w") as f:
             json.dump(res, f)
 

@@ -10,20 +10,10 @@ import sys
 
 import torch
 import torch.distributed as dist
+from hf_fixtures import hf_greedy
 
 PROMPTS = [[5, 6, 7, 8], [10, 11, 12], [3, 90, 17, 44, 2, 61]]
 MAX_NEW = 10
-
-
-def hf_greedy(hf_dir):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
-    out = []
-    for p in PROMPTS:
-        ids = model.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
-        out.append(ids[0, len(p):].tolist())
-    return out
 
 
 def main():
@@ -61,7 +51,7 @@ def main():
     if rank == 0:
         res["sync"] = {"tensors": stats.tensors, "buckets": stats.buckets, "gap_mean": stats.gap_mean, "gap_max": stats.gap_max}
         res["vllm_after_sync"] = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
-        res["hf_a"] = hf_greedy(hf_a)
+        res["hf_a"] = hf_greedy(hf_a, PROMPTS, MAX_NEW)
     res["megatron_engine"] = [g[0].token_ids for g in MegatronEngine(chunks).generate(PROMPTS, greedy)]
 
     # n=8 samples per prompt at temperature 0.8; trainer logprobs of exactly those tokens.
@@ -122,7 +112,7 @@ def main():
         res["sync_after_train"] = {"gap_mean": stats.gap_mean, "gap_max": stats.gap_max}
         res["vllm_after_train"] = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
         api.mcore_to_hf(os.path.join(work, "ckpt_trained"), os.path.join(work, "hf_trained"))
-        res["hf_trained"] = hf_greedy(os.path.join(work, "hf_trained"))
+        res["hf_trained"] = hf_greedy(os.path.join(work, "hf_trained"), PROMPTS, MAX_NEW)
         engine.shutdown()
         with open(out_path, "w") as f:
             json.dump(res, f)
