@@ -24,7 +24,19 @@ def free_port() -> int:
 
 def run_ranks(nproc: int, worker: str, *args, timeout: int = 300) -> str:
     """Runs tests/workers/<worker> on ``nproc`` gloo ranks under torchrun, in its own process session with a
-    hard timeout: when one rank fails the others block in gloo, so on timeout the whole group is killed."""
+    hard timeout: when one rank fails the others block in gloo, so on timeout the whole group is killed.
+    The rendezvous port is picked free, but another process can take it before torchrun binds it: only that
+    failure (EADDRINUSE) is retried, once, on a new port."""
+    for attempt in range(2):
+        out, rc = _launch(nproc, worker, args, timeout)
+        if rc == 0:
+            return out
+        if attempt == 0 and ("EADDRINUSE" in out or "Address already in use" in out):
+            continue
+        raise AssertionError(f"{worker} x{nproc} failed ({rc}):\n{out[-8000:]}")
+
+
+def _launch(nproc: int, worker: str, args: tuple, timeout: int):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
         f"--master-port={free_port()}", os.path.join(HERE, "workers", worker), *map(str, args),
@@ -38,9 +50,7 @@ def run_ranks(nproc: int, worker: str, *args, timeout: int = 300) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"{worker} x{nproc} timed out after {timeout}s:\n{out[-6000:]}")
-    if proc.returncode != 0:
-        raise AssertionError(f"{worker} x{nproc} failed ({proc.returncode}):\n{out[-8000:]}")
-    return out
+    return out, proc.returncode
 
 
 def read_json(path):
