@@ -20,6 +20,10 @@ setup(
         "tqdm",
         "openai[aiohttp]>=1.40",
         "datasets",
+        "omegaconf>=2.3",  # gad-train's typed YAML config (structured dataclass configs + dotted overrides)
+        "tensorboard",
+        "matplotlib",  # the end-of-run curves PNG and gad-eval's chart
+        "pyarrow",  # parquet input through HF datasets
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "aiohttp", "matplotlib"],

@@ -39,6 +39,8 @@ def bt_loss_step(model, batch):
         scores = sequence_scores(out, batch["attention_mask"])
         n_t = int(batch["n_teacher"])
         loss, acc = bradley_terry(scores[:n_t], scores[n_t:], batch["teacher_of"])
-        return loss, {"bt_loss": loss.detach(), "d_acc": acc.detach()}
+        pairs = scores.shape[0] - n_t
+        # (sum, count): the engines normalise by the global pair count (calculate_per_token_loss).
+        return loss * pairs, torch.tensor(pairs, device=loss.device), {"bt_loss": loss.detach(), "d_acc": acc.detach()}
 
     return per_token, loss_func

@@ -6,6 +6,7 @@ checkpoint of any layout to HF safetensors in one process, holding one layer's t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -67,14 +68,56 @@ def hf_to_mcore(hf_dir: str, out: str, role: str = "student", overwrite: bool = 
     return save_checkpoint(chunks, out, hf_dir, meta, overwrite=overwrite)
 
 
-def load_from_checkpoint(ckpt: str, opts: Optional[ModelOptions] = None):
-    """Collective: builds the model recorded in ``ckpt`` at the current parallel layout and loads it."""
+def load_from_checkpoint(ckpt: str, opts: Optional[ModelOptions] = None, role: Optional[str] = None,
+                         head_init: str = "normal"):
+    """Collective: builds the model recorded in ``ckpt`` at the current parallel layout and loads it.
+
+    ``role`` may differ from the checkpoint's only as student -> discriminator (a discriminator made from a
+    student checkpoint: the backbone is loaded, the scalar head starts fresh)."""
     meta = read_meta(ckpt)
     arch = arch_spec_from_dir(hf_config_dir(ckpt))
-    opts = opts or ModelOptions(dtype=meta.get("dtype", "fp32"), transformer_impl="local", perform_initialization=False)
-    chunks = build_role_chunks(arch, meta["role"], opts)
-    load_checkpoint(chunks, ckpt)
-    return arch, chunks, meta
+    role = role or meta["role"]
+    if role != meta["role"] and not (meta["role"] == "student" and role == "discriminator"):
+        raise ValueError(f"{ckpt}: a {meta['role']} checkpoint cannot be loaded as a {role}")
+    # transformer_impl auto: the TE spec on GPU when installed (the checkpoint keys are the same).
+    opts = opts or ModelOptions(dtype=meta.get("dtype", "fp32"), perform_initialization=False)
+    chunks = build_role_chunks(arch, role, opts, head_init=head_init)
+    fresh_head = role != meta["role"]
+    load_checkpoint(chunks, ckpt, skip_keys=("output_layer.weight",) if fresh_head else ())
+    return arch, chunks, {**meta, "role": role}
+
+
+def is_checkpoint(path: str) -> bool:
+    from gad_megatron.convert.megatron_ckpt import TRACKER
+
+    return os.path.isfile(os.path.join(path, TRACKER))
+
+
+def load_from_hf(hf_dir: str, role: str = "student", opts: Optional[ModelOptions] = None, head_init: str = "normal"):
+    """Collective: builds the model for ``role`` from an HF directory (converted in memory through the
+    architecture's mapping; each rank reads its own slices). A discriminator from a causal LM keeps a fresh
+    scalar head."""
+    arch, src = check_hf_input(hf_dir, role)
+    opts = opts or ModelOptions(dtype=hf_dtype(arch.hf_config))
+    opts = dataclasses.replace(opts, perform_initialization=False)  # every weight is about to be overwritten
+    chunks = build_role_chunks(arch, role, opts, head_init=head_init)
+    load_hf_into_model(chunks, src)
+    return arch, chunks
+
+
+def load_model(path: str, role: str = "student", opts: Optional[ModelOptions] = None, head_init: str = "normal"):
+    """One loading call for the trainer: ``path`` is an HF directory or a gad-convert checkpoint.
+    Returns (arch, chunks, hf_dir) where hf_dir holds the config and tokenizer files."""
+    if is_checkpoint(path):
+        if opts is not None:
+            opts = dataclasses.replace(opts, perform_initialization=False)
+        arch, chunks, _ = load_from_checkpoint(path, opts, role=role, head_init=head_init)
+        return arch, chunks, hf_config_dir(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: neither an HF model directory (config.json) nor a gad-convert checkpoint "
+                                f"(latest_checkpointed_iteration.txt)")
+    arch, chunks = load_from_hf(path, role, opts, head_init)
+    return arch, chunks, path
 
 
 def export_hf_config(arch, role: str) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 
@@ -50,10 +49,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _relaunch_if_needed(nproc: int, argv: list) -> None:
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "gad_megatron.convert.cli", *argv]
-        sys.exit(subprocess.call(cmd))
+    from gad_megatron.runtime.launch import relaunch, under_launcher
+
+    if nproc > 1 and not under_launcher():
+        sys.exit(relaunch("gad_megatron.convert.cli", argv, nproc))
 
 
 def _init(args, arch):

@@ -149,17 +149,23 @@ def copy_hf_side_files(hf_dir: str, dst: str, config: Optional[dict] = None) -> 
             shutil.copy(src, os.path.join(dst, name))
 
 
-def load_checkpoint(chunks, ckpt: str) -> int:
-    """Collective: loads ``ckpt`` into the (any-layout) model chunks; returns the iteration."""
+def load_checkpoint(chunks, ckpt: str, skip_keys=()) -> int:
+    """Collective: loads ``ckpt`` into the (any-layout) model chunks; returns the iteration. ``skip_keys``
+    (top-level module keys, e.g. ``output_layer.weight``) keep the model's own values."""
     from megatron.core import dist_checkpointing
 
     iteration = read_iteration(ckpt)
-    loaded = dist_checkpointing.load(_model_state(chunks), iter_dir(ckpt, iteration))
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, c in enumerate(chunks):
-            c.load_state_dict(loaded[f"model{i}"], strict=True)
+    state = _model_state(chunks)
+    for sd in state.values():
+        for k in skip_keys:
+            sd.pop(k, None)
+    loaded = dist_checkpointing.load(state, iter_dir(ckpt, iteration))
+    for i, c in enumerate(chunks):
+        sd = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
+        missing, unexpected = c.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if k not in skip_keys]
+        if missing or unexpected:
+            raise KeyError(f"{ckpt}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return iteration
 
 

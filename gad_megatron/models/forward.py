@@ -27,11 +27,14 @@ def run_schedule(chunks, microbatches: list, step_fn: Callable, forward_only: bo
 
     tokens = microbatches[0]["tokens"]
     shapes = {tuple(mb["tokens"].shape) for mb in microbatches}
-    if len(shapes) != 1:
-        raise ValueError(f"micro-batch 'tokens' must share one shape through the pipeline, got {sorted(shapes)}")
+    config = _config(chunks)
+    # Micro-batches padded each to its own length: megatron then exchanges activation shapes between
+    # pipeline stages before each transfer (variable_seq_lengths); with one shape it keeps the cheaper path.
+    config.variable_seq_lengths = len(shapes) > 1
     tp = ps.get_tensor_model_parallel_world_size()
-    if _config(chunks).sequence_parallel and tokens.shape[1] % tp:
-        raise ValueError(f"'tokens' sequence length {tokens.shape[1]} must be a multiple of TP={tp} with sequence parallel")
+    bad = [s for s in shapes if config.sequence_parallel and s[1] % tp]
+    if bad:
+        raise ValueError(f"'tokens' sequence length {bad[0][1]} must be a multiple of TP={tp} with sequence parallel")
     iters = [iter(microbatches) for _ in chunks]
 
     def forward_step(data_iterator, model):
@@ -98,9 +101,10 @@ def discriminator_scores(chunks, microbatches: list) -> Optional[list]:
     return [o["scores"] for o in out]
 
 
-def token_logprobs(chunks, sequences: list, pad_id: int = 0) -> Optional[list]:
-    """Collective. ``log p(tok_t | tok_<t)`` for t = 1..len-1 of each token-id sequence under the model
-    (raw logits, no temperature: what vLLM reports). Returns the list on the last pipeline stage."""
+def token_logprobs(chunks, sequences: list, pad_id: int = 0, temperature: float = 1.0) -> Optional[list]:
+    """Collective. ``log p(tok_t | tok_<t)`` for t = 1..len-1 of each token-id sequence under
+    ``softmax(logits / temperature)``, computed vocab-parallel (the full vocabulary is never gathered).
+    Returns the list on the last pipeline stage."""
     from megatron.core import parallel_state as ps
 
     if not sequences:
@@ -112,8 +116,23 @@ def token_logprobs(chunks, sequences: list, pad_id: int = 0) -> Optional[list]:
     tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for i, s in enumerate(sequences):
         tokens[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-    logits = full_logits(chunks, [{"tokens": tokens}])
-    if logits is None:
+    from gad_megatron.algo.logprobs import vocab_parallel_logprobs
+
+    labels = torch.zeros_like(tokens)
+    labels[:, :-1] = tokens[:, 1:]
+
+    def step(model, batch):
+        out = model_call(model, batch)
+
+        def loss_func(logits):
+            lp = vocab_parallel_logprobs(logits, batch["labels"], temperature).detach()
+            return lp.sum() * 0.0, {"logp": lp.cpu()}
+
+        return out, loss_func
+
+    with torch.no_grad():
+        out = run_schedule(chunks, [{"tokens": tokens, "labels": labels}], step, forward_only=True)
+    if not ps.is_pipeline_last_stage():
         return None
-    lp = torch.log_softmax(logits[0].double(), dim=-1).cpu()
-    return [lp[i, torch.arange(len(s) - 1), tokens[i, 1 : len(s)]] for i, s in enumerate(sequences)]
+    lp = out[0]["logp"].double()
+    return [lp[i, : len(s) - 1] for i, s in enumerate(sequences)]

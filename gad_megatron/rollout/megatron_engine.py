@@ -49,7 +49,10 @@ class MegatronEngine:
                     last = logits[0][:, -1, :].float().cpu()
                     nxt = sample_next(last, sampling, gen)
                     step[0] = nxt.to(step.dtype)
-                    step[1] = torch.log_softmax(last, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+                    # The logprob of the sampling distribution (logits / temperature), as vLLM reports
+                    # with logprobs_mode="processed_logprobs" and the trainer computes.
+                    scaled = last / sampling.temperature if sampling.temperature > 0 else last
+                    step[1] = torch.log_softmax(scaled, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
                 if ps.get_pipeline_model_parallel_world_size() > 1:
                     dist.broadcast(step, src=src, group=group)
                 nxt = step[0].long()

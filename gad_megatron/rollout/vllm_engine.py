@@ -33,6 +33,7 @@ class VLLMConfig:
     seed: int = 0
     enable_sleep_mode: bool = False  # GPU only
     transfer_dir: str = "/dev/shm"
+    load_format: str = "auto"  # "dummy": random weights, for an engine whose weights arrive by sync
 
 
 def vllm_unavailable_reason():
@@ -59,8 +60,12 @@ class VLLMEngine:
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager,
             seed=cfg.seed,
+            load_format=cfg.load_format,
             worker_extension_cls=EXTENSION,
             skip_tokenizer_init=not _has_tokenizer(cfg.model),
+            # Sampled-token logprobs of the distribution actually sampled from (after temperature): what the
+            # trainer's PPO ratio and TIS weights compare with. Raw logprobs would be silently wrong at T != 1.
+            logprobs_mode="processed_logprobs",
         )
         if cfg.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes

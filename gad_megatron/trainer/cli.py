@@ -1,12 +1,71 @@
-"""``gad-train``: the GAD trainer entry point."""
+"""``gad-train``: the GAD trainer (and the SeqKD baseline) on megatron-core.
 
+    gad-train --config run.yaml [dotted.key=value ...]
+    gad-train --config run.yaml --print-config
+    torchrun --nproc-per-node 8 -m gad_megatron.trainer.cli --config run.yaml     # or srun
+
+The config is checked completely (keys, types, combinations, data rows) before any model is built or any
+rank waits on a collective. A plain ``gad-train`` that needs several ranks (``parallel.nproc``) re-launches
+itself under ``torch.distributed.run`` and forwards signals to its ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
 
+def _parser():
+    p = argparse.ArgumentParser(prog="gad-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see examples/configs/)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--demo", action="store_true",
+                   help="the tiny CPU demo: packaged config + teacher data, student made on the fly")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return p
+
+
+def _prepare_demo() -> str:
+    import os
+
+    from gad_megatron.data import demo
+
+    os.environ.setdefault("GAD_DEMO_DATA", demo.ASSET)
+    if "WORLD_SIZE" not in os.environ:  # made once, by the launching process
+        demo.make_student(os.path.join("runs", "demo", "student"))
+    return os.path.join(os.path.dirname(demo.ASSET), "demo.yaml")
+
+
 def main(argv=None) -> int:
-    print("gad-train: not implemented yet: the GAD trainer (warmup + GAD stages) lands with its own issue.\n"
-          "Available today: gad-convert (HF <-> megatron-core checkpoints), see README.md.")
-    return 3
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from gad_megatron.trainer.config import ConfigError, load_config, to_yaml
+
+    try:
+        config = args.config
+        if args.demo:
+            config = config or _prepare_demo()
+        cfg = load_config(config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from gad_megatron.data.teacher import DataError
+        from gad_megatron.trainer.gad import load_data, plan_steps
+
+        # Data rows are checked here too, in the launching process, before any rank starts.
+        _, train_ex, _, _ = load_data(cfg)
+        plan_steps(cfg, len(train_ex))
+    except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"gad-train: error: {e}", file=sys.stderr)
+        return 2
+    from gad_megatron.runtime.launch import relaunch, under_launcher
+
+    if cfg.parallel.nproc > 1 and not under_launcher():
+        return relaunch("gad_megatron.trainer.cli", argv, cfg.parallel.nproc)
+    from gad_megatron.trainer.gad import train
+
+    train(cfg)
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,18 +20,34 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 0.2  # paper: grad clip 0.2
     use_distributed_optimizer: bool = False
+    min_lr: float = 0.0
+    schedule: str = "constant"  # constant | cosine (megatron's OptimizerParamScheduler)
+    lr_warmup_steps: int = 0
+    total_steps: int = 1  # decay horizon of the cosine schedule
 
 
 class TrainEngine:
+    """Wraps model chunks in megatron DDP with a Megatron optimizer and LR scheduler.
+
+    Losses are summed per token and divided once by the global count (megatron's
+    ``calculate_per_token_loss``): a step's loss_func returns ``(sum, count, logs)``. A step whose gradients
+    are not finite (or that megatron's loss scaler rejects) is skipped: no parameter, optimizer state or
+    scheduler moves, and ``train_step`` reports it.
+    """
+
     def __init__(self, chunks: list, optim: Optional[OptimConfig] = None):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         optim = optim or OptimConfig()
+        self.use_distributed_optimizer = optim.use_distributed_optimizer
         cfg = chunks[0].config
         # The schedule calls this after the last backward: DP all-reduce of grads and the all-reduce of tied
         # embedding / output-layer grads between the first and last pipeline stages.
         cfg.finalize_model_grads_func = finalize_model_grads
+        # Sum per token / sample, divide once by the count all-reduced over DP (finalize_model_grads): the
+        # optimised loss is the global token mean whatever the micro-batching (see trainer/steps.py).
+        cfg.calculate_per_token_loss = True
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -57,11 +73,35 @@ class TrainEngine:
             ),
             self.chunks,
         )
+        self.scheduler = None
+        if optim.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={optim.schedule!r}: use constant or cosine")
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        total = max(optim.total_steps, optim.lr_warmup_steps + 1)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr,
+            min_lr=optim.min_lr if optim.schedule == "cosine" else optim.lr,
+            lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=total, lr_decay_style=optim.schedule,
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=total, wd_incr_style="constant",
+        )
+
+    def _grads_finite(self) -> bool:
+        """Collective over the world: every rank's gradient buffers are finite (after the DP reduction)."""
+        import torch.distributed as dist
+
+        ok = all(bool(torch.isfinite(p.main_grad).all()) for c in self.chunks for p in c.module.parameters()
+                 if getattr(p, "main_grad", None) is not None)
+        flag = torch.tensor([1.0 if ok else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
 
     def train_step(self, microbatches: list, step_fn: Callable) -> dict:
         """Forward/backward over ``microbatches`` through the pipeline schedule, then one optimizer step.
 
-        Returns the last stage's reduced loss outputs (empty on other stages) plus ``grad_norm``.
+        Returns the last stage's loss_func logs (empty on other stages), ``grad_norm``, ``lr`` and
+        ``skipped`` (True when the gradients were not finite: nothing was updated).
         """
         from gad_megatron.models.forward import run_schedule
 
@@ -70,14 +110,30 @@ class TrainEngine:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = run_schedule(self.chunks, microbatches, step_fn, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not self._grads_finite():
+            for c in self.chunks:
+                c.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return {"outputs": outputs, "grad_norm": float("nan"), "skipped": True, "lr": lr}
         ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise FloatingPointError("optimizer step skipped (non-finite gradients)")
-        return {"outputs": outputs, "grad_norm": grad_norm}
+        if ok:
+            self.scheduler.step(increment=1)
+        return {"outputs": outputs, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "skipped": not ok, "lr": lr}
 
     @property
     def modules(self) -> list:
         return [c.module for c in self.chunks]
+
+    def eval_forward(self, microbatches: list, step_fn: Callable) -> list:
+        """Forward only through the pipeline schedule (no grads); the last stage's loss_func logs."""
+        from gad_megatron.models.forward import run_schedule
+
+        for c in self.chunks:
+            c.eval()
+        with torch.no_grad():
+            return run_schedule(self.chunks, microbatches, step_fn, forward_only=True)
 
 
 def reduce_token_mean(outputs: list, key: str) -> Optional[float]:

@@ -1,0 +1,220 @@
+"""Training checkpoints: G and D (model + Megatron optimizer state) as megatron-core dist checkpoints, plus
+the trainer's own state, written so that a kill at any moment never leaves a checkpoint that gets chosen.
+
+Layout under ``<run_dir>/checkpoints``::
+
+    student/         gad-convert layout: latest_checkpointed_iteration.txt, iter_0000050/, hf/, gad_meta.json
+    discriminator/   the same, role discriminator       (``gad-convert mcore-to-hf`` exports either)
+    trainer/iter_0000050/state.json, rng_rank00000.json ...   step, data position, schedulers, counters, RNGs
+    latest           "50": written last, atomically; the only pointer resume trusts
+
+Each ``iter_*`` directory is written as ``iter_*.tmp`` and renamed when whole; the per-role trackers and then
+``latest`` move only after every part of the step is in place. Leftover ``*.tmp`` directories (a kill during
+a write) are removed on the next start and reported. Trainer state is JSON (no pickle is ever loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from typing import Optional
+
+import torch
+
+from gad_megatron.convert.megatron_ckpt import META, TRACKER, copy_hf_side_files, hf_config_dir, iter_dir
+
+log = logging.getLogger("gad_megatron.checkpoint")
+LATEST = "latest"
+ROLES = ("student", "discriminator")
+# The distributed optimizer's default sharding cannot be re-read (see docs/platform.md); this one reshards.
+DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _state(engine, is_loading: bool = False, metadata: Optional[dict] = None) -> dict:
+    chunks = engine.modules
+    if len(chunks) == 1:
+        model = {"model": chunks[0].sharded_state_dict()}
+    else:
+        model = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    optim = engine.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)
+    return {**model, "optimizer": optim}
+
+
+def _optim_metadata(engine) -> Optional[dict]:
+    return DIST_OPT_METADATA if getattr(engine, "use_distributed_optimizer", False) else None
+
+
+def clean_leftovers(ckpt_root: str) -> list:
+    """Removes ``*.tmp`` directories and files left by a killed write (rank 0); returns what it removed."""
+    removed = []
+    if _rank() == 0 and os.path.isdir(ckpt_root):
+        for sub in [ckpt_root] + [os.path.join(ckpt_root, d) for d in (*ROLES, "trainer")]:
+            if not os.path.isdir(sub):
+                continue
+            for name in os.listdir(sub):
+                if ".tmp" in name:
+                    p = os.path.join(sub, name)
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+                    removed.append(p)
+    if removed:
+        log.warning("removed %d leftover partial checkpoint part(s) from an interrupted write: %s", len(removed),
+                    ", ".join(removed[:4]))
+    _barrier()
+    return removed
+
+
+def latest_step(ckpt_root: str) -> Optional[int]:
+    """The step ``latest`` points to, if that checkpoint is whole (every part present); else None."""
+    path = os.path.join(ckpt_root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected a step number, got {text!r}")
+    step = int(text)
+    parts = [iter_dir(os.path.join(ckpt_root, r), step) for r in ROLES] + [iter_dir(os.path.join(ckpt_root, "trainer"), step)]
+    missing = [p for p in parts if not os.path.isdir(p)]
+    if missing:
+        raise FileNotFoundError(f"{path} names step {step} but {missing[0]} is missing: the checkpoint was damaged "
+                                f"after it was written")
+    return step
+
+
+def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, trainer_state: dict,
+         keep_last: int) -> str:
+    """Collective. ``engines`` / ``hf_dirs`` / ``metas``: per role (``student`` and, in GAD, ``discriminator``).
+    ``trainer_state`` is JSON-able and the same on every rank; RNG states are taken per rank here."""
+    from megatron.core import dist_checkpointing
+
+    parts = []
+    for role, engine in engines.items():
+        role_dir = os.path.join(ckpt_root, role)
+        final = iter_dir(role_dir, step)
+        tmp = final + ".tmp"
+        if _rank() == 0:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        _barrier()
+        state = _state(engine, metadata=_optim_metadata(engine))
+        state.update({"checkpoint_version": 3.0, "iteration": step})
+        dist_checkpointing.save(state, tmp)
+        parts.append((role_dir, tmp, final, role))
+    trainer_dir = os.path.join(ckpt_root, "trainer")
+    t_final = iter_dir(trainer_dir, step)
+    t_tmp = t_final + ".tmp"
+    if _rank() == 0:
+        if os.path.exists(t_tmp):
+            shutil.rmtree(t_tmp)
+        os.makedirs(t_tmp)
+    _barrier()
+    with open(os.path.join(t_tmp, f"rng_rank{_rank():05d}.json"), "w") as f:
+        json.dump(rng_state(), f)
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(t_tmp, "state.json"), "w") as f:
+            json.dump({**trainer_state, "step": step}, f, indent=1, sort_keys=True)
+        # Every part is whole: move each into place, then the per-role trackers, then `latest` last.
+        for role_dir, tmp, final, role in parts + [(trainer_dir, t_tmp, t_final, None)]:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        for role_dir, _, _, role in parts:
+            if not os.path.isdir(hf_config_dir(role_dir)):
+                copy_hf_side_files(hf_dirs[role], hf_config_dir(role_dir))
+            _write_atomic(os.path.join(role_dir, META), json.dumps(metas[role], indent=2))
+            _write_atomic(os.path.join(role_dir, TRACKER), str(step))
+        _write_atomic(os.path.join(ckpt_root, LATEST), str(step))
+        _prune(ckpt_root, keep_last, [r for _, _, _, r in parts])
+    _barrier()
+    return t_final
+
+
+def _prune(ckpt_root: str, keep_last: int, roles: list) -> None:
+    trainer_dir = os.path.join(ckpt_root, "trainer")
+    steps = sorted(int(d[5:]) for d in os.listdir(trainer_dir) if d.startswith("iter_") and d[5:].isdigit())
+    for old in steps[:-keep_last]:
+        for sub in [trainer_dir] + [os.path.join(ckpt_root, r) for r in roles]:
+            shutil.rmtree(iter_dir(sub, old), ignore_errors=True)
+
+
+def load(ckpt_root: str, step: int, engines: dict) -> dict:
+    """Collective: loads models and optimizer states (any TP/PP/DP layout) and this rank's RNG state;
+    returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    for role, engine in engines.items():
+        d = iter_dir(os.path.join(ckpt_root, role), step)
+        meta = _optim_metadata(engine)
+        state = _state(engine, is_loading=True, metadata=meta)
+        loaded = dist_checkpointing.load(state, d)
+        chunks = engine.modules
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"], strict=True)
+        engine.optimizer.load_state_dict(loaded["optimizer"])
+    t_dir = iter_dir(os.path.join(ckpt_root, "trainer"), step)
+    with open(os.path.join(t_dir, "state.json")) as f:
+        state = json.load(f)
+    rng_file = os.path.join(t_dir, f"rng_rank{_rank():05d}.json")
+    if os.path.isfile(rng_file):
+        with open(rng_file) as f:
+            set_rng_state(json.load(f))
+    else:  # resumed on more ranks than were saved: this rank keeps its fresh seeding
+        log.warning("%s: no RNG state for rank %d (resumed at another world size); keeping its seeded state",
+                    t_dir, _rank())
+    return state
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch and megatron's model-parallel RNG tracker states, as JSON."""
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    py = random.getstate()
+    npst = np.random.get_state()
+    tracker = {k: v.tolist() for k, v in get_cuda_rng_tracker().get_states().items()}
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None,
+        "megatron_tracker": tracker,
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
+    if s.get("megatron_tracker"):
+        get_cuda_rng_tracker().set_states({k: torch.tensor(v, dtype=torch.uint8) for k, v in s["megatron_tracker"].items()})

@@ -1,0 +1,294 @@
+"""``gad-train``'s configuration: typed dataclasses under OmegaConf structured configs.
+
+One YAML file plus dotted overrides (``rollout.n=4 g_optim.lr=2e-6``). OmegaConf rejects an unknown key or
+a value of the wrong type naming the key; :func:`validate` rejects impossible combinations, also naming the
+key. Everything here runs before any model is built or any rank waits on a collective.
+Defaults are the paper's (arXiv 2511.10643, see shared notes): batch 256 prompts, n 8, temperature 0.8,
+lr 1e-6 for G and D, KL (low_var_kl) 0.001, clip 0.2, grad clip 0.2, critic warmup 10, save every 50.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gad_megatron.algo.policy import LOSS_AGG_MODES
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    student: str = MISSING  # HF directory or gad-convert checkpoint (role student)
+    discriminator: Optional[str] = None  # None: the student's weights + a fresh scalar head
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (training precision; megatron's mixed precision for bf16/fp16)
+    transformer_impl: str = "auto"  # auto (TE on GPU when installed) | transformer_engine | local
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine)
+    fp8_recipe: str = "delayed"
+    recompute_granularity: Optional[str] = None  # None | full | selective
+    d_head_init: str = "normal"  # normal | zero
+    offload_reference: bool = False  # GPU: keep the frozen reference in host memory between uses
+
+
+@dataclass
+class ParallelSection:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    device: Optional[str] = None  # cuda | cpu; None: cuda when available
+    nproc: int = 1  # ranks a plain `gad-train` starts (ignored under torchrun / srun)
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # gad-collect rows: JSONL or parquet ({"id", "messages" | "prompt", "teacher_response"})
+    heldout: Optional[str] = None  # a separate held-out file; else heldout_size rows split off train
+    heldout_size: int = 0
+    tokenizer: Optional[str] = None  # default: the student's HF directory (or the checkpoint's hf/)
+    max_prompt_tokens: int = 2048
+    max_response_tokens: int = 1536
+    overlong: str = "drop"  # drop | truncate (counted and reported either way)
+    bad_rows: str = "error"  # error (one error naming file:line) | skip (counted)
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | megatron
+    n: int = 8
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: Optional[int] = None  # default: data.max_response_tokens
+    vllm_tensor_parallel: int = 1
+    gpu_memory_utilization: float = 0.7
+    kv_cache_gb: Optional[float] = None  # CPU default 0.25
+    # vLLM's engine core inside the trainer's process (tensors handed over directly). Only for a single-rank
+    # run: in-process vLLM joins the already-initialised torch.distributed world and waits on the other ranks.
+    in_process: bool = False
+    bucket_mb: float = 512.0
+    verify_every: int = 10  # check the synced weights (probe logprob gap) on the first sync and every K
+    stop_gap: float = 5e-2
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    schedule: str = "constant"  # constant | cosine
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 0.2
+
+
+@dataclass
+class AlgoConfig:
+    clip_ratio: float = 0.2
+    clip_ratio_high: Optional[float] = None
+    dual_clip: Optional[float] = None  # e.g. 3.0; None: off
+    kl_coef: float = 0.001
+    kl_clamp: float = 10.0
+    entropy_coef: float = 0.0
+    tis: bool = True  # truncated importance sampling on the trainer/rollout logprob ratio
+    tis_cap: float = 2.0
+    loss_agg_mode: str = "token-mean"
+    adv_eps: float = 1e-6
+    ppo_mini_batches: int = 1  # optimizer steps per batch (paper: mini-batch = batch)
+    ppo_epochs: int = 1
+
+
+@dataclass
+class TrainSection:
+    stage: str = "gad"  # gad (warmup then GAD) | seqkd (the SFT baseline)
+    batch_prompts: int = 256
+    warmup_steps: Optional[int] = None  # None: one epoch (paper)
+    critic_warmup: int = 10  # steps where only D learns
+    total_steps: Optional[int] = None  # None: epochs x steps per epoch
+    epochs: int = 3
+    micro_batch_tokens: int = 16384  # dynamic micro-batches: rows x padded length <= this
+    seed: int = 1234
+    max_skipped_steps: int = 10  # non-finite steps tolerated in a row before stopping
+
+
+@dataclass
+class CheckpointSection:
+    save_every: int = 50
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest whole checkpoint, if any) | none | a checkpoint step directory
+    export_hf_at_end: bool = True
+
+
+@dataclass
+class LogSection:
+    run_dir: str = "runs/gad"
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    progress: bool = True
+    dump_samples_every: int = 10
+    plot: bool = True
+    d_saturation_acc: float = 0.95
+    d_saturation_steps: int = 20
+    length_drift_ratio: float = 1.5  # warn when mean response length exceeds this x the first GAD step's
+    gap_warn: float = 1e-2  # warn when the trainer-vs-rollout logprob gap (mean |diff|) exceeds this
+
+
+@dataclass
+class EvalSection:
+    heldout_every: int = 0  # 0: only at the start and the end
+    scorer: Optional[str] = None  # "module:function(prompt_messages, response_text) -> float"
+    max_tokens: int = 64
+
+
+@dataclass
+class GADConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    g_optim: OptimSection = field(default_factory=OptimSection)
+    d_optim: OptimSection = field(default_factory=OptimSection)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+_CHOICES = {
+    "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.transformer_impl": ("auto", "transformer_engine", "local"),
+    "model.fp8": (None, "hybrid", "e4m3"),
+    "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8"),
+    "model.recompute_granularity": (None, "full", "selective"),
+    "model.d_head_init": ("normal", "zero"),
+    "parallel.device": (None, "cuda", "cpu"),
+    "data.overlong": ("drop", "truncate"),
+    "data.bad_rows": ("error", "skip"),
+    "rollout.engine": ("vllm", "megatron"),
+    "g_optim.schedule": ("constant", "cosine"),
+    "d_optim.schedule": ("constant", "cosine"),
+    "algo.loss_agg_mode": LOSS_AGG_MODES,
+    "train.stage": ("gad", "seqkd"),
+}
+
+
+def _get(cfg, dotted: str):
+    return OmegaConf.select(cfg, dotted)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, base: Optional[dict] = None):
+    """Structured defaults <- ``base`` <- YAML file <- dotted overrides; then :func:`validate`."""
+    try:
+        cfg = OmegaConf.structured(GADConfig)
+        if base:
+            cfg = OmegaConf.merge(cfg, base)
+        if path:
+            if not os.path.isfile(path):
+                raise ConfigError(f"{path}: config file not found")
+            loaded = OmegaConf.load(path)
+            cfg = OmegaConf.merge(cfg, loaded)
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r}: expected dotted.key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        where = f" (in {path})" if path else ""
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"config key {key!r}{where}: {msg}" if key else f"config{where}: {msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Impossible values and combinations, each named by its key; all problems in one error."""
+    problems = []
+
+    def bad(key, why):
+        problems.append(f"{key}={_get(cfg, key)!r}: {why}")
+
+    for key in ("model.student", "data.train"):
+        if OmegaConf.is_missing(cfg, key):
+            problems.append(f"{key}: required (no value given)")
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            bad(key, f"use one of {[c for c in choices if c is not None]}" + (" or null" if None in choices else ""))
+    positive = ["train.batch_prompts", "rollout.n", "train.micro_batch_tokens", "data.max_prompt_tokens",
+                "data.max_response_tokens", "algo.ppo_mini_batches", "algo.ppo_epochs", "train.epochs",
+                "checkpoint.save_every", "checkpoint.keep_last", "parallel.tensor_parallel",
+                "parallel.pipeline_parallel", "parallel.nproc", "rollout.verify_every", "rollout.vllm_tensor_parallel"]
+    for key in positive:
+        if _get(cfg, key) < 1:
+            bad(key, "must be >= 1")
+    for key in ("g_optim.lr", "d_optim.lr", "rollout.temperature", "algo.tis_cap", "rollout.bucket_mb"):
+        if not _get(cfg, key) > 0:
+            bad(key, "must be > 0")
+    for key in ("g_optim.clip_grad", "d_optim.clip_grad", "algo.kl_coef", "algo.clip_ratio", "algo.adv_eps",
+                "train.critic_warmup", "data.heldout_size", "log.dump_samples_every", "eval.heldout_every"):
+        if _get(cfg, key) < 0:
+            bad(key, "must be >= 0")
+    for p in ("g_optim", "d_optim"):
+        if _get(cfg, f"{p}.min_lr") > _get(cfg, f"{p}.lr"):
+            bad(f"{p}.min_lr", f"must be <= {p}.lr")
+    if cfg.algo.tis_cap < 1.0:
+        bad("algo.tis_cap", "must be >= 1 (a cap below 1 scales every token down)")
+    if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1.0:
+        bad("algo.dual_clip", "must be > 1")
+    if not 0 < cfg.rollout.top_p <= 1:
+        bad("rollout.top_p", "must be in (0, 1]")
+    if cfg.train.stage == "gad" and cfg.rollout.n < 2:
+        bad("rollout.n", "GRPO needs >= 2 samples per prompt (a group of one has no advantage)")
+    if cfg.train.batch_prompts % cfg.algo.ppo_mini_batches:
+        bad("algo.ppo_mini_batches", f"must divide train.batch_prompts={cfg.train.batch_prompts}")
+    max_new = cfg.rollout.max_tokens
+    if max_new is not None and max_new < 1:
+        bad("rollout.max_tokens", "must be >= 1")
+    if max_new is not None and max_new > cfg.data.max_response_tokens:
+        bad("rollout.max_tokens", f"must be <= data.max_response_tokens={cfg.data.max_response_tokens}")
+    longest = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+    if cfg.train.micro_batch_tokens < longest:
+        bad("train.micro_batch_tokens", f"must hold one longest sequence (max_prompt_tokens + max_response_tokens = {longest})")
+    if cfg.model.fp8 and cfg.model.transformer_impl == "local":
+        bad("model.fp8", "needs transformer_impl auto or transformer_engine (Transformer Engine)")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel == 1:
+        bad("parallel.sequence_parallel", "needs parallel.tensor_parallel > 1")
+    if cfg.parallel.virtual_pipeline_parallel is not None and cfg.parallel.pipeline_parallel == 1:
+        bad("parallel.virtual_pipeline_parallel", "needs parallel.pipeline_parallel > 1")
+    if cfg.parallel.device == "cpu" and cfg.model.dtype == "fp16":
+        bad("model.dtype", "fp16 is not supported on CPU (use fp32 or bf16)")
+    if cfg.train.warmup_steps is not None and cfg.train.warmup_steps < 0:
+        bad("train.warmup_steps", "must be >= 0")
+    if cfg.train.total_steps is not None and cfg.train.total_steps < 1:
+        bad("train.total_steps", "must be >= 1")
+    if cfg.eval.scorer is not None and ":" not in cfg.eval.scorer:
+        bad("eval.scorer", "expected module:function")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not os.path.isdir(resume):
+        bad("checkpoint.resume", "use auto, none or an existing checkpoint directory")
+    world = os.environ.get("WORLD_SIZE")
+    world = int(world) if world else cfg.parallel.nproc
+    mp = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
+    if world % mp:
+        problems.append(f"parallel: world size {world} is not divisible by tensor_parallel x pipeline_parallel = {mp}")
+    elif cfg.train.batch_prompts % (world // mp * cfg.algo.ppo_mini_batches):
+        bad("train.batch_prompts", f"must be divisible by data-parallel size {world // mp} x algo.ppo_mini_batches")
+    if cfg.rollout.in_process and world > 1 and cfg.rollout.engine == "vllm":
+        bad("rollout.in_process", f"only for a single-rank run (world size here: {world})")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,157 @@
+"""The per-micro-batch steps megatron's pipeline schedule runs: ``step(model, batch) -> (output, loss_func)``.
+
+Every training loss_func returns ``(sum, count, logs)`` and the engines set megatron's
+``calculate_per_token_loss``: the schedule adds counts over micro-batches, ``finalize_model_grads`` all-reduces
+them over data-parallel ranks and divides the gradients once, so the loss optimised is the global
+``sum / count`` — the number logged — whatever the micro-batching and DP size. Logged values are
+``[sum, count]`` pairs reduced the same way (:mod:`gad_megatron.trainer.metrics`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gad_megatron.algo.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+from gad_megatron.algo.policy import aggregate, low_var_kl, ppo_clip_loss, tis_weights
+from gad_megatron.models.discriminator import sequence_scores
+from gad_megatron.models.forward import model_call
+
+
+def _pair(total, count):
+    # megatron adds the counts the loss_funcs return as int tensors; the logged pairs are float64.
+    return torch.stack([total.detach().double(), torch.as_tensor(count).detach().double().to(total.device)])
+
+
+def sft_step(model, batch):
+    """Cross-entropy on the teacher's answer tokens only (the warmup's G loss, and SeqKD)."""
+    logits = model_call(model, batch)
+
+    def loss_func(logits):
+        mask = batch["loss_mask"].to(logits.device)
+        nll = -vocab_parallel_logprobs(logits, batch["labels"], 1.0)
+        total, n = (nll * mask).sum(), mask.sum()
+        return total, n.to(torch.int), {"sft_loss": _pair(total, n)}
+
+    return logits, loss_func
+
+
+def logprob_step(temperature: float, with_entropy: bool = False):
+    """Forward only: per-position logprobs of the next token under ``softmax(logits / temperature)``."""
+
+    def step(model, batch):
+        logits = model_call(model, batch)
+
+        def loss_func(logits):
+            with torch.no_grad():
+                logp = vocab_parallel_logprobs(logits, batch["labels"], temperature)
+                out = {"logp": logp.cpu()}
+                if with_entropy:
+                    out["entropy"] = vocab_parallel_entropy(logits, temperature).cpu()
+            return logp.sum() * 0.0, out
+
+        return logits, loss_func
+
+    return step
+
+
+def score_step(model, batch):
+    """Forward only: the discriminator's sequence score of every row."""
+    per_token = model_call(model, batch)
+
+    def loss_func(per_token):
+        s = sequence_scores(per_token, batch["attention_mask"].to(per_token.device)).detach()
+        return s.sum() * 0.0, {"scores": s.float().cpu()}
+
+    return per_token, loss_func
+
+
+def bt_step(group_size: int):
+    """Bradley-Terry on micro-batches made of whole groups ``[teacher, student_1..student_n]``: each student
+    sample is paired with its prompt's teacher answer; loss ``-log sigmoid(D(y_t) - D(y_s))`` summed over
+    pairs, the count is the number of pairs."""
+
+    def step(model, batch):
+        per_token = model_call(model, batch)
+
+        def loss_func(per_token):
+            scores = sequence_scores(per_token, batch["attention_mask"].to(per_token.device)).float()
+            g = scores.view(-1, group_size + 1)
+            teacher, student = g[:, :1], g[:, 1:]
+            margin = teacher - student
+            total = -F.logsigmoid(margin).sum()
+            n = torch.tensor(margin.numel(), dtype=torch.int, device=total.device)
+            logs = {
+                "d_loss": _pair(total, n),
+                "d_acc": _pair((margin > 0).double().sum(), n),
+                "teacher_score": _pair(teacher.sum(), teacher.numel()),
+                "student_score": _pair(student.sum(), student.numel()),
+            }
+            return total, n, logs
+
+        return per_token, loss_func
+
+    return step
+
+
+def policy_step(temperature: float, algo):
+    """GRPO's generator loss per token: PPO-clipped surrogate on the group advantage (times the truncated
+    importance weight when ``algo.tis``), plus ``kl_coef`` x low_var_kl to the reference, minus
+    ``entropy_coef`` x entropy; aggregated by ``algo.loss_agg_mode``."""
+
+    def step(model, batch):
+        logits = model_call(model, batch)
+
+        def loss_func(logits):
+            dev = logits.device
+            mask = batch["loss_mask"].to(dev)
+            logp = vocab_parallel_logprobs(logits, batch["labels"], temperature)
+            old, ref = batch["old_logp"].to(dev), batch["ref_logp"].to(dev)
+            adv = batch["advantages"].to(dev).unsqueeze(1)
+            pg, clipped = ppo_clip_loss(logp, old, adv, algo.clip_ratio, algo.clip_ratio_high, algo.dual_clip)
+            if algo.tis:
+                w, capped = tis_weights(old, batch["rollout_logp"].to(dev), algo.tis_cap)
+                pg = pg * w
+            else:
+                capped = torch.zeros_like(pg)
+            kl = low_var_kl(logp, ref, algo.kl_clamp)
+            per_token = pg + algo.kl_coef * kl
+            entropy = vocab_parallel_entropy(logits, temperature)
+            if algo.entropy_coef:
+                per_token = per_token - algo.entropy_coef * _entropy_with_grad(logits, temperature)
+            total, n = aggregate(per_token, mask, algo.loss_agg_mode)
+            tokens = mask.sum()
+            logs = {
+                "g_loss": _pair(total, n),
+                "pg_loss": _pair(*aggregate(pg.detach(), mask, algo.loss_agg_mode)),
+                "kl": _pair((kl.detach() * mask).sum(), tokens),
+                "entropy": _pair((entropy * mask).sum(), tokens),
+                "pg_clipfrac": _pair((clipped * mask).sum(), tokens),
+                "tis_clipfrac": _pair((capped * mask).sum(), tokens),
+                "ratio": _pair((torch.exp(logp.detach() - old) * mask).sum(), tokens),
+            }
+            return total, n.to(torch.int), logs
+
+        return logits, loss_func
+
+    return step
+
+
+def _entropy_with_grad(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Differentiable vocab-parallel entropy: the partial sums are all-reduced with megatron's
+    reduce-from-TP-region (all-reduce forward, identity backward), correct because every TP rank then
+    computes the same loss from the reduced sums."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    x = logits.float() / temperature
+    m = x.detach().max(dim=-1).values
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    e = torch.exp(x - m.unsqueeze(-1))
+    s, ex = e.sum(-1), (e * x).sum(-1)
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        s, ex = reduce_from_tensor_model_parallel_region(s), reduce_from_tensor_model_parallel_region(ex)
+    return torch.log(s) + m - ex / s
