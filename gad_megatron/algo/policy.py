@@ -26,7 +26,9 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, s
     if not scale:
         return centred.view(-1).to(rewards.dtype)
     std = r.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-    return (centred / (std + eps)).view(-1).to(rewards.dtype)
+    # A group whose rewards are all equal carries no signal: exactly 0 (also with eps=0, where 0/0 is NaN).
+    adv = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+    return adv.view(-1).to(rewards.dtype)
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_ratio: float = 0.2,

@@ -15,6 +15,8 @@ from gad_megatron.rollout.base import Sample, SamplingConfig, sample_next
 
 
 class MegatronEngine:
+    collective = True  # every rank calls generate (and gets the same samples)
+
     def __init__(self, chunks: list):
         self.chunks = chunks
 

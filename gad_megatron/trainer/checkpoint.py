@@ -88,15 +88,20 @@ def clean_leftovers(ckpt_root: str) -> list:
     return removed
 
 
-def latest_step(ckpt_root: str) -> Optional[int]:
-    """The step ``latest`` points to, if that checkpoint is whole (every part present); else None."""
+def latest_step(ckpt_root: str, step: Optional[int] = None) -> Optional[int]:
+    """The step ``latest`` points to (or ``step``, when given), if that checkpoint is whole (every part
+    present); None when nothing was saved yet."""
     path = os.path.join(ckpt_root, LATEST)
     if not os.path.isfile(path):
+        if step is not None:
+            raise FileNotFoundError(f"{ckpt_root}: no checkpoint was completed there (no {LATEST})")
         return None
     text = open(path).read().strip()
     if not text.isdigit():
         raise ValueError(f"{path}: expected a step number, got {text!r}")
-    step = int(text)
+    if step is not None and step > int(text):
+        raise FileNotFoundError(f"{ckpt_root}: step {step} is after the last completed checkpoint ({text})")
+    step = int(text) if step is None else step
     parts = [iter_dir(os.path.join(ckpt_root, r), step) for r in ROLES] + [iter_dir(os.path.join(ckpt_root, "trainer"), step)]
     missing = [p for p in parts if not os.path.isdir(p)]
     if missing:
@@ -140,10 +145,13 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
         with open(os.path.join(t_tmp, "state.json"), "w") as f:
             json.dump({**trainer_state, "step": step}, f, indent=1, sort_keys=True)
         # Every part is whole: move each into place, then the per-role trackers, then `latest` last.
-        for role_dir, tmp, final, role in parts + [(trainer_dir, t_tmp, t_final, None)]:
+        for i, (role_dir, tmp, final, role) in enumerate(parts + [(trainer_dir, t_tmp, t_final, None)]):
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            if i == 0 and os.environ.get("GAD_FAULT_KILL_DURING_SAVE") == str(step):
+                # Fault injection for the kill -9 test: dies with one part renamed and `latest` not yet moved.
+                os.kill(os.getpid(), 9)
         for role_dir, _, _, role in parts:
             if not os.path.isdir(hf_config_dir(role_dir)):
                 copy_hf_side_files(hf_dirs[role], hf_config_dir(role_dir))

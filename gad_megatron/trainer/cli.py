@@ -32,7 +32,7 @@ def _prepare_demo() -> str:
 
     os.environ.setdefault("GAD_DEMO_DATA", demo.ASSET)
     if "WORLD_SIZE" not in os.environ:  # made once, by the launching process
-        demo.make_student(os.path.join("runs", "demo", "student"))
+        demo.make_student(os.path.join(os.environ.get("GAD_DEMO_DIR", os.path.join("runs", "demo")), "student"))
     return os.path.join(os.path.dirname(demo.ASSET), "demo.yaml")
 
 

@@ -125,7 +125,8 @@ class TrainSection:
 class CheckpointSection:
     save_every: int = 50
     keep_last: int = 3
-    resume: str = "auto"  # auto (latest whole checkpoint, if any) | none | a checkpoint step directory
+    resume: str = "auto"  # auto (this run's latest whole checkpoint, if any) | none | another run's checkpoints dir
+    resume_step: Optional[int] = None  # a specific saved step instead of the latest
     export_hf_at_end: bool = True
 
 

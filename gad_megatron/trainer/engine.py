@@ -61,6 +61,8 @@ class TrainEngine:
             OptimizerConfig(
                 optimizer="adam",
                 lr=optim.lr,
+                # the scheduler reads each param group's min_lr / max_lr (set from these)
+                min_lr=optim.min_lr if optim.schedule == "cosine" else optim.lr,
                 weight_decay=optim.weight_decay,
                 adam_beta1=optim.adam_beta1,
                 adam_beta2=optim.adam_beta2,

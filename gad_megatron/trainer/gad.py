@@ -163,9 +163,7 @@ def generate(t, prompts: list, sampling: SamplingConfig) -> list:
     """Collective: ``[[(token_ids, logprobs, finish_reason)] * n] * len(prompts)``, the same on every rank."""
     import torch.distributed as dist
 
-    from gad_megatron.rollout.megatron_engine import MegatronEngine
-
-    if isinstance(t.engine, MegatronEngine) or t.engine is None and t.cfg.rollout.engine == "megatron":
+    if getattr(t.engine, "collective", False):
         groups = t.engine.generate(prompts, sampling)  # every rank, same seed: the same samples everywhere
         return [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in groups]
     box = [None]
@@ -447,14 +445,14 @@ def plan_steps(cfg, n_train: int) -> tuple:
     return spe, total, min(warm, total)
 
 
-def train(cfg) -> dict:
-    """Runs the configured training on this rank (every rank calls it). Returns the summary on rank 0."""
-    import torch.distributed as dist
-
+def setup(cfg):
+    """Data (checked first), the parallel state, G / D / reference and the rollout engine. Returns the
+    trainer namespace every stage function takes."""
     from gad_megatron.models.hf_config import arch_spec_from_dir
     from gad_megatron.runtime import ParallelConfig, initialize
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("gad_megatron").setLevel(logging.INFO)
     tokenizer, train_ex, held, stats = load_data(cfg)
     spe, total, warm = plan_steps(cfg, len(train_ex))
     arch0 = arch_spec_from_dir(model_hf_dir(cfg.model.student))
@@ -463,7 +461,21 @@ def train(cfg) -> dict:
                          cfg.parallel.device, cfg.train.seed)
     world = initialize(par, arch0.model_dims)
     world["tp"] = cfg.parallel.tensor_parallel
-    rank = world["rank"]
+    t = build(cfg, world, total)
+    t.tokenizer, t.syncs_done, t.last_samples = tokenizer, 0, []
+    t.train_ex, t.held, t.stats = train_ex, held, stats
+    t.steps_per_epoch, t.total, t.warm = spe, total, warm
+    return t
+
+
+def train(cfg) -> dict:
+    """Runs the configured training on this rank (every rank calls it). Returns the summary on rank 0."""
+    import torch.distributed as dist
+
+    t = setup(cfg)
+    train_ex, held, stats = t.train_ex, t.held, t.stats
+    spe, total, warm = t.steps_per_epoch, t.total, t.warm
+    rank = t.world["rank"]
     run_dir = os.path.abspath(cfg.log.run_dir)
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if rank == 0:
@@ -472,9 +484,6 @@ def train(cfg) -> dict:
 
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
-
-    t = build(cfg, world, total)
-    t.tokenizer, t.syncs_done, t.last_samples = tokenizer, 0, []
     sampler = EpochSampler(len(train_ex), cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
     watch = FailureWatch(cfg)
     counters = {"skipped_steps": 0, "consecutive_skipped": 0, "tokens_seen": 0}
@@ -482,9 +491,10 @@ def train(cfg) -> dict:
     start = 0
     ckpt_io.clean_leftovers(ckpt_root)
     roles = {"student": t.g, **({"discriminator": t.d} if t.d is not None else {})}
-    resume_step = _resume_step(cfg, ckpt_root)
+    resume_root = _resume_root(cfg, ckpt_root)
+    resume_step = ckpt_io.latest_step(resume_root, cfg.checkpoint.resume_step) if resume_root else None
     if resume_step is not None:
-        st = ckpt_io.load(ckpt_root, resume_step, roles)
+        st = ckpt_io.load(resume_root, resume_step, roles)
         sampler.load_state_dict(st["sampler"])
         for role, e in roles.items():
             e.scheduler.load_state_dict(st["schedulers"][role])
@@ -493,9 +503,11 @@ def train(cfg) -> dict:
         if t.ref is not None and start >= warm > 0:
             from gad_megatron.convert.megatron_ckpt import load_checkpoint
 
-            load_checkpoint(t.ref, os.path.join(ckpt_root, "reference"))
+            load_checkpoint(t.ref, os.path.join(resume_root, "reference"))
+            if resume_root != ckpt_root and not os.path.isdir(os.path.join(ckpt_root, "reference")):
+                _save_reference(t, ckpt_root, warm)
         if rank == 0:
-            log.info("resumed from %s at step %d", ckpt_root, start)
+            log.info("resumed from %s at step %d", resume_root, start)
     runlog = RunLog(cfg, run_dir, rank, resumed_step=start)
     if rank == 0 and start == 0:
         with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
@@ -584,28 +596,33 @@ def _agree(flag: bool) -> bool:
     return bool(x.item())
 
 
-def _resume_step(cfg, ckpt_root):
+def _resume_root(cfg, ckpt_root):
+    """Where to resume from: this run's checkpoints (auto), none, or another run's checkpoint directory."""
     mode = cfg.checkpoint.resume
     if mode == "none":
         return None
     root = ckpt_root if mode == "auto" else os.path.abspath(mode)
-    return ckpt_io.latest_step(root) if os.path.isdir(root) else None
+    return root if os.path.isdir(root) else None
 
 
 def _start_gad_stage(t, ckpt_root, step, evals, held, runlog):
     """End of warmup: the reference becomes the warmed-up student (KL is measured from where GAD starts, as
     when the reference code starts its GAD run from the SeqKD-warmed checkpoint), saved for resumes."""
-    from gad_megatron.convert.megatron_ckpt import save_checkpoint
-
     with torch.no_grad():
         for ref_c, g_c in zip(t.ref, t.g.modules):
             for p_ref, p_g in zip(ref_c.parameters(), g_c.parameters()):
                 p_ref.copy_(p_g)
+    _save_reference(t, ckpt_root, step)
+    evals["after_warmup"] = evaluate(t, held)
+    _log_eval(runlog, step, "after_warmup", evals["after_warmup"])
+
+
+def _save_reference(t, ckpt_root, step):
+    from gad_megatron.convert.megatron_ckpt import save_checkpoint
+
     save_checkpoint(t.ref, os.path.join(ckpt_root, "reference"), t.hf_dir,
                     {"role": "student", "model_type": t.arch.model_type, "dtype": t.cfg.model.dtype,
                      "note": "GAD reference: the student at the end of warmup"}, iteration=step, overwrite=True)
-    evals["after_warmup"] = evaluate(t, held)
-    _log_eval(runlog, step, "after_warmup", evals["after_warmup"])
 
 
 def _log_eval(runlog, step, name, res):

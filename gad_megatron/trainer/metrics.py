@@ -128,8 +128,9 @@ class RunLog:
             return
         self.metrics_f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
         self.metrics_f.flush()
-        self.timings_f.write(json.dumps({"step": step, **timings}, sort_keys=True) + "\n")
-        self.timings_f.flush()
+        if timings:
+            self.timings_f.write(json.dumps({"step": step, **timings}, sort_keys=True) + "\n")
+            self.timings_f.flush()
         scalars = {k: v for k, v in {**metrics, **{f"time/{k}": v for k, v in timings.items()}}.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:

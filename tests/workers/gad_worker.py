@@ -1,0 +1,182 @@
+"""Drives gad_megatron.trainer.gad's stage functions directly. argv: mode out_prefix config_json
+
+mode ``step``: one GAD step (D update + G GRPO update) from the same state on the same fixed rollouts at the
+layout the config names; writes <out>.json (the step's metrics, the vocab-parallel logprob check) and
+<out>.safetensors (every full G and D tensor after the step, and G's before it).
+mode ``direction``: on the demo task at one rank: SFT steps vs held-out CE, BT steps (G frozen) vs d_acc,
+GRPO steps (D frozen) vs G's mean D reward.
+"""
+
+import hashlib
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+class FixedRollouts:
+    """Deterministic 'samples' per prompt, the same at every layout (collective like the megatron engine)."""
+
+    collective = True
+
+    def __init__(self, vocab: int, eos: int):
+        self.vocab, self.eos = vocab, eos
+
+    def generate(self, prompts, sampling):
+        from gad_megatron.rollout.base import Sample
+
+        out = []
+        for pi, p in enumerate(prompts):
+            seed = int(hashlib.sha256(str(list(p)).encode()).hexdigest()[:8], 16)
+            g = torch.Generator().manual_seed(seed)
+            group = []
+            for _ in range(sampling.n):
+                n = int(torch.randint(1, sampling.max_tokens + 1, (1,), generator=g))
+                toks = torch.randint(6, self.vocab, (n,), generator=g).tolist()
+                if n < sampling.max_tokens:
+                    toks[-1] = self.eos
+                lps = (-0.5 - torch.rand(n, generator=g)).tolist()
+                group.append(Sample(pi, toks, lps, "stop" if toks[-1] == self.eos else "length"))
+            out.append(group)
+        return out
+
+
+def gather(chunks, prefix, out):
+    from gad_megatron.rollout.weight_sync import gather_full_tensors
+
+    full = gather_full_tensors(chunks, dst=0)
+    if full is not None:
+        for (k, layer), t in full.items():
+            out[f"{prefix}|{k}|{layer}"] = t.detach().float().clone().contiguous()
+
+
+def vocab_parallel_check(t):
+    """Vocab-parallel logprobs (no gather) vs log_softmax of the gathered full logits, at T=0.8."""
+    from megatron.core import parallel_state as ps
+
+    from gad_megatron.models.forward import full_logits, token_logprobs
+
+    seqs = [e.prompt + e.response for e in t.train_ex[:4]]
+    ours = token_logprobs(t.g.modules, seqs, temperature=0.8)
+    width = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    logits = full_logits(t.g.modules, [{"tokens": tokens}])
+    if logits is None or ps.get_tensor_model_parallel_rank() != 0:
+        return None
+    ref = torch.log_softmax(logits[0].double() / 0.8, -1)
+    diffs = [(ours[i] - ref[i, torch.arange(len(s) - 1), tokens[i, 1: len(s)]]).abs().max().item()
+             for i, s in enumerate(seqs)]
+    return max(diffs)
+
+
+def mode_step(cfg, out_prefix):
+    from safetensors.torch import save_file
+
+    from gad_megatron.trainer import gad
+
+    t = gad.setup(cfg)
+    t.engine, t.sync = FixedRollouts(t.arch.vocab_size, t.tokenizer.eos_token_id), None
+    tensors = {}
+    gather(t.g.modules, "g_before", tensors)
+    batch = t.train_ex[: cfg.train.batch_prompts]
+    m = gad.stage_gad(t, cfg.train.critic_warmup, batch, gad.Timer())
+    gather(t.g.modules, "g", tensors)
+    gather(t.d.modules, "d", tensors)
+    m["vocab_parallel_max_diff"] = vocab_parallel_check(t)
+    gaps = [torch.zeros(1)]
+    if dist.get_rank() == 0:
+        save_file(tensors, out_prefix + ".safetensors")
+    box = [m["vocab_parallel_max_diff"]]
+    # the rank holding the check (last stage, TP rank 0) may not be rank 0
+    vals = [None] * dist.get_world_size()
+    dist.all_gather_object(vals, box[0])
+    m["vocab_parallel_max_diff"] = next((v for v in vals if v is not None), None)
+    if dist.get_rank() == 0:
+        with open(out_prefix + ".json", "w") as f:
+            json.dump({k: v for k, v in m.items() if not isinstance(v, torch.Tensor)}, f)
+    del gaps
+
+
+def mode_direction(cfg, out_prefix):
+    from gad_megatron.trainer import gad
+    from gad_megatron.trainer.batching import Seq
+    from gad_megatron.trainer.steps import score_step
+
+    t = gad.setup(cfg)
+    t.sync = None
+    res = {}
+    batches = [t.train_ex[i * 16 : (i + 1) * 16] for i in range(len(t.train_ex) // 16)]
+
+    def ce():
+        return gad.evaluate(t, t.held)["heldout_ce"]
+
+    # 1. SFT (warmup's G update) lowers held-out cross-entropy on teacher answers
+    res["ce_before"] = ce()
+    for k in range(8):
+        gad.g_sft_update(t, [Seq(e.prompt, e.response, is_teacher=True) for e in batches[k]])
+    res["ce_after"] = ce()
+
+    # 2. BT steps with G frozen: d_acc on held-out prompts (teacher vs fresh samples) goes above 0.5
+    eval_prompts = t.held[:16]
+
+    def d_acc():
+        _, _, _, d_units, _, _ = gad.rollout_seqs(t, 999, eval_prompts)
+        out, _ = gad.forward(t, t.d, d_units, score_step)
+        s = torch.cat([o["scores"] for o in out]).view(-1, cfg.rollout.n + 1)
+        return (s[:, :1] > s[:, 1:]).double().mean().item()
+
+    res["d_acc_before"] = d_acc()
+    for k in range(8):
+        _, _, _, d_units, _, _ = gad.rollout_seqs(t, 100 + k, batches[k])
+        gad.d_update(t, d_units)
+    res["d_acc_after"] = d_acc()
+
+    # 3. GRPO steps with D frozen raise G's mean D reward on training prompts
+    probe = batches[0]
+
+    def mean_reward():
+        total = 0.0
+        for seed in (7001, 7002):
+            _, _, _, d_units, first, _ = gad.rollout_seqs(t, seed, probe)
+            rewards, _ = gad.global_scores(t, d_units, first, len(probe))
+            total += rewards.mean().item() / 2
+        return total
+
+    res["reward_before"] = mean_reward()
+    for k in range(10):
+        batch = batches[k % 4]
+        _, _, students, d_units, first, _ = gad.rollout_seqs(t, 200 + k, batch)
+        units = [[s] for s in students]
+        from gad_megatron.trainer.batching import fill_per_token
+        from gad_megatron.trainer.steps import logprob_step
+
+        out, seqs = gad.forward(t, t.g, units, logprob_step(cfg.rollout.temperature))
+        fill_per_token(seqs, [{"old_logp": o["logp"]} for o in out], "old_logp")
+        out, seqs = gad.forward(t, t.ref, units, logprob_step(cfg.rollout.temperature))
+        fill_per_token(seqs, [{"ref_logp": o["logp"]} for o in out], "ref_logp")
+        rewards, _ = gad.global_scores(t, d_units, first, len(batch))
+        from gad_megatron.algo.policy import grpo_advantages
+
+        adv = grpo_advantages(rewards, cfg.rollout.n, cfg.algo.adv_eps)
+        for j, s in enumerate(students):
+            s.advantage = float(adv[j])
+        gad.g_grpo_update(t, students)
+    res["reward_after"] = mean_reward()
+    with open(out_prefix + ".json", "w") as f:
+        json.dump(res, f)
+
+
+def main():
+    from gad_megatron.trainer.config import load_config
+
+    mode, out_prefix, cfg_json = sys.argv[1:4]
+    cfg = load_config(base=json.loads(cfg_json))
+    {"step": mode_step, "direction": mode_direction}[mode](cfg, out_prefix)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
