@@ -119,12 +119,13 @@ def test_kill9_then_resume_matches_uninterrupted_run(run_a, student, tmp_path):
         proc.wait()
     latest = open(run_dir / "checkpoints" / "latest").read()
     assert latest in ("2", "4")
-    # 2) resume, and die by SIGKILL in the middle of writing the step-4 checkpoint
-    p = run_train(cfg, check=False, extra_env={"GAD_FAULT_KILL_DURING_SAVE": "4"})
+    torn = int(latest) + 2
+    # 2) resume, and die by SIGKILL in the middle of writing the next checkpoint
+    p = run_train(cfg, check=False, extra_env={"GAD_FAULT_KILL_DURING_SAVE": str(torn)})
     assert p.returncode != 0
-    assert open(run_dir / "checkpoints" / "latest").read() == "2"  # the torn step-4 checkpoint is not chosen
-    assert os.path.isdir(run_dir / "checkpoints" / "student" / "iter_0000004")  # one part was already renamed
-    # 3) resume again: picks step 2, cleans the leftovers, finishes; metrics equal the uninterrupted run's
+    assert open(run_dir / "checkpoints" / "latest").read() == latest  # the torn checkpoint is not chosen
+    assert os.path.isdir(run_dir / "checkpoints" / "student" / f"iter_{torn:07d}")  # one part was already renamed
+    # 3) resume again: picks the last whole checkpoint, finishes; metrics equal the uninterrupted run's
     p = run_train(cfg)
     assert lines(run_dir) == lines(run_dir_a)
     assert not [n for n in os.listdir(run_dir / "checkpoints" / "discriminator") if ".tmp" in n]

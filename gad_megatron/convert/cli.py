@@ -53,6 +53,10 @@ def _relaunch_if_needed(nproc: int, argv: list) -> None:
 
     if nproc > 1 and not under_launcher():
         sys.exit(relaunch("gad_megatron.convert.cli", argv, nproc))
+    if under_launcher():
+        from gad_megatron.runtime.launch import die_with_parent
+
+        die_with_parent()  # a rank never outlives its launcher
 
 
 def _init(args, arch):

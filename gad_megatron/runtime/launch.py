@@ -2,9 +2,10 @@
 already one rank (env:// rendezvous from RANK / WORLD_SIZE or SLURM_*); a plain invocation that needs N
 ranks re-launches itself under ``torch.distributed.run``.
 
-The launched ranks live in their own process group; SIGINT / SIGTERM / SIGUSR1 / SIGHUP sent to the
-launcher are forwarded to the whole group, and if the launcher exits first the group is killed, so killing
-the command stops every rank (no orphan keeps writing a checkpoint).
+SIGINT / SIGTERM / SIGUSR1 / SIGHUP sent to the launcher are forwarded to its ranks. The launcher, torchrun
+and the ranks stay in the caller's process group (``kill -9 -PGID`` reaches all of them), and each of them
+asks the kernel to be killed when its parent dies (Linux ``PR_SET_PDEATHSIG``), so even ``kill -9`` of the
+launcher alone leaves no orphan rank writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +18,19 @@ import sys
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent exits (Linux; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 def under_launcher() -> bool:
     # SLURM_STEP_NUM_TASKS is set inside an `srun` step (not in the batch script itself).
     return "WORLD_SIZE" in os.environ or "SLURM_STEP_NUM_TASKS" in os.environ
@@ -26,11 +40,11 @@ def relaunch(module: str, argv: list, nproc: int) -> int:
     """Runs ``python -m torch.distributed.run --nproc-per-node nproc -m module argv``; returns its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", module, *argv]
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
 
     def forward(signum, _frame):
         try:
-            os.killpg(proc.pid, signum)
+            proc.send_signal(signum)  # torchrun forwards it to the ranks
         except ProcessLookupError:
             pass
 
@@ -40,7 +54,5 @@ def relaunch(module: str, argv: list, nproc: int) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything still alive in the group (the ranks after a crash)
-        except ProcessLookupError:
-            pass
+        if proc.poll() is None:
+            proc.kill()

@@ -62,6 +62,10 @@ def main(argv=None) -> int:
 
     if cfg.parallel.nproc > 1 and not under_launcher():
         return relaunch("gad_megatron.trainer.cli", argv, cfg.parallel.nproc)
+    if under_launcher():
+        from gad_megatron.runtime.launch import die_with_parent
+
+        die_with_parent()  # a rank never outlives its launcher (torchrun / srun's step daemon)
     from gad_megatron.trainer.gad import train
 
     train(cfg)

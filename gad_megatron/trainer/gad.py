@@ -523,10 +523,10 @@ def train(cfg) -> dict:
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
-        stop["signal"] = signum  # finish the step, save, exit cleanly (Slurm --signal=USR1@120 / preemption)
+        stop["signal"] = signum  # finish the step, save, exit cleanly (Slurm `--signal=USR1@120`)
 
-    for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, on_signal)
+    # SIGUSR1 only: SIGTERM is how torchrun / srun stop the other ranks when one fails, and must still kill.
+    signal.signal(signal.SIGUSR1, on_signal)
     bar = _progress(cfg, rank, total, start)
     step = start
     while step < total:
