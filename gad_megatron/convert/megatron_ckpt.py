@@ -89,6 +89,31 @@ def _broadcast_str(value: Optional[str]) -> str:
     return box[0]
 
 
+_WRITER_MANAGER = None
+
+
+def own_writer_queue() -> None:
+    """megatron's async checkpoint writer reports through a multiprocessing Manager that it spawns on first
+    use; that server process outlives a rank killed with SIGKILL (holding the rank's stdout). Start it
+    ourselves, set to die with its parent, before megatron would."""
+    global _WRITER_MANAGER
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:  # pragma: no cover - layout of other megatron-core versions
+        return
+    if getattr(fa, "_results_queue", "absent") is not None or _WRITER_MANAGER is not None:
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from gad_megatron.runtime.launch import die_with_parent
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=die_with_parent)
+    _WRITER_MANAGER = manager
+    fa._results_queue = manager.Queue()
+
+
 def save_checkpoint(
     chunks,
     ckpt: str,
@@ -113,6 +138,7 @@ def save_checkpoint(
     tmp = _broadcast_str(tmp)
     if tmp.startswith("ERROR:"):
         raise FileExistsError(tmp[len("ERROR:"):])
+    own_writer_queue()
     try:
         state = _model_state(chunks)
         state.update({"checkpoint_version": 3.0, "iteration": iteration, **(extra_state or {})})

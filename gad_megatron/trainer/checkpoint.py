@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from gad_megatron.convert.megatron_ckpt import META, TRACKER, copy_hf_side_files, hf_config_dir, iter_dir
+from gad_megatron.convert.megatron_ckpt import META, TRACKER, copy_hf_side_files, hf_config_dir, iter_dir, own_writer_queue
 
 log = logging.getLogger("gad_megatron.checkpoint")
 LATEST = "latest"
@@ -116,6 +116,7 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
     ``trainer_state`` is JSON-able and the same on every rank; RNG states are taken per rank here."""
     from megatron.core import dist_checkpointing
 
+    own_writer_queue()
     parts = []
     for role, engine in engines.items():
         role_dir = os.path.join(ckpt_root, role)
