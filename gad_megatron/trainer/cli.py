@@ -39,6 +39,7 @@ def _prepare_demo() -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    from gad_megatron.data.teacher import DataError
     from gad_megatron.trainer.config import ConfigError, load_config, to_yaml
 
     try:
@@ -49,7 +50,6 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from gad_megatron.data.teacher import DataError
         from gad_megatron.trainer.gad import load_data, plan_steps
 
         # Data rows are checked here too, in the launching process, before any rank starts.

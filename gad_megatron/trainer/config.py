@@ -190,6 +190,7 @@ def _get(cfg, dotted: str):
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, base: Optional[dict] = None):
     """Structured defaults <- ``base`` <- YAML file <- dotted overrides; then :func:`validate`."""
+    where = ""
     try:
         cfg = OmegaConf.structured(GADConfig)
         if base:
@@ -197,15 +198,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         if path:
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: config file not found")
-            loaded = OmegaConf.load(path)
-            cfg = OmegaConf.merge(cfg, loaded)
+            where = f" (in {path})"
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r}: expected dotted.key=value")
+            where = " (command-line override)"
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            where = ""
+        OmegaConf.to_container(cfg, resolve=True)  # interpolations (${oc.env:...}) resolve now, not mid-run
     except OmegaConfBaseException as e:
-        where = f" (in {path})" if path else ""
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key {key!r}{where}: {msg}" if key else f"config{where}: {msg}") from None
