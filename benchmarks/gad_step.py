@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""GAD step benchmark on the demo model, one process (prints ratios measured side by side in one run).
+
+    python benchmarks/gad_step.py [--steps 6] [--engine megatron|vllm]
+
+1. Time split of a GAD step (rollout / old logprobs / ref logprobs / D scores / D update / G update / sync)
+   and the share that is none of them ("other": advantages, metric reductions, batching) -- goal <= 10 %.
+2. G's GRPO update (our policy step through TrainEngine) vs megatron's bare ``forward_backward`` + optimizer
+   step with a plain token-mean cross-entropy loss on the same micro-batches -- ratio bare / ours, goal >= 0.9.
+3. Memory: bytes of G + D + reference parameters and G/D optimizer state vs 3x one model's parameters +
+   optimizer state (what three models must hold at least), and the process' peak RSS.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--engine", default="megatron", choices=("megatron", "vllm"))
+    ap.add_argument("--batch", type=int, default=16)
+    a = ap.parse_args()
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                 ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    import torch
+
+    from gad_megatron.data import demo
+    from gad_megatron.trainer import gad
+    from gad_megatron.trainer.batching import fill_per_token, microbatches
+    from gad_megatron.trainer.config import load_config
+    from gad_megatron.trainer.steps import logprob_step, policy_step
+
+    work = tempfile.mkdtemp(prefix="gad-bench-")
+    student = demo.make_student(os.path.join(work, "student"))
+    cfg = load_config(base={
+        "model": {"student": student}, "parallel": {"device": "cpu"},
+        "data": {"train": demo.ASSET, "max_prompt_tokens": 48, "max_response_tokens": 12},
+        "rollout": {"engine": a.engine, "n": 8, "max_tokens": 12, "in_process": a.engine == "vllm"},
+        "train": {"batch_prompts": a.batch, "warmup_steps": 0, "critic_warmup": 0, "micro_batch_tokens": 1024},
+        "log": {"run_dir": os.path.join(work, "run"), "tensorboard": False, "progress": False}})
+    t = gad.setup(cfg)
+    if t.sync is not None:
+        gad.sync_weights(t, 0)
+    splits, totals = {}, 0.0
+    for step in range(a.steps + 1):
+        batch = t.train_ex[step * a.batch : (step + 1) * a.batch]
+        timer = gad.Timer()
+        t0 = time.perf_counter()
+        gad.stage_gad(t, step, batch, timer)
+        dt = time.perf_counter() - t0
+        if step == 0:
+            continue  # warm-up step (allocations, first-call overheads)
+        totals += dt
+        for k, v in timer.t.items():
+            splits[k] = splits.get(k, 0.0) + v
+    other = totals - sum(splits.values())
+    print(f"GAD step ({a.engine} rollouts, batch {a.batch} x n 8, {a.steps} steps): {totals / a.steps:.3f} s/step")
+    for k, v in sorted(splits.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<14} {v / totals:6.1%}")
+    print(f"  {'other':<14} {other / totals:6.1%}   (goal <= 10 %)")
+
+    # 2. G update vs bare megatron forward_backward on the same micro-batches
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from gad_megatron.models.forward import model_call
+
+    _, _, students, _, _, _ = gad.rollout_seqs(t, 1000, t.train_ex[: a.batch])
+    units = [[s] for s in students]
+    for key, model in (("old_logp", t.g), ("ref_logp", t.ref)):
+        out, seqs = gad.forward(t, model, units, logprob_step(0.8))
+        fill_per_token(seqs, [{key: o["logp"]} for o in out], key)
+    for s in students:
+        s.advantage = 0.5
+    mbs, _ = microbatches(units, cfg.train.micro_batch_tokens)
+
+    def bare_step(model, mb):
+        out = model_call(model, mb, labels=mb["labels"])
+
+        def loss_func(losses):
+            mask = mb["loss_mask"]
+            return (losses * mask).sum(), mask.sum().to(torch.int), {}
+
+        return out, loss_func
+
+    def bare():
+        for c in t.g.chunks:
+            c.zero_grad_buffer()
+        t.g.optimizer.zero_grad()
+        it = iter(mbs)
+        get_forward_backward_func()(forward_step_func=lambda d, m: bare_step(m, next(d)), data_iterator=it,
+                                    model=t.g.chunks[0], num_microbatches=len(mbs), seq_length=mbs[0]["tokens"].shape[1],
+                                    micro_batch_size=mbs[0]["tokens"].shape[0], forward_only=False)
+        t.g.optimizer.step()
+
+    ours_fn = policy_step(0.8, cfg.algo)
+    times = {"ours": 0.0, "bare": 0.0}
+    for rep in range(6):  # interleaved, so drift in machine load hits both alike
+        for name, fn in (("ours", lambda: t.g.train_step(mbs, ours_fn)), ("bare", bare)):
+            t0 = time.perf_counter()
+            fn()
+            if rep:
+                times[name] += time.perf_counter() - t0
+    print(f"G update vs megatron's bare forward_backward on {len(mbs)} micro-batches: throughput ratio "
+          f"{times['bare'] / times['ours']:.2f} (goal >= 0.9)")
+
+    # 3. memory
+    def nbytes(params):
+        return sum(p.numel() * p.element_size() for p in params)
+
+    one = nbytes(p for c in t.g.modules for p in c.parameters())
+    optim_state = sum(v.numel() * v.element_size() for e in (t.g, t.d) for st in e.optimizer.optimizer.state.values()
+                      for v in st.values() if torch.is_tensor(v))
+    three = 3 * one + optim_state
+    held = (nbytes(p for c in t.g.modules for p in c.parameters()) + nbytes(p for c in t.d.modules for p in c.parameters())
+            + nbytes(p for c in t.ref for p in c.parameters()) + optim_state
+            + sum(b.grad_data.numel() * b.grad_data.element_size() for e in (t.g, t.d) for c in e.chunks
+                  for b in c.buffers))
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"model state held (params + grad buffers + Adam state, G/D/ref): {held / 2**20:.1f} MiB = "
+          f"{held / three:.2f} x (3 x params + optimizer states, {three / 2**20:.1f} MiB); peak RSS {peak_rss / 2**30:.2f} GiB "
+          f"(mostly imports at this size)")
+    if t.engine is not None and hasattr(t.engine, "shutdown"):
+        t.engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
