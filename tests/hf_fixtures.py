@@ -70,10 +70,7 @@ def make_hf_model(name: str, out_dir: str, seed: int = 0, seq_cls: bool = False,
     return out_dir
 
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+from gad_megatron.data.demo import CHAT_TEMPLATE  # noqa: E402,F401  (the same template)
 _CORPUS = [
     "the student learns from the teacher answers",
     "a discriminator scores each answer and the generator improves",
@@ -84,23 +81,9 @@ _CORPUS = [
 
 def make_tokenizer(out_dir: str, vocab_size: int = 96) -> str:
     """A tiny BPE tokenizer trained locally (tokenizers library) with a chat template, saved HF-style."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from gad_megatron.data.demo import train_bpe_tokenizer
 
-    specials = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = sorted(set("".join(_CORPUS)))
-    # Byte-level BPE whose alphabet is only the corpus' characters (space is "Ġ"), to fit a 96-token vocab.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=[c if c != " " else "Ġ" for c in alphabet], show_progress=False)
-    tok.train_from_iterator(_CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>")
-    fast.chat_template = CHAT_TEMPLATE
-    os.makedirs(out_dir, exist_ok=True)
-    fast.save_pretrained(out_dir)
-    return out_dir
+    return train_bpe_tokenizer(_CORPUS, out_dir, vocab_size, ["<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"])
 
 
 def hf_greedy(hf_dir: str, prompts: list, max_new_tokens: int) -> list:

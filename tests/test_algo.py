@@ -120,3 +120,36 @@ def test_pack_units_respects_budget_and_keeps_units_whole():
         assert rows * width <= 30 or len(mb) == 1
     assert [u for mb in packed for u in mb] == units  # order preserved, nothing split or lost
     assert len(pack_units(units, budget=10**6)) == 1
+
+
+def test_failure_watch_warns_on_saturated_d_length_drift_and_logprob_gap():
+    from gad_megatron.trainer.config import load_config
+    from gad_megatron.trainer.metrics import FailureWatch
+
+    cfg = load_config(base={"model": {"student": "x"}, "data": {"train": "x"},
+                            "log": {"d_saturation_steps": 3, "length_drift_ratio": 1.5, "gap_warn": 1e-2}})
+    w = FailureWatch(cfg)
+    said = [w.check({"d_acc": 0.99}) for _ in range(3)]
+    assert said[:2] == [[], []] and "saturated" in said[2][0]
+    assert w.check({"stage": "gad", "response_length_mean": 100.0}) == []
+    assert "drifting" in w.check({"stage": "gad", "response_length_mean": 160.0})[0]
+    assert "logprob gap" in w.check({"logprob_gap_mean": 0.05})[0]
+    w2 = FailureWatch(cfg)
+    w2.load_state_dict(w.state_dict())
+    assert w2.base_length == 100.0
+
+
+def test_teacher_rows_from_parquet(tmp_path):
+    import datasets
+
+    from gad_megatron.data import demo
+    from gad_megatron.data.teacher import read_rows
+
+    rows = demo.make_rows(12)
+    path = str(tmp_path / "rows.parquet")
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    got = read_rows(path)
+    assert [r["id"] for r in got] == [r["id"] for r in rows]
+    assert got[3]["teacher_response"] == rows[3]["teacher_response"]
+    assert demo.score(rows[3]["messages"], rows[3]["teacher_response"]) == 1.0
+    assert demo.score(rows[3]["messages"], "") == 0.0

@@ -111,6 +111,7 @@ def test_each_update_moves_the_right_way(demo_student, tmp_path):
     run_ranks(1, "gad_worker.py", "direction", str(tmp_path / "dir"), json.dumps(cfg), timeout=600)
     r = json.load(open(tmp_path / "dir.json"))
     print(r)
+    assert r["nan_skipped"] and r["nan_params_unchanged"] and r["after_nan_ok"]
     assert r["ce_after"] < r["ce_before"] - 0.3
     assert r["d_acc_before"] == 0.0 and r["d_acc_after"] > 0.5
     assert r["reward_after"] > r["reward_before"]

@@ -88,20 +88,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
-    """A byte-level BPE tokenizer (HF ``tokenizers``) trained locally on the task's own text, with a chat
-    template; the vocabulary is large enough that every task word (with its leading space) is one token."""
+def train_bpe_tokenizer(corpus: list, out_dir: str, vocab_size: int, specials: list) -> str:
+    """A byte-level BPE tokenizer (HF ``tokenizers``) trained locally on ``corpus``, whose alphabet is only
+    the corpus' characters (so a tiny vocabulary suffices), saved HF-style with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-    rng = random.Random(1)
-    corpus = [SYSTEM] * 4 + [f"{t}: {' '.join(rng.sample(WORDS, 4))}" for t in TASKS for _ in range(40)]
-    corpus += [" ".join(rng.sample(WORDS + NUMBERS, 5)) for _ in range(200)]
-    alphabet = sorted(set("".join(corpus)))
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
+    alphabet = sorted(set("".join(corpus)))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=[c if c != " " else "\u0120" for c in alphabet])
     tok.train_from_iterator(corpus, trainer)
@@ -110,6 +106,15 @@ def make_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def make_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
+    """The demo's tokenizer: large enough that every task word (with its leading space) is one token."""
+    rng = random.Random(1)
+    corpus = [SYSTEM] * 4 + [f"{t}: {' '.join(rng.sample(WORDS, 4))}" for t in TASKS for _ in range(40)]
+    corpus += [" ".join(rng.sample(WORDS + NUMBERS, 5)) for _ in range(200)]
+    return train_bpe_tokenizer(corpus, out_dir, vocab_size,
+                               ["<pad>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"])
 
 
 def make_student(out_dir: str, seed: int = 0) -> str:

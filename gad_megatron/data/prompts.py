@@ -48,19 +48,21 @@ def to_item(row: dict, where: str, id_field: Optional[str] = None) -> dict:
     return {"id": _stable_id(messages), "messages": messages}
 
 
-def iter_prompts(path: str, id_field: Optional[str] = None, split: str = "train") -> Iterator[dict]:
+def iter_rows(path: str, split: str = "train") -> Iterator[tuple]:
+    """(where, row) for each row of a JSONL file (read here, so ``where`` is ``file:line``), a parquet file or
+    a saved ``datasets`` directory; a row that is not a JSON object comes as a PromptFormatError instead."""
     if path.endswith((".jsonl", ".json")) and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                where = f"{path}:{i}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise PromptFormatError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise PromptFormatError(f"{path}:{i}: expected a JSON object per line")
-                yield to_item(row, f"{path}:{i}", id_field)
+                    yield where, PromptFormatError(f"{where}: not valid JSON ({e.msg})")
+                    continue
+                yield where, row if isinstance(row, dict) else PromptFormatError(f"{where}: expected a JSON object per line")
         return
     import datasets
 
@@ -73,7 +75,14 @@ def iter_prompts(path: str, id_field: Optional[str] = None, split: str = "train"
     else:
         raise PromptFormatError(f"{path}: not a .jsonl / .parquet file or a saved datasets directory")
     for i, row in enumerate(ds):
-        yield to_item(dict(row), f"{path}[{i}]", id_field)
+        yield f"{path}[{i}]", dict(row)
+
+
+def iter_prompts(path: str, id_field: Optional[str] = None, split: str = "train") -> Iterator[dict]:
+    for where, row in iter_rows(path, split):
+        if isinstance(row, Exception):
+            raise row
+        yield to_item(row, where, id_field)
 
 
 def load_prompts(path: str, id_field: Optional[str] = None, limit: Optional[int] = None) -> list:

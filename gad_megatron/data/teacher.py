@@ -13,7 +13,6 @@ also at another DP size.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
@@ -21,7 +20,7 @@ from typing import Iterator, Optional
 import torch
 
 from gad_megatron.data.chat import prompt_ids, response_ids
-from gad_megatron.data.prompts import PromptFormatError, to_item
+from gad_megatron.data.prompts import PromptFormatError, iter_rows, to_item
 
 
 class DataError(ValueError):
@@ -55,34 +54,13 @@ class DataStats:
 
 
 def _iter_rows(path: str) -> Iterator[tuple]:
-    """(where, row dict or an exception) for each row; JSONL is read here so errors carry a line number."""
     if not os.path.exists(path):
         raise DataError(f"{path}: data file not found")
-    if path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{i}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, DataError(f"{where}: not valid JSON ({e.msg})")
-                    continue
-                yield where, row if isinstance(row, dict) else DataError(f"{where}: expected a JSON object per line")
-        return
-    import datasets
-
-    if path.endswith(".parquet"):
-        ds = datasets.load_dataset("parquet", data_files=path, split="train")
-    elif os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"]
-    else:
-        raise DataError(f"{path}: not a .jsonl / .parquet file or a saved datasets directory")
-    for i, row in enumerate(ds):
-        yield f"{path}[row {i}]", dict(row)
+    try:
+        for where, row in iter_rows(path):
+            yield where, DataError(str(row)) if isinstance(row, Exception) else row
+    except PromptFormatError as e:
+        raise DataError(str(e)) from None
 
 
 def _parse(where: str, row: dict) -> dict:

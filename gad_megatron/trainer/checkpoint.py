@@ -110,6 +110,17 @@ def latest_step(ckpt_root: str, step: Optional[int] = None) -> Optional[int]:
     return step
 
 
+def _fresh_tmp(final: str) -> str:
+    """Collective: an empty ``<final>.tmp`` directory (made by rank 0) to write a checkpoint part into."""
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    _barrier()
+    return tmp
+
+
 def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, trainer_state: dict,
          keep_last: int) -> str:
     """Collective. ``engines`` / ``hf_dirs`` / ``metas``: per role (``student`` and, in GAD, ``discriminator``).
@@ -121,24 +132,14 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
     for role, engine in engines.items():
         role_dir = os.path.join(ckpt_root, role)
         final = iter_dir(role_dir, step)
-        tmp = final + ".tmp"
-        if _rank() == 0:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
-            os.makedirs(tmp)
-        _barrier()
+        tmp = _fresh_tmp(final)
         state = _state(engine, metadata=_optim_metadata(engine))
         state.update({"checkpoint_version": 3.0, "iteration": step})
         dist_checkpointing.save(state, tmp)
         parts.append((role_dir, tmp, final, role))
     trainer_dir = os.path.join(ckpt_root, "trainer")
     t_final = iter_dir(trainer_dir, step)
-    t_tmp = t_final + ".tmp"
-    if _rank() == 0:
-        if os.path.exists(t_tmp):
-            shutil.rmtree(t_tmp)
-        os.makedirs(t_tmp)
-    _barrier()
+    t_tmp = _fresh_tmp(t_final)
     with open(os.path.join(t_tmp, f"rng_rank{_rank():05d}.json"), "w") as f:
         json.dump(rng_state(), f)
     _barrier()

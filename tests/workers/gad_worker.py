@@ -9,6 +9,7 @@ GRPO steps (D frozen) vs G's mean D reward.
 
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -86,7 +87,6 @@ def mode_step(cfg, out_prefix):
     gather(t.g.modules, "g", tensors)
     gather(t.d.modules, "d", tensors)
     m["vocab_parallel_max_diff"] = vocab_parallel_check(t)
-    gaps = [torch.zeros(1)]
     if dist.get_rank() == 0:
         save_file(tensors, out_prefix + ".safetensors")
     box = [m["vocab_parallel_max_diff"]]
@@ -97,7 +97,6 @@ def mode_step(cfg, out_prefix):
     if dist.get_rank() == 0:
         with open(out_prefix + ".json", "w") as f:
             json.dump({k: v for k, v in m.items() if not isinstance(v, torch.Tensor)}, f)
-    del gaps
 
 
 def mode_direction(cfg, out_prefix):
@@ -112,6 +111,22 @@ def mode_direction(cfg, out_prefix):
 
     def ce():
         return gad.evaluate(t, t.held)["heldout_ce"]
+
+    # 0. a non-finite loss: the step is skipped, nothing moves, and the next finite step proceeds
+    from gad_megatron.trainer.batching import microbatches
+    from gad_megatron.trainer.steps import sft_step
+
+    def nan_step(model, batch):
+        out, loss_func = sft_step(model, batch)
+        return out, lambda x: (lambda r: (r[0] * float("nan"), r[1], r[2]))(loss_func(x))
+
+    mbs, _ = microbatches([[Seq(e.prompt, e.response)] for e in batches[0]], 4096)
+    before = [p.detach().clone() for c in t.g.modules for p in c.parameters()]
+    r = t.g.train_step(mbs, nan_step)
+    res["nan_skipped"] = r["skipped"]
+    res["nan_params_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, (p for c in t.g.modules for p in c.parameters())))
+    r = t.g.train_step(mbs, sft_step)
+    res["after_nan_ok"] = not r["skipped"] and r["grad_norm"] == r["grad_norm"]
 
     # 1. SFT (warmup's G update) lowers held-out cross-entropy on teacher answers
     res["ce_before"] = ce()
@@ -129,8 +144,8 @@ def mode_direction(cfg, out_prefix):
         return (s[:, :1] > s[:, 1:]).double().mean().item()
 
     res["d_acc_before"] = d_acc()
-    for k in range(8):
-        _, _, _, d_units, _, _ = gad.rollout_seqs(t, 100 + k, batches[k])
+    for k in range(16):
+        _, _, _, d_units, _, _ = gad.rollout_seqs(t, 100 + k, batches[k % len(batches)])
         gad.d_update(t, d_units)
     res["d_acc_after"] = d_acc()
 
@@ -146,7 +161,10 @@ def mode_direction(cfg, out_prefix):
         return total
 
     res["reward_before"] = mean_reward()
-    for k in range(10):
+    grpo_lr = float(os.environ.get("GAD_TEST_GRPO_LR", "2e-3"))
+    for group in t.g.optimizer.param_groups:  # RL steps at a lower rate than SFT (the constant schedule's max)
+        group["lr"] = group["max_lr"] = grpo_lr
+    for k in range(int(os.environ.get("GAD_TEST_GRPO_STEPS", "16"))):
         batch = batches[k % 4]
         _, _, students, d_units, first, _ = gad.rollout_seqs(t, 200 + k, batch)
         units = [[s] for s in students]

@@ -64,7 +64,7 @@ def main():
     seqs = [PROMPTS[pi] + toks for g in groups for pi, toks, *_ in g]
     from gad_megatron.models.forward import token_logprobs
 
-    trainer = token_logprobs(chunks, seqs)
+    trainer = token_logprobs(chunks, seqs, temperature=0.8)  # vLLM reports processed (sampling) logprobs
     if rank == 0:
         diffs, k = [], 0
         for g in groups:
