@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Generative Adversarial Distillation (GAD) on megatron-core",
     packages=find_packages(include=["gad_megatron", "gad_megatron.*"]),
-    package_data={"gad_megatron": ["assets/*"]},
+    package_data={"gad_megatron": ["assets/*", "assets/demo/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<=2.14.1",
