@@ -3,9 +3,10 @@
 import asyncio
 import json
 import math
+import os
 
 import pytest
-from conftest import KEY
+from conftest import KEY, read_json
 
 from gad_megatron.data.collect import CollectConfig
 from gad_megatron.data.prompts import PromptFormatError
@@ -101,3 +102,15 @@ def test_testset_loaders(tmp_path):
     with pytest.raises(PromptFormatError, match=r"bad\.jsonl:1: missing field 'instruction'"):
         load_testset("dolly", str(tmp_path / "bad.jsonl"))
     assert math.isfinite(relative_score(1, 1))
+
+
+def test_checkpoint_exports_are_per_model_in_a_shared_workdir(converted, tmp_path):
+    """Two checkpoints evaluated with one output directory each get their own export (#9 item 1)."""
+    from gad_megatron.eval.run import _hf_dir_for
+
+    a = _hf_dir_for(converted["qwen2_tied"], str(tmp_path))
+    b = _hf_dir_for(converted["llama31"], str(tmp_path))
+    assert a != b
+    assert read_json(os.path.join(a, "config.json"))["model_type"] == "qwen2"
+    assert read_json(os.path.join(b, "config.json"))["model_type"] == "llama"
+    assert _hf_dir_for(converted["qwen2_tied"], str(tmp_path)) == a  # the same model reuses its export

@@ -44,9 +44,15 @@ def _hf_dir_for(model: str, workdir: str) -> str:
     """An HF directory for ``model``: itself, or the export of a megatron checkpoint."""
     if os.path.exists(os.path.join(model, "config.json")):
         return model
-    from gad_megatron.convert.api import mcore_to_hf
+    import hashlib
 
-    out = os.path.join(workdir, "exported_hf")
+    from gad_megatron.convert.api import mcore_to_hf
+    from gad_megatron.convert.megatron_ckpt import read_iteration
+
+    # One export per checkpoint identity (path + iteration): a shared workdir must never answer for one model
+    # with another model's export.
+    ident = f"{os.path.abspath(model)}:{read_iteration(model)}"
+    out = os.path.join(workdir, "exported_hf-" + hashlib.sha256(ident.encode()).hexdigest()[:16])
     if not os.path.exists(out):
         mcore_to_hf(model, out)
     return out

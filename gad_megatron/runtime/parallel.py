@@ -157,6 +157,8 @@ def destroy() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    if dist.is_initialized():
+        dist.barrier()  # collective: every rank is done before any group goes away
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

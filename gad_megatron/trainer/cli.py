@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     from gad_megatron.trainer.gad import train
 
     train(cfg)
+    from gad_megatron.runtime import destroy
+
+    destroy()
     return 0
 
 

@@ -198,3 +198,8 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # An explicit, collective teardown: a gloo group left to interpreter exit can abort a rank
+    # ("terminate called without an active exception") after its work is done.
+    from gad_megatron.runtime import destroy
+
+    destroy()
