@@ -354,7 +354,7 @@ def stage_gad(t, step: int, examples: list, timer) -> dict:
         s.advantage = float(adv[first * n + j])
     gap_pairs = {"logprob_gap_mean": torch.zeros(2, dtype=torch.float64)}
     gap_max = 0.0
-    if students[0].per_token["old_logp"] is not None and last_stage_writer():
+    if last_stage_writer():  # the old logprobs are real on the last pipeline stage only
         diffs = torch.cat([(s.per_token["old_logp"] - s.per_token["rollout_logp"]).abs() for s in students])
         gap_pairs["logprob_gap_mean"] = torch.tensor([diffs.double().sum().item(), float(diffs.numel())])
         gap_max = diffs.max().item() if diffs.numel() else 0.0
