@@ -32,22 +32,25 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, tempera
     return -vocab_parallel_cross_entropy(scaled, targets.to(logits.device))
 
 
-@torch.no_grad()
 def vocab_parallel_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(logits / T)`` per position from vocab-parallel logits: ``[b, s]`` (fp32)."""
+    """Entropy of ``softmax(logits / T)`` per position from vocab-parallel logits: ``[b, s]`` (fp32).
+
+    Differentiable: the partial sums are all-reduced with megatron's reduce-from-TP-region (all-reduce
+    forward, identity backward), right because every TP rank then computes the same loss from the reduced
+    sums. Call it under ``torch.no_grad()`` when only logging it.
+    """
     import torch.distributed as dist
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
     group = _tp_group()
     distributed = group is not None and dist.get_world_size(group) > 1
     x = logits.float() / temperature
-    m = x.max(dim=-1).values
+    m = x.detach().max(dim=-1).values  # a constant shift: H does not depend on it
     if distributed:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     e = torch.exp(x - m.unsqueeze(-1))
-    s = e.sum(dim=-1)
-    ex = (e * x).sum(dim=-1)
+    s, ex = e.sum(dim=-1), (e * x).sum(dim=-1)
     if distributed:
-        dist.all_reduce(s, group=group)
-        dist.all_reduce(ex, group=group)
+        s, ex = reduce_from_tensor_model_parallel_region(s), reduce_from_tensor_model_parallel_region(ex)
     # H = log Z - E_p[x] with Z = sum exp(x) = s * exp(m)
     return torch.log(s) + m - ex / s

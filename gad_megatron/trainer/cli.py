@@ -53,8 +53,8 @@ def main(argv=None) -> int:
         from gad_megatron.trainer.gad import load_data, plan_steps
 
         # Data rows are checked here too, in the launching process, before any rank starts.
-        _, train_ex, _, _ = load_data(cfg)
-        plan_steps(cfg, len(train_ex))
+        data = load_data(cfg)
+        plan_steps(cfg, len(data[1]))
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as e:
         print(f"gad-train: error: {e}", file=sys.stderr)
         return 2
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         die_with_parent()  # a rank never outlives its launcher (torchrun / srun's step daemon)
     from gad_megatron.trainer.gad import train
 
-    train(cfg)
+    train(cfg, data)  # a rank started by torchrun / srun uses the data it just checked: tokenised once
     from gad_megatron.runtime import destroy
 
     destroy()

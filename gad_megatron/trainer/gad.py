@@ -288,12 +288,10 @@ def rollout_seqs(t, step: int, examples: list) -> tuple:
     index of its first prompt in the global batch, length metrics)."""
     cfg = t.cfg
     groups = generate(t, [e.prompt for e in examples], sampling_for(cfg, step, t.tokenizer))
-    dp, dpr = t.world["data_parallel"], t.world["dp_rank"]
-    per = len(examples) // dp
-    first = dpr * per
-    mine = examples[first : first + per]
+    mine = _dp_share(t, examples)
+    first = t.world["dp_rank"] * len(mine)
     students, d_units = [], []
-    for e, g in zip(mine, groups[first : first + per]):
+    for e, g in zip(mine, groups[first : first + len(mine)]):
         teacher = Seq(e.prompt, e.response, is_teacher=True)
         group = [Seq(e.prompt, toks, per_token={"rollout_logp": torch.tensor(lps, dtype=torch.float32)})
                  for toks, lps, _ in g]
@@ -445,15 +443,15 @@ def plan_steps(cfg, n_train: int) -> tuple:
     return spe, total, min(warm, total)
 
 
-def setup(cfg):
-    """Data (checked first), the parallel state, G / D / reference and the rollout engine. Returns the
-    trainer namespace every stage function takes."""
+def setup(cfg, data=None):
+    """Data (checked first; ``data`` when the caller already loaded it), the parallel state, G / D /
+    reference and the rollout engine. Returns the trainer namespace every stage function takes."""
     from gad_megatron.models.hf_config import arch_spec_from_dir
     from gad_megatron.runtime import ParallelConfig, initialize
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("gad_megatron").setLevel(logging.INFO)
-    tokenizer, train_ex, held, stats = load_data(cfg)
+    tokenizer, train_ex, held, stats = data or load_data(cfg)
     spe, total, warm = plan_steps(cfg, len(train_ex))
     arch0 = arch_spec_from_dir(model_hf_dir(cfg.model.student))
     par = ParallelConfig(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
@@ -468,11 +466,11 @@ def setup(cfg):
     return t
 
 
-def train(cfg) -> dict:
+def train(cfg, data=None) -> dict:
     """Runs the configured training on this rank (every rank calls it). Returns the summary on rank 0."""
     import torch.distributed as dist
 
-    t = setup(cfg)
+    t = setup(cfg, data)
     train_ex, held, stats = t.train_ex, t.held, t.stats
     spe, total, warm = t.steps_per_epoch, t.total, t.warm
     rank = t.world["rank"]

@@ -36,7 +36,7 @@ def sft_step(model, batch):
     return logits, loss_func
 
 
-def logprob_step(temperature: float, with_entropy: bool = False):
+def logprob_step(temperature: float):
     """Forward only: per-position logprobs of the next token under ``softmax(logits / temperature)``."""
 
     def step(model, batch):
@@ -45,10 +45,7 @@ def logprob_step(temperature: float, with_entropy: bool = False):
         def loss_func(logits):
             with torch.no_grad():
                 logp = vocab_parallel_logprobs(logits, batch["labels"], temperature)
-                out = {"logp": logp.cpu()}
-                if with_entropy:
-                    out["entropy"] = vocab_parallel_entropy(logits, temperature).cpu()
-            return logp.sum() * 0.0, out
+            return logp.sum() * 0.0, {"logp": logp.cpu()}
 
         return logits, loss_func
 
@@ -116,9 +113,13 @@ def policy_step(temperature: float, algo):
                 capped = torch.zeros_like(pg)
             kl = low_var_kl(logp, ref, algo.kl_clamp)
             per_token = pg + algo.kl_coef * kl
-            entropy = vocab_parallel_entropy(logits, temperature)
             if algo.entropy_coef:
-                per_token = per_token - algo.entropy_coef * _entropy_with_grad(logits, temperature)
+                entropy = vocab_parallel_entropy(logits, temperature)
+                per_token = per_token - algo.entropy_coef * entropy
+                entropy = entropy.detach()
+            else:
+                with torch.no_grad():
+                    entropy = vocab_parallel_entropy(logits, temperature)
             total, n = aggregate(per_token, mask, algo.loss_agg_mode)
             tokens = mask.sum()
             logs = {
@@ -136,22 +137,3 @@ def policy_step(temperature: float, algo):
 
     return step
 
-
-def _entropy_with_grad(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Differentiable vocab-parallel entropy: the partial sums are all-reduced with megatron's
-    reduce-from-TP-region (all-reduce forward, identity backward), correct because every TP rank then
-    computes the same loss from the reduced sums."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
-    x = logits.float() / temperature
-    m = x.detach().max(dim=-1).values
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
-    e = torch.exp(x - m.unsqueeze(-1))
-    s, ex = e.sum(-1), (e * x).sum(-1)
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        s, ex = reduce_from_tensor_model_parallel_region(s), reduce_from_tensor_model_parallel_region(ex)
-    return torch.log(s) + m - ex / s
