@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
 
 from gad_megatron.convert.hf_io import StreamingSafetensorsWriter
-from gad_megatron.convert.mapping import dims, mapping_for, to_hf
+from gad_megatron.convert.mapping import dims, expected_hf_tensors, mapping_for, to_hf
 from gad_megatron.convert.megatron_ckpt import (
     CheckpointTensorReader,
     copy_hf_side_files,
@@ -140,22 +139,60 @@ def export_hf_config(arch, role: str) -> dict:
     return cfg
 
 
+def _mcore_shape(rule, arch) -> tuple:
+    """The full checkpoint shape of ``rule``'s megatron tensor implied by the config (layers stacked first)."""
+    d = dims(arch)
+    shapes = [tuple(d[x] for x in s) for s in rule.hf_shapes]
+    shape = shapes[0] if rule.kind == "copy" else (sum(s[0] for s in shapes),) + shapes[0][1:]
+    return ((arch.num_layers,) if rule.per_layer else ()) + shape
+
+
+def check_config_against_checkpoint(ckpt: str, reader: Optional[CheckpointTensorReader] = None):
+    """The checkpoint's ``hf/config.json`` must describe the tensors actually stored (an edited layer count
+    would otherwise export a truncated model). Returns (arch, role, reader)."""
+    meta = read_meta(ckpt)
+    src_cfg_dir = hf_config_dir(ckpt)
+    cfg_path = os.path.join(src_cfg_dir, "config.json")
+    arch = arch_spec_from_hf(load_hf_config(src_cfg_dir), source=cfg_path)
+    reader = reader or CheckpointTensorReader(ckpt)
+    for rule in mapping_for(arch.model_type).active_rules(arch.tie_word_embeddings, meta["role"]):
+        want = _mcore_shape(rule, arch)
+        got = reader.shape(rule.mcore) if rule.mcore in reader.meta else None
+        if got != want:
+            stored = f"stored as {list(got)}" if got is not None else "absent"
+            raise ValueError(f"{cfg_path} does not match the checkpoint {reader.dir}: tensor {rule.mcore} is {stored}, "
+                             f"the config implies {list(want)} (num_hidden_layers={arch.num_layers}, "
+                             f"hidden_size={arch.hidden_size}, vocab_size={arch.vocab_size})")
+    return arch, meta["role"], reader
+
+
+def check_same_model(hf_dir: str, ckpt: str, role: str) -> None:
+    """``verify`` compares like with like: the HF model's tensors must have the checkpoint's names and shapes."""
+    hf_arch, _ = check_hf_input(hf_dir, role)
+    ck_arch, _, _ = check_config_against_checkpoint(ckpt)
+    want = expected_hf_tensors(mapping_for(ck_arch.model_type), ck_arch, role)
+    have = expected_hf_tensors(mapping_for(hf_arch.model_type), hf_arch, role)
+    for name in sorted(set(want) | set(have)):
+        if want.get(name) != have.get(name):
+            raise ValueError(f"{hf_dir} is not the model in {ckpt}: {name} is {have.get(name)} there, "
+                             f"{want.get(name)} in the checkpoint")
+
+
 def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3) -> list:
     """Streams ``ckpt`` to an HF directory (written to a temp dir, renamed at the end). One process; holds
     one layer's tensors at a time, and writes each output tensor straight to its shard file."""
-    meta = read_meta(ckpt)
-    role = meta["role"]
-    src_cfg_dir = hf_config_dir(ckpt)
-    cfg = load_hf_config(src_cfg_dir)
-    arch = arch_spec_from_hf(cfg, source=os.path.join(src_cfg_dir, "config.json"))
-    mapping = mapping_for(arch.model_type)
+    from gad_megatron.runtime.outputs import check_not_an_input, clean_stale_tmp, make_tmp_dir, publish_dir
+
     out = os.path.abspath(out)
+    check_not_an_input(out, {"--ckpt": ckpt})
+    arch, role, reader = check_config_against_checkpoint(ckpt)
+    src_cfg_dir = hf_config_dir(ckpt)
+    mapping = mapping_for(arch.model_type)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    reader = CheckpointTensorReader(ckpt)
     rules = mapping.active_rules(arch.tie_word_embeddings, role)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+    clean_stale_tmp(out)
+    tmp = make_tmp_dir(out)
     try:
         groups = [[(r, None) for r in rules if not r.per_layer]]
         groups += [[(r, i) for r in rules if r.per_layer] for i in range(arch.num_layers)]
@@ -176,9 +213,7 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
             del got
         files = writer.close()
         copy_hf_side_files(src_cfg_dir, tmp, config=export_hf_config(arch, role))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

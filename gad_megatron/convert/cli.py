@@ -42,10 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--pp", type=int, default=1)
     v.add_argument("--batch", type=int, default=2)
     v.add_argument("--seq-len", type=int, default=32)
-    v.add_argument("--tol", type=float, default=None, help="exit 1 when max |diff| exceeds it")
+    v.add_argument("--tol", type=float, default=1e-3, help="exit 1 when max |diff| exceeds it (default 1e-3)")
     v.add_argument("--json", default=None, help="also write the result here")
     v.add_argument("--device", choices=("cpu", "cuda"), default=None)
     return p
+
+
+def _one_line(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split())
 
 
 def _relaunch_if_needed(nproc: int, argv: list) -> None:
@@ -74,24 +79,30 @@ def main(argv=None) -> int:
     from gad_megatron.runtime import validate_layout
     from gad_megatron.runtime.parallel import ParallelConfig
 
+    from gad_megatron.runtime.outputs import check_not_an_input
+
     try:
         if args.cmd == "mcore-to-hf":
             files = api.mcore_to_hf(args.ckpt, args.out, args.overwrite, args.max_shard_size_mb * 1024**2)
             print(f"wrote {args.out} ({len(files)} safetensors file(s))")
             return 0
         if args.cmd == "hf-to-mcore":
+            check_not_an_input(args.out, {"--hf": args.hf})
             arch, _ = api.check_hf_input(args.hf, args.role)
             if os.path.exists(args.out) and not args.overwrite:
                 raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
         else:
-            from gad_megatron.convert.megatron_ckpt import hf_config_dir
-            from gad_megatron.models.hf_config import arch_spec_from_dir
-
-            arch = arch_spec_from_dir(hf_config_dir(args.ckpt))
+            # Everything verify can find wrong, before any process group or forward pass.
+            arch, role, _ = api.check_config_against_checkpoint(args.ckpt)
+            api.check_same_model(args.hf, args.ckpt, role)
         validate_layout(ParallelConfig(args.tp, args.pp), args.tp * args.pp, **arch.model_dims)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        print(f"gad-convert: error: {e}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"gad-convert: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("gad-convert: interrupted (nothing was published; partial output is removed on the next run)",
+              file=sys.stderr)
+        return 130
     _relaunch_if_needed(args.tp * args.pp, argv)
 
     _init(args, arch)
@@ -108,7 +119,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**res, "tp": args.tp, "pp": args.pp}, f)
-    if args.tol is not None and res["max_abs_diff"] > args.tol:
+    if res["max_abs_diff"] > args.tol:
         print(f"gad-convert: max |diff| {res['max_abs_diff']:.3e} exceeds --tol {args.tol}", file=sys.stderr)
         return 1
     return 0

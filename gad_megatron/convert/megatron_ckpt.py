@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
@@ -52,8 +51,14 @@ def read_meta(ckpt: str) -> dict:
     path = os.path.join(ckpt, META)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing (not written by gad-convert / gad-megatron)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    if not isinstance(meta, dict) or meta.get("role") not in ("student", "discriminator"):
+        raise ValueError(f"{path}: expected an object with \"role\": \"student\" or \"discriminator\"")
+    return meta
 
 
 def hf_config_dir(ckpt: str) -> str:
@@ -126,14 +131,16 @@ def save_checkpoint(
     """Collective: every rank calls it. Written into a temp dir beside ``ckpt``, renamed at the end."""
     from megatron.core import dist_checkpointing
 
+    from gad_megatron.runtime.outputs import clean_stale_tmp, make_tmp_dir, publish_dir
+
     ckpt = os.path.abspath(ckpt)
     tmp = None
     if _rank0():
         if os.path.exists(ckpt) and not overwrite:
             tmp = f"ERROR:{ckpt} already exists (pass --overwrite to replace it)"
         else:
-            os.makedirs(os.path.dirname(ckpt), exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=os.path.basename(ckpt) + ".tmp-", dir=os.path.dirname(ckpt))
+            clean_stale_tmp(ckpt)
+            tmp = make_tmp_dir(ckpt)
             os.makedirs(iter_dir(tmp, iteration))
     tmp = _broadcast_str(tmp)
     if tmp.startswith("ERROR:"):
@@ -150,9 +157,7 @@ def save_checkpoint(
             copy_hf_side_files(hf_dir, hf_config_dir(tmp))
             with open(os.path.join(tmp, META), "w") as f:
                 json.dump(meta, f, indent=2)
-            if os.path.exists(ckpt):
-                shutil.rmtree(ckpt)
-            os.replace(tmp, ckpt)
+            publish_dir(tmp, ckpt, overwrite)
     except BaseException:
         if _rank0():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -180,7 +185,10 @@ def load_checkpoint(chunks, ckpt: str, skip_keys=()) -> int:
     (top-level module keys, e.g. ``output_layer.weight``) keep the model's own values."""
     from megatron.core import dist_checkpointing
 
+    from gad_megatron.convert.safe_metadata import load_metadata
+
     iteration = read_iteration(ckpt)
+    load_metadata(iter_dir(ckpt, iteration))  # refuses a crafted .metadata before megatron unpickles it
     state = _model_state(chunks)
     for sd in state.values():
         for k in skip_keys:
@@ -203,12 +211,15 @@ class CheckpointTensorReader:
     """
 
     def __init__(self, ckpt: str):
-        from torch.distributed.checkpoint import FileSystemReader
+        from gad_megatron.convert.safe_metadata import safe_filesystem_reader
 
         self.ckpt = ckpt
         self.dir = iter_dir(ckpt, read_iteration(ckpt))
-        self._storage = FileSystemReader(self.dir)
+        self._storage = safe_filesystem_reader(self.dir)
         self.meta = self._storage.read_metadata().state_dict_metadata
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._tensor_meta(key).size)
 
     def _tensor_meta(self, key: str):
         md = self.meta.get(key)
@@ -234,7 +245,14 @@ class CheckpointTensorReader:
                     raise KeyError(f"{self.dir}: {key!r} has {shape[0]} layers, asked for layer {layer}")
                 dests[key] = torch.empty((1,) + shape[1:], dtype=md.properties.dtype)
                 offsets[key] = (layer,) + (0,) * (len(shape) - 1)
-        dcp.load(dests, storage_reader=self._storage, planner=_SlicePlanner(offsets), no_dist=True)
+        try:
+            dcp.load(dests, storage_reader=self._storage, planner=_SlicePlanner(offsets), no_dist=True)
+        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001  (CheckpointException is a
+            # BaseException; a truncated or damaged shard becomes one line naming the files)
+            shards = sorted(f for f in os.listdir(self.dir) if f.endswith(".distcp"))
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{self.dir}: cannot read {', '.join(sorted(dests))[:120]} from its shards "
+                             f"({', '.join(shards)}): damaged or truncated checkpoint ({msg[:300]})") from None
         return {(k, l): dests[k] if l is None else dests[k][0] for k, l in requests}
 
 

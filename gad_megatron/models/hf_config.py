@@ -62,9 +62,15 @@ def load_hf_config(path: str) -> dict:
         raise FileNotFoundError(f"{cfg_path}: no config.json")
     try:
         with open(cfg_path) as f:
-            return json.load(f)
+            cfg = json.load(f)
     except json.JSONDecodeError as e:
         raise UnsupportedConfigError(f"{cfg_path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise UnsupportedConfigError(f"{cfg_path}: expected a JSON object")
+    return cfg
+
+
+_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
@@ -92,6 +98,12 @@ def arch_spec_from_hf(cfg: dict, source: str = "config.json") -> ArchSpec:
 
     def bad(field_name, value, why):
         raise UnsupportedConfigError(f"{source}: unsupported {field_name}={value!r} for {mt}: {why}")
+
+    for key in _REQUIRED:
+        if cfg.get(key) is None:
+            raise UnsupportedConfigError(f"{source}: missing required field {key!r}")
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
+            raise UnsupportedConfigError(f"{source}: {key}={cfg[key]!r} must be a positive integer")
 
     act = cfg.get("hidden_act", "silu")
     if act != "silu":

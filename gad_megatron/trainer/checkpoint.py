@@ -178,8 +178,11 @@ def load(ckpt_root: str, step: int, engines: dict) -> dict:
     returns the trainer state."""
     from megatron.core import dist_checkpointing
 
+    from gad_megatron.convert.safe_metadata import load_metadata
+
     for role, engine in engines.items():
         d = iter_dir(os.path.join(ckpt_root, role), step)
+        load_metadata(d)  # refuses a crafted .metadata before megatron unpickles it
         meta = _optim_metadata(engine)
         state = _state(engine, is_loading=True, metadata=meta)
         loaded = dist_checkpointing.load(state, d)
