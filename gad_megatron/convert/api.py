@@ -184,8 +184,8 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
     from gad_megatron.runtime.outputs import check_not_an_input, clean_stale_tmp, make_tmp_dir, publish_dir
 
     out = os.path.abspath(out)
-    check_not_an_input(out, {"--ckpt": ckpt})
     arch, role, reader = check_config_against_checkpoint(ckpt)
+    check_not_an_input(out, {"--ckpt": ckpt})
     src_cfg_dir = hf_config_dir(ckpt)
     mapping = mapping_for(arch.model_type)
     if os.path.exists(out) and not overwrite:
