@@ -100,12 +100,12 @@ def test_filters_cost_and_max_cost(server_factory, tmp_path):
     total = srv.stats()["total"]
     collect(srv, pf, out)
     assert srv.stats()["total"] == total
-    # --max-cost stops early.
+    # --max-cost stops early, never above the cap.
     out2 = tmp_path / "out2.jsonl"
     r = collect(srv, write_prompts(tmp_path / "q.jsonl", [f"q{i}" for i in range(10)]), out2, "--prices", str(prices),
-                "--max-cost", "0.05", "--max-in-flight", "1")
+                "--max-cost", "0.1", "--max-tokens", "16", "--max-in-flight", "1")
     s = json.loads(r.stdout.strip().splitlines()[-1])
-    assert 1 <= s["written"] < 10 and s["stopped_by_cost"] > 0 and s["cost"] >= 0.05
+    assert 1 <= s["written"] < 10 and s["stopped_by_cost"] > 0 and s["cost"] <= 0.1
 
 
 def test_api_key_never_printed_or_written(server_factory, tmp_path):

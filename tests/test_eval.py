@@ -44,7 +44,7 @@ def test_judge_protocol_against_server(server_factory, tmp_path, monkeypatch):
         {"id": "c", "dataset": "vicuna", "messages": [{"role": "user", "content": "q3 [judge-garbage]"}]},
         {"id": "d", "dataset": "vicuna", "messages": [{"role": "user", "content": "q4 [want:2,8]"}]},
     ]
-    answers = {it["id"]: (f"student answer {it['id']}", 5 + i) for i, it in enumerate(items)}
+    answers = {(it["dataset"], it["id"]): (f"student answer {it['id']}", 5 + i) for i, it in enumerate(items)}
     cfg = CollectConfig(base_url=srv.url, model="judge-x", timeout_s=5, backoff_base_s=0.01, progress=False)
     out = tmp_path / "res.jsonl"
     rows = asyncio.run(judge_items(items, answers, str(out), cfg, "gad", parse_retries=2))
@@ -59,9 +59,9 @@ def test_judge_protocol_against_server(server_factory, tmp_path, monkeypatch):
     assert st["requests"][score_user] == 3  # retried, then recorded as a failure
     s = summarize(rows)["gad"]
     assert s["dolly"]["score"] == 55.0 and s["vicuna"] == {"score": 20.0, "judged": 1, "failed": 1, "mean_response_tokens": 8.0}
-    # Resumable: a second run judges nothing again.
+    # Resumable: a second run judges nothing again (the item that failed is not re-asked without retry_failed).
     total = st["total"]
-    asyncio.run(judge_items(items, answers, str(out), cfg, "gad"))
+    asyncio.run(judge_items(items, answers, str(out), cfg, "gad", retry_failed=False))
     assert srv.stats()["total"] == total
     assert KEY not in out.read_text()
 

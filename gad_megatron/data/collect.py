@@ -111,30 +111,77 @@ class RateLimiter:
             self._tok += est_tokens - actual_tokens  # refund / charge the estimate's error
 
 
-def recover_output(path: str) -> tuple:
-    """Ids already written and whether a torn last line was dropped (the file is truncated to it)."""
+def recover_output(path: str, on_row=None, repair: bool = True) -> tuple:
+    """Ids already written and whether a torn last line was dropped.
+
+    Only a last line without its final newline is torn (a kill mid-write); with ``repair`` the file is
+    truncated to the end of the last whole line. Any whole line that is not a JSON object with an ``"id"`` is
+    an error naming the line: the file is never shortened for it (it may not be ours at all).
+    ``on_row(row)`` sees every whole row (e.g. to add up the ``usage`` already paid for)."""
     done, torn = set(), False
     if not os.path.exists(path):
         return done, torn
-    with open(path, "rb+") as f:
+    with open(path, "rb") as f:
         data = f.read()
-        good_end = 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                torn = True
-                break
+    good_end = 0
+    for line_no, line in enumerate(data.splitlines(keepends=True), 1):
+        if not line.endswith(b"\n"):
+            torn = True
+            break
+        if line.strip():
             try:
-                done.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                if good_end + len(line) == len(data):
-                    torn = True  # a last line that does not parse: torn mid-write
-                    break
-                line_no = data[:good_end].count(b"\n") + 1
-                raise ValueError(f"{path}: line {line_no} is not a row (not JSON with 'id')")
-            good_end += len(line)
-        if torn:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+            if not isinstance(row, dict) or "id" not in row:
+                raise ValueError(f"{path}: line {line_no} is not a row (a JSON object with 'id'); not a gad-megatron "
+                                 f"output, or edited by hand: fix or move the file")
+            done.add(row["id"])
+            if on_row is not None:
+                on_row(row)
+        good_end += len(line)
+    if torn and repair:
+        with open(path, "rb+") as f:
             f.truncate(good_end)
     return done, torn
+
+
+class RequestFailed(Exception):
+    """Asking again did not help (retries exhausted) or cannot help (a bad request); ``str`` says why."""
+
+
+def describe_error(err: BaseException, key_env: str = "OPENAI_API_KEY") -> str:
+    """What went wrong, named by its root cause: the openai client reports a refused connection as a
+    timeout; the chain of causes says what really happened."""
+    chain, x = [], err
+    while x is not None and len(chain) < 8:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in chain:
+        if isinstance(x, ConnectionRefusedError):
+            return f"connection refused ({_safe(str(chain[min(2, len(chain) - 1)]), key_env)[:160]})"
+    for x in chain:
+        if isinstance(x, OSError) and not isinstance(x, TimeoutError) and x.errno is not None:
+            return f"connection failed: {_safe(str(x), key_env)[:160]}"
+    return f"{type(err).__name__}: {_safe(str(err), key_env)[:200]}"
+
+
+def load_prices(path: str) -> dict:
+    """The price table, checked whole before the first request: {model: {"input": $/1M, "output": $/1M}}."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected an object {{model: {{\"input\": $/1M tokens, \"output\": $/1M tokens}}}}")
+    for model, p in table.items():
+        if not isinstance(p, dict) or set(p) != {"input", "output"}:
+            raise ValueError(f"{path}: {model!r} must be {{\"input\": number, \"output\": number}} ($ per 1M tokens)")
+        for k, v in p.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+                raise ValueError(f"{path}: {model!r}.{k} = {v!r} is not a non-negative number")
+    return table
 
 
 class RetryingChat:
@@ -224,7 +271,8 @@ class RetryingChat:
             return "retry"
         return "fatal_run"
 
-    async def ask(self, client, messages: list) -> Optional[tuple]:
+    async def ask(self, client, messages: list) -> tuple:
+        """(text, finish_reason, usage, model), or RequestFailed."""
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 return await self._ask_once(client, messages)
@@ -233,12 +281,28 @@ class RetryingChat:
                 if kind == "fatal_run":
                     raise FatalReply(f"{type(err).__name__}: {_safe(str(err), self.cfg.api_key_env)}") from None
                 if kind == "fatal_request" or attempt == self.cfg.max_retries:
-                    log.warning("giving up on a prompt after %d attempts: %s: %s", attempt + 1, type(err).__name__,
-                                _safe(str(err), self.cfg.api_key_env)[:200])
-                    return None
+                    why = describe_error(err, self.cfg.api_key_env)
+                    log.warning("giving up on a request after %d attempts: %s", attempt + 1, why)
+                    raise RequestFailed(f"{why} (after {attempt + 1} attempts)") from None
                 self.retries += 1
                 await asyncio.sleep(self._retry_delay(attempt, err))
-        return None
+        raise RequestFailed("no attempt made (max_retries < 0)")
+
+
+class OutputBusy(RuntimeError):
+    pass
+
+
+def lock_output(f, path: str) -> None:
+    """An exclusive lock on the open output: a second gad-collect on the same ``--out`` would pay for every
+    prompt again."""
+    import fcntl
+
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputBusy(f"{path} is being written by another running gad-collect (it holds the lock); two runs "
+                         f"on one output would pay twice for every prompt") from None
 
 
 class Collector:
@@ -249,20 +313,32 @@ class Collector:
         self.counts = {"written": 0, "skipped_done": 0, "retries": 0, "failed": 0, "filtered_empty": 0,
                        "filtered_refusal": 0, "filtered_too_short": 0, "filtered_too_long": 0,
                        "stopped_by_cost": 0, "torn_line_dropped": 0}
-        self.cost = 0.0
+        self.cost = 0.0  # spent, this run and earlier runs on this output (seeded from their rows' usage)
+        self.cost_before = 0.0
+        self.reserved = 0.0  # the worst-case cost of the requests in flight
         self.tokens = {"prompt": 0, "completion": 0}
         self._refusal = [re.compile(p, re.IGNORECASE) for p in REFUSAL_PATTERNS]
-        self._unpriced_warned = False
+        if cfg.max_cost is not None:
+            if cfg.model not in cfg.prices:
+                raise ValueError(f"--max-cost needs the price of {cfg.model!r} (--prices): without it nothing can "
+                                 f"be counted against the cap")
+            if not cfg.max_tokens:
+                raise ValueError("--max-cost needs --max-tokens: each request's cost is reserved at its worst case "
+                                 "(prompt + max-tokens) before it is sent, so the cap holds at any concurrency")
 
     # -- pieces --------------------------------------------------------------------------------------------
     def price(self, usage: dict) -> float:
         p = self.cfg.prices.get(self.cfg.model)
         if p is None:
-            if self.cfg.prices and not self._unpriced_warned:
-                log.warning("no price for model %s in the price table: cost counts as 0", self.cfg.model)
-                self._unpriced_warned = True
             return 0.0
-        return (usage.get("prompt_tokens", 0) * p["input"] + usage.get("completion_tokens", 0) * p["output"]) / 1e6
+        return (int(usage.get("prompt_tokens", 0) or 0) * p["input"]
+                + int(usage.get("completion_tokens", 0) or 0) * p["output"]) / 1e6
+
+    def worst_case_cost(self, messages: list) -> float:
+        """An upper bound of one request's cost: byte-level BPE never makes more tokens than UTF-8 bytes, plus
+        the chat template's few tokens per message; the answer is at most ``max_tokens``."""
+        prompt = sum(len(m["content"].encode("utf-8")) + 8 for m in messages) + 8
+        return self.price({"prompt_tokens": prompt, "completion_tokens": self.cfg.max_tokens or 0})
 
     def filter_reason(self, text: str) -> Optional[str]:
         if self.cfg.drop_empty and not text.strip():
@@ -277,18 +353,31 @@ class Collector:
 
     # -- the run -------------------------------------------------------------------------------------------
     async def run(self, items: list) -> dict:
-        done, torn = recover_output(self.out_path)
-        rejected, torn_r = recover_output(self.rejected_path)
+        out = open(self.out_path, "a", encoding="utf-8")
+        try:
+            lock_output(out, self.out_path)
+            return await self._run_locked(items, out)
+        finally:
+            out.close()
+
+    async def _run_locked(self, items: list, out) -> dict:
+        def seed(row):
+            self.cost_before += self.price(row.get("usage") or {})
+
+        done, torn = recover_output(self.out_path, on_row=seed)
+        rejected, torn_r = recover_output(self.rejected_path, on_row=seed)
+        self.cost = self.cost_before
         if torn or torn_r:
             self.counts["torn_line_dropped"] = int(torn) + int(torn_r)
             log.warning("dropped a torn last line left by an interrupted run (%s)", self.out_path if torn else self.rejected_path)
+        if self.cost_before:
+            log.info("earlier runs on %s spent %.4f (counted against --max-cost)", self.out_path, self.cost_before)
         todo = [it for it in items if it["id"] not in done and it["id"] not in rejected]
         self.counts["skipped_done"] = len(items) - len(todo)
         chat = RetryingChat(self.cfg)
         client = chat.client()
         limiter = RateLimiter(self.cfg.requests_per_minute, self.cfg.tokens_per_minute)
         stop = asyncio.Event()
-        out = open(self.out_path, "a", encoding="utf-8")
         rej = open(self.rejected_path, "a", encoding="utf-8")
         since_sync = 0
         bar = None
@@ -307,33 +396,55 @@ class Collector:
                 os.fsync(rej.fileno())
                 since_sync = 0
 
+        def reserve(item) -> Optional[float]:
+            """The request's worst-case cost, reserved against the cap; None when it might break the cap."""
+            if self.cfg.max_cost is None:
+                return 0.0
+            worst = self.worst_case_cost(item["messages"])
+            if stop.is_set() or self.cost + self.reserved + worst > self.cfg.max_cost:
+                if not stop.is_set():
+                    log.warning("spent %.4f with %.4f reserved in flight: the next request could pass --max-cost "
+                                "%.4f; stopping", self.cost, self.reserved, self.cfg.max_cost)
+                stop.set()
+                return None
+            self.reserved += worst
+            return worst
+
         async def one(item):
             if stop.is_set():
+                self.counts["stopped_by_cost"] += 1
                 return
             est = sum(len(m["content"]) for m in item["messages"]) // 4 + (self.cfg.max_tokens or 512)
             await limiter.acquire(est)
-            got = await chat.ask(client, item["messages"])
-            self.counts["retries"] = chat.retries
+            worst = reserve(item)  # no await between the check and the reservation: atomic in asyncio
+            if worst is None:
+                self.counts["stopped_by_cost"] += 1
+                return
+            try:
+                got = await chat.ask(client, item["messages"])
+            except RequestFailed:
+                got = None
+            finally:
+                self.reserved -= worst
+                self.counts["retries"] = chat.retries
             if got is None:
                 self.counts["failed"] += 1
             else:
                 text, finish, usage, model = got
-                limiter.settle(est, int(usage.get("total_tokens", est)))
-                self.cost += self.price(usage)
-                self.tokens["prompt"] += int(usage.get("prompt_tokens", 0))
-                self.tokens["completion"] += int(usage.get("completion_tokens", 0))
                 reason = self.filter_reason(text)
                 row = {"id": item["id"], "messages": item["messages"], "teacher_response": text, "model": model,
                        "usage": usage, "finish_reason": finish}
+                # A paid answer is written first, then accounted: nothing after the reply can lose it.
                 if reason:
                     self.counts[reason] += 1
                     write(rej, {**row, "rejected": reason})
                 else:
                     self.counts["written"] += 1
                     write(out, row)
-                if self.cfg.max_cost is not None and self.cost >= self.cfg.max_cost and not stop.is_set():
-                    log.warning("cost %.4f reached --max-cost %.4f: stopping", self.cost, self.cfg.max_cost)
-                    stop.set()
+                limiter.settle(est, int(usage.get("total_tokens", est) or est))
+                self.cost += self.price(usage)
+                self.tokens["prompt"] += int(usage.get("prompt_tokens", 0) or 0)
+                self.tokens["completion"] += int(usage.get("completion_tokens", 0) or 0)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(cost=f"${self.cost:.4f}", retries=chat.retries, refresh=False)
@@ -350,14 +461,12 @@ class Collector:
         finally:
             out.flush(), rej.flush()
             os.fsync(out.fileno()), os.fsync(rej.fileno())
-            out.close(), rej.close()
+            rej.close()
             if bar is not None:
                 bar.close()
             await client.close()
-        if stop.is_set():
-            self.counts["stopped_by_cost"] = len(todo) - self.counts["written"] - self.counts["failed"] - sum(
-                v for k, v in self.counts.items() if k.startswith("filtered_"))
-        return {**self.counts, "cost": round(self.cost, 6), "tokens": self.tokens}
+        return {**self.counts, "cost": round(self.cost, 6), "cost_this_run": round(self.cost - self.cost_before, 6),
+                "tokens": self.tokens}
 
 
 def _safe(text: str, key_env: str = "OPENAI_API_KEY") -> str:
@@ -400,27 +509,41 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from gad_megatron.data.prompts import PromptFormatError, load_prompts
+    from gad_megatron.runtime.outputs import check_not_an_input
 
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    prices = {}
-    if a.prices:
-        with open(a.prices) as f:
-            prices = json.load(f)
-    cfg = CollectConfig(
-        base_url=a.base_url, model=a.model, api_key_env=a.api_key_env, max_in_flight=a.max_in_flight,
-        requests_per_minute=a.rpm, tokens_per_minute=a.tpm, max_tokens=a.max_tokens, temperature=a.temperature,
-        timeout_s=a.timeout, max_retries=a.max_retries, backoff_base_s=a.backoff_base, stream=a.stream,
-        prices=prices, max_cost=a.max_cost, drop_empty=not a.keep_empty, drop_refusals=a.drop_refusals,
-        min_chars=a.min_chars, max_chars=a.max_chars, fsync_every=a.fsync_every, progress=not a.no_progress,
-    )
+    items = []
     try:
-        items = load_prompts(a.prompts, a.id_field, a.limit)
-        summary = asyncio.run(Collector(cfg, a.out).run(items))
-    except (PromptFormatError, FatalReply, ValueError, FileNotFoundError) as e:
+        # Everything that can be wrong with the input is found before the first (paid) request.
+        check_not_an_input(a.out, {"--prompts": a.prompts, "--prices": a.prices})
+        check_not_an_input(a.out + ".rejected.jsonl", {"--prompts": a.prompts})
+        prices = load_prices(a.prices) if a.prices else {}
+        cfg = CollectConfig(
+            base_url=a.base_url, model=a.model, api_key_env=a.api_key_env, max_in_flight=a.max_in_flight,
+            requests_per_minute=a.rpm, tokens_per_minute=a.tpm, max_tokens=a.max_tokens, temperature=a.temperature,
+            timeout_s=a.timeout, max_retries=a.max_retries, backoff_base_s=a.backoff_base, stream=a.stream,
+            prices=prices, max_cost=a.max_cost, drop_empty=not a.keep_empty, drop_refusals=a.drop_refusals,
+            min_chars=a.min_chars, max_chars=a.max_chars, fsync_every=a.fsync_every, progress=not a.no_progress,
+        )
+        if prices and a.model not in prices:
+            log.warning("no price for model %s in %s: its cost counts as 0", a.model, a.prices)
+        stats: dict = {}
+        items = load_prompts(a.prompts, a.id_field, a.limit, stats=stats)
+        collector = Collector(cfg, a.out)
+        summary = asyncio.run(collector.run(items))
+    except (PromptFormatError, FatalReply, ValueError, OSError, OutputBusy) as e:
         print(f"gad-collect: error: {_safe(str(e), a.api_key_env)}", file=sys.stderr)
         return 2
-    print(json.dumps({"prompts": len(items), **summary}))
+    except KeyboardInterrupt:
+        print("gad-collect: interrupted: every answer received is written; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(json.dumps({"prompts": len(items), "duplicate_prompts_skipped": stats.get("duplicates", 0), **summary}))
+    answered = summary["written"] + sum(v for k, v in summary.items() if k.startswith("filtered_"))
+    if summary["failed"] and not answered:
+        print(f"gad-collect: error: all {summary['failed']} requests failed; nothing was collected", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -51,6 +51,8 @@ def to_item(row: dict, where: str, id_field: Optional[str] = None) -> dict:
 def iter_rows(path: str, split: str = "train") -> Iterator[tuple]:
     """(where, row) for each row of a JSONL file (read here, so ``where`` is ``file:line``), a parquet file or
     a saved ``datasets`` directory; a row that is not a JSON object comes as a PromptFormatError instead."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
     if path.endswith((".jsonl", ".json")) and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -78,20 +80,32 @@ def iter_rows(path: str, split: str = "train") -> Iterator[tuple]:
         yield f"{path}[{i}]", dict(row)
 
 
-def iter_prompts(path: str, id_field: Optional[str] = None, split: str = "train") -> Iterator[dict]:
+def iter_prompts(path: str, id_field: Optional[str] = None, split: str = "train") -> Iterator[tuple]:
+    """(where, {"id", "messages"}) per row."""
     for where, row in iter_rows(path, split):
         if isinstance(row, Exception):
             raise row
-        yield to_item(row, where, id_field)
+        yield where, to_item(row, where, id_field)
 
 
-def load_prompts(path: str, id_field: Optional[str] = None, limit: Optional[int] = None) -> list:
-    items, seen = [], set()
-    for item in iter_prompts(path, id_field):
-        if item["id"] in seen:
-            continue  # the same prompt twice is paid once
-        seen.add(item["id"])
+def load_prompts(path: str, id_field: Optional[str] = None, limit: Optional[int] = None,
+                 stats: Optional[dict] = None) -> list:
+    """The prompts, each id once. The same prompt twice is asked once (counted in ``stats["duplicates"]``);
+    one id for two different prompts is an error naming both lines (keeping either would drop the other)."""
+    items, first = [], {}
+    dups = 0
+    for where, item in iter_prompts(path, id_field):
+        seen = first.get(item["id"])
+        if seen is not None:
+            if seen[1] != item["messages"]:
+                raise PromptFormatError(f"{where}: id {item['id']!r} is already used by {seen[0]} for a different "
+                                        f"prompt (ids must be unique; --id-field picks another field)")
+            dups += 1
+            continue
+        first[item["id"]] = (where, item["messages"])
         items.append(item)
         if limit and len(items) >= limit:
             break
+    if stats is not None:
+        stats["duplicates"] = dups
     return items

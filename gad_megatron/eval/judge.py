@@ -51,19 +51,23 @@ class Judge:
 
     async def judge(self, instruction_messages: list, student_answer: str) -> dict:
         """Reference answer, then scores (retrying an unparsable score reply ``parse_retries`` times)."""
+        from gad_megatron.data.collect import RequestFailed
+
         instruction = instruction_messages[-1]["content"]
-        got = await self.chat.ask(self.client, [{"role": "system", "content": P.REFERENCE_SYSTEM}, *instruction_messages])
-        if got is None:
-            return {"failed": True, "error": "judge reference answer: request failed"}
+        try:
+            got = await self.chat.ask(self.client, [{"role": "system", "content": P.REFERENCE_SYSTEM}, *instruction_messages])
+        except RequestFailed as e:
+            return {"failed": True, "error": f"judge reference answer: {e}"}
         reference = got[0]
         msgs = [{"role": "system", "content": P.SCORE_SYSTEM},
                 {"role": "user", "content": P.SCORE_USER.format(instruction=instruction, answer_a=student_answer,
                                                                 answer_b=reference)}]
         last_err: Optional[str] = None
         for _ in range(self.parse_retries + 1):
-            got = await self.chat.ask(self.client, msgs)
-            if got is None:
-                return {"failed": True, "error": "judge score: request failed", "reference_answer": reference}
+            try:
+                got = await self.chat.ask(self.client, msgs)
+            except RequestFailed as e:
+                return {"failed": True, "error": f"judge score: {e}", "reference_answer": reference}
             try:
                 a, b = parse_scores(got[0])
             except UnparsableJudgeReply as e:

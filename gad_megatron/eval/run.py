@@ -23,14 +23,93 @@ from gad_megatron.eval.judge import Judge, aggregate
 log = logging.getLogger("gad_megatron.eval")
 
 
-def _read_jsonl(path: str) -> list:
-    if not os.path.exists(path):
-        return []
+def _read_jsonl(path: str, repair: bool = True) -> list:
+    """Rows of a JSONL this tool writes. ``repair`` drops a torn last line (a crash mid-write) of our own
+    outputs; inputs (``report``) are only read, never written to."""
     from gad_megatron.data.collect import recover_output
 
-    recover_output(path)  # drop a torn last line left by a crash
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(l) for l in f if l.strip()]
+    rows: list = []
+    _, torn = recover_output(path, on_row=rows.append, repair=repair)
+    if torn and not repair:
+        log.warning("%s: its last line is incomplete (a run still writing it, or one that crashed): ignored", path)
+    return rows
+
+
+def _key(row: dict) -> tuple:
+    """Items are keyed by test set and id: two sets may both have an item "1"."""
+    return (row.get("dataset"), str(row["id"]))
+
+
+def _latest(rows: list) -> dict:
+    """{(run, dataset, id): the last row written} (a re-judged failure supersedes the failure)."""
+    return {(r.get("run", "run"),) + _key(r): r for r in rows}
+
+
+def model_identity(model: str) -> dict:
+    """What makes one model's answers different from another's: its path, the checkpoint iteration, and a
+    fingerprint of the weight files (names, sizes, modification times)."""
+    import hashlib
+
+    from gad_megatron.convert.api import is_checkpoint
+    from gad_megatron.convert.megatron_ckpt import iter_dir, read_iteration
+
+    ident = {"path": os.path.abspath(model)}
+    if is_checkpoint(model):
+        ident["iteration"] = read_iteration(model)
+        wdir = iter_dir(model, ident["iteration"])
+        files = [os.path.join(wdir, f) for f in sorted(os.listdir(wdir))]
+    else:
+        files = [os.path.join(model, f) for f in sorted(os.listdir(model)) if f.endswith((".safetensors", ".bin", ".json"))]
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    ident["fingerprint"] = h.hexdigest()[:16]
+    return ident
+
+
+def check_run_identity(out: str, identity: dict) -> None:
+    """Results and answers in ``out`` belong to one model and one set of settings: a rerun with another
+    ``--model`` (or other generation / judge settings) is refused instead of reporting the old answers."""
+    meta_path = out + ".meta.json"
+    existing = [p for p in (out, out + ".answers.jsonl") if os.path.exists(p) and os.path.getsize(p)]
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+        if diff:
+            k = diff[0]
+            raise ValueError(f"{out} holds results for {k}={old.get(k)!r}, not {identity.get(k)!r} (differs in "
+                             f"{', '.join(diff)}): use another --out, or move the old results aside")
+        return
+    if existing:
+        raise ValueError(f"{existing[0]} has results but no {os.path.basename(meta_path)} saying which model and "
+                         f"settings made them: use another --out, or move the old results aside")
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(identity, f, indent=2)
+    os.replace(tmp, meta_path)
+
+
+def model_max_len(model: str) -> int:
+    """The model's context length from its config (an HF dir, or the config saved with a checkpoint)."""
+    from gad_megatron.convert.api import is_checkpoint
+    from gad_megatron.convert.megatron_ckpt import hf_config_dir
+    from gad_megatron.models.hf_config import load_hf_config
+
+    cfg = load_hf_config(hf_config_dir(model) if is_checkpoint(model) else model)
+    return int(cfg.get("max_position_embeddings") or 4096)
+
+
+def parse_testset(spec: str) -> tuple:
+    name, _, rest = spec.partition(":")
+    path, _, train = rest.partition(":")
+    if not path:
+        raise ValueError(f"--testset {spec}: expected NAME:PATH[:TRAIN_FILE] (e.g. dolly:data/dolly.jsonl)")
+    return name, path, train or None
 
 
 def _append(path: str, row: dict) -> None:
@@ -60,7 +139,7 @@ def _hf_dir_for(model: str, workdir: str) -> str:
 
 def generate_answers(model: str, items: list, engine: str = "vllm", max_tokens: int = 1536,
                      workdir: str = "/tmp", max_model_len: int = 4096) -> dict:
-    """{id: (answer text, answer tokens)} with greedy decoding (paper: max 1536 new tokens)."""
+    """{(dataset, id): (answer text, answer tokens)} with greedy decoding (paper: max 1536 new tokens)."""
     from transformers import AutoTokenizer
 
     from gad_megatron.data.chat import prompt_ids
@@ -95,23 +174,25 @@ def generate_answers(model: str, items: list, engine: str = "vllm", max_tokens: 
     for it, g in zip(items, groups):
         s = g[0]
         toks = [t for t in s.token_ids if t not in sampling.stop_token_ids]
-        out[it["id"]] = (tok.decode(toks, skip_special_tokens=True), len(toks))
+        out[_key(it)] = (tok.decode(toks, skip_special_tokens=True), len(toks))
     return out
 
 
 async def judge_items(items: list, answers: dict, results_path: str, judge_cfg, run_name: str,
-                      max_in_flight: int = 8, parse_retries: int = 2) -> list:
+                      max_in_flight: int = 8, parse_retries: int = 2, retry_failed: bool = True) -> list:
+    """Judges every item not judged yet (and, with ``retry_failed``, every item whose last judgement failed:
+    an outage must not fail items for good). ``answers``: {(dataset, id): (text, tokens)}."""
     from gad_megatron.data.collect import RetryingChat
 
-    done = {r["id"] for r in _read_jsonl(results_path)}
-    todo = [it for it in items if it["id"] not in done]
+    latest = {k[1:]: r for k, r in _latest(_read_jsonl(results_path)).items() if k[0] == run_name}
+    todo = [it for it in items if _key(it) not in latest or (retry_failed and latest[_key(it)].get("failed"))]
     chat = RetryingChat(judge_cfg)
     client = chat.client()
     judge = Judge(chat, client, judge_cfg.model, parse_retries)
     sem = asyncio.Semaphore(max_in_flight)
 
     async def one(it):
-        answer, n_tokens = answers[it["id"]]
+        answer, n_tokens = answers[_key(it)]
         async with sem:
             verdict = await judge.judge(it["messages"], answer)
         row = {"id": it["id"], "dataset": it["dataset"], "run": run_name, "messages": it["messages"],
@@ -123,11 +204,13 @@ async def judge_items(items: list, answers: dict, results_path: str, judge_cfg, 
         await asyncio.gather(*(one(it) for it in todo))
     finally:
         await client.close()
-    return _read_jsonl(results_path)
+    wanted = {_key(it) for it in items}
+    return [r for k, r in _latest(_read_jsonl(results_path)).items() if k[0] == run_name and k[1:] in wanted]
 
 
 def summarize(rows: list) -> dict:
-    """{run: {dataset: aggregate}} (judge prompt versions are never mixed)."""
+    """{run: {dataset: aggregate}} over the last row of each item (judge prompt versions are never mixed)."""
+    rows = list(_latest(rows).values())
     versions = {r.get("judge_prompt_version") for r in rows}
     if len(versions) > 1:
         raise ValueError(f"results mix judge prompt versions {sorted(map(str, versions))}: re-judge before comparing")
@@ -188,7 +271,7 @@ def _parser():
     r.add_argument("--out", required=True)
     r.add_argument("--run-name", default=None)
     r.add_argument("--max-tokens", type=int, default=1536)
-    r.add_argument("--max-model-len", type=int, default=4096)
+    r.add_argument("--max-model-len", type=int, default=None, help="default: the model's context, at most 4096")
     r.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     r.add_argument("--judge-model", default="gpt-4o")
     r.add_argument("--api-key-env", default="OPENAI_API_KEY")
@@ -197,6 +280,8 @@ def _parser():
     r.add_argument("--timeout", type=float, default=120.0)
     r.add_argument("--backoff-base", type=float, default=0.5)
     r.add_argument("--no-plot", action="store_true")
+    r.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
+                   help="keep items whose judgement failed as failed (default: a rerun asks the judge again)")
     s = sub.add_parser("report")
     s.add_argument("results", nargs="+")
     s.add_argument("--out-dir", required=True)
@@ -208,38 +293,65 @@ def main(argv=None) -> int:
     from gad_megatron.data.collect import CollectConfig, FatalReply, _safe
     from gad_megatron.data.prompts import PromptFormatError
     from gad_megatron.eval.testsets import load_testset
+    from gad_megatron.runtime.outputs import check_not_an_input
 
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    key_env = a.api_key_env if a.cmd == "run" else "OPENAI_API_KEY"
     try:
         if a.cmd == "report":
-            rows = [r for path in a.results for r in _read_jsonl(path)]
+            for name in ("summary.md", "summary.json", "scores.png"):
+                check_not_an_input(os.path.join(a.out_dir, name), {f"results[{i}]": p for i, p in enumerate(a.results)})
+            rows = [r for path in a.results for r in _read_jsonl(path, repair=False)]
             write_report(summarize(rows), a.out_dir, plot=not a.no_plot)
             return 0
+        # Everything that can be wrong is found before any model is loaded or any judge call is paid.
+        specs = [parse_testset(spec) for spec in a.testset]
+        for name, path, train in specs:
+            check_not_an_input(a.out, {f"--testset {name}": path, "--testset train file": train})
         items = []
-        for spec in a.testset:
-            name, _, rest = spec.partition(":")
-            path, _, train = rest.partition(":")
-            items += load_testset(name, path, train or None, a.n)
+        for name, path, train in specs:
+            items += load_testset(name, path, train, a.n)
+        keys = [_key(it) for it in items]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"--testset {dup[0]}: id {dup[1]!r} appears twice (given the same test set twice?)")
+        context = model_max_len(a.model)
+        max_model_len = a.max_model_len or min(context, 4096)
+        if max_model_len > context:
+            raise ValueError(f"--max-model-len {max_model_len} is longer than the model's context "
+                             f"(max_position_embeddings={context})")
         run_name = a.run_name or os.path.basename(os.path.normpath(a.model))
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        check_run_identity(a.out, {"model": model_identity(a.model), "run_name": run_name, "engine": a.engine,
+                                   "max_tokens": a.max_tokens, "max_model_len": max_model_len,
+                                   "judge_model": a.judge_model, "judge_prompt_version": judge_prompts.VERSION})
         answers_path = a.out + ".answers.jsonl"
-        answers = {r["id"]: (r["answer"], r["response_tokens"]) for r in _read_jsonl(answers_path)}
-        missing = [it for it in items if it["id"] not in answers]
+        answers = {_key(r): (r["answer"], r["response_tokens"]) for r in _read_jsonl(answers_path)}
+        missing = [it for it in items if _key(it) not in answers]
         if missing:
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
             new = generate_answers(a.model, missing, a.engine, a.max_tokens, os.path.dirname(os.path.abspath(a.out)),
-                                   a.max_model_len)
+                                   max_model_len)
             for it in missing:
-                _append(answers_path, {"id": it["id"], "answer": new[it["id"]][0], "response_tokens": new[it["id"]][1]})
+                text, n = new[_key(it)]
+                _append(answers_path, {"id": it["id"], "dataset": it["dataset"], "answer": text, "response_tokens": n})
             answers.update(new)
         cfg = CollectConfig(base_url=a.base_url, model=a.judge_model, api_key_env=a.api_key_env,
                             timeout_s=a.timeout, backoff_base_s=a.backoff_base, progress=False)
-        rows = asyncio.run(judge_items(items, answers, a.out, cfg, run_name, a.max_in_flight, a.parse_retries))
+        rows = asyncio.run(judge_items(items, answers, a.out, cfg, run_name, a.max_in_flight, a.parse_retries,
+                                       a.retry_failed))
         write_report(summarize(rows), os.path.dirname(os.path.abspath(a.out)), plot=not a.no_plot)
-    except (PromptFormatError, FatalReply, ValueError, FileNotFoundError) as e:
-        key_env = a.api_key_env if a.cmd == "run" else "OPENAI_API_KEY"
+    except (PromptFormatError, FatalReply, ValueError, OSError) as e:
         print(f"gad-eval: error: {_safe(str(e), key_env)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("gad-eval: interrupted: judged items are kept; run the same command to resume", file=sys.stderr)
+        return 130
+    failed = sum(1 for r in rows if r.get("failed"))
+    if rows and failed == len(rows):
+        errors = sorted({r.get("error", "?") for r in rows})
+        print(f"gad-eval: error: all {failed} judgements failed ({errors[0]}); rerun to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

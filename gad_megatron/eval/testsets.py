@@ -24,15 +24,24 @@ def _jsonl(path: str):
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield i, json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PromptFormatError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise PromptFormatError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+                yield i, row
 
 
-def _need(row: dict, key: str, where: str):
+def _need(row: dict, key: str, where: str, kind=str):
     if key not in row:
         raise PromptFormatError(f"{where}: missing field {key!r}")
+    if not isinstance(row[key], kind):
+        raise PromptFormatError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(row[key]).__name__}")
     return row[key]
+
+
+def _opt(row: dict, key: str, where: str, kind=str, default=None):
+    return default if row.get(key) in (None, "") else _need(row, key, where, kind)
 
 
 def load_testset(name: str, path: str, train_file: Optional[str] = None, n: Optional[int] = None, seed: int = 0) -> list:
@@ -51,19 +60,28 @@ def load_testset(name: str, path: str, train_file: Optional[str] = None, n: Opti
         where = f"{path}:{i}"
         if name == "dolly":
             text = _need(row, "instruction", where)
-            if row.get("context"):
-                text = f"{text}\n\n{row['context']}"
+            context = _opt(row, "context", where)
+            if context:
+                text = f"{text}\n\n{context}"
             rid = row.get("id", f"dolly-{i}")
         elif name == "selfinst":
             text = _need(row, "instruction", where)
-            inst = (row.get("instances") or [{}])[0]
-            if inst.get("input"):
-                text = f"{text}\n\n{inst['input']}"
+            instances = _opt(row, "instances", where, list, [{}])
+            inst = instances[0] if instances else {}
+            if not isinstance(inst, dict):
+                raise PromptFormatError(f"{where}: 'instances' must hold objects with 'input'")
+            inp = _opt(inst, "input", where)
+            if inp:
+                text = f"{text}\n\n{inp}"
             rid = row.get("id", f"selfinst-{i}")
         else:
-            text = row.get("text") or (row.get("turns") or [None])[0]
-            if not text:
-                raise PromptFormatError(f"{where}: missing field 'text' (or 'turns')")
+            if row.get("text") is not None:
+                text = _need(row, "text", where)
+            else:
+                turns = _opt(row, "turns", where, list, [])
+                text = turns[0] if turns else None
+                if not isinstance(text, str) or not text:
+                    raise PromptFormatError(f"{where}: missing field 'text' (or 'turns': [string, ...])")
             rid = row.get("question_id", f"vicuna-{i}")
         items.append({"id": str(rid), "dataset": name, "messages": [{"role": "user", "content": text}]})
     return items[:n] if n else items
