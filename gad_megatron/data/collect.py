@@ -396,19 +396,33 @@ class Collector:
                 os.fsync(rej.fileno())
                 since_sync = 0
 
-        def reserve(item) -> Optional[float]:
-            """The request's worst-case cost, reserved against the cap; None when it might break the cap."""
+        budget = asyncio.Condition()
+
+        async def reserve(item) -> Optional[float]:
+            """Reserves the request's worst-case cost against the cap, waiting for requests in flight to settle
+            when it does not fit yet; None when it cannot fit even with nothing in flight (the run stops)."""
             if self.cfg.max_cost is None:
                 return 0.0
             worst = self.worst_case_cost(item["messages"])
-            if stop.is_set() or self.cost + self.reserved + worst > self.cfg.max_cost:
-                if not stop.is_set():
-                    log.warning("spent %.4f with %.4f reserved in flight: the next request could pass --max-cost "
-                                "%.4f; stopping", self.cost, self.reserved, self.cfg.max_cost)
-                stop.set()
-                return None
-            self.reserved += worst
+            async with budget:
+                while not stop.is_set() and self.cost + self.reserved + worst > self.cfg.max_cost:
+                    if self.reserved == 0:
+                        log.warning("spent %.4f: the next request could pass --max-cost %.4f; stopping", self.cost,
+                                    self.cfg.max_cost)
+                        stop.set()
+                        budget.notify_all()
+                        break
+                    await budget.wait()
+                if stop.is_set():
+                    return None
+                self.reserved += worst
             return worst
+
+        async def settle(worst: float):
+            if self.cfg.max_cost is not None:
+                async with budget:
+                    self.reserved -= worst
+                    budget.notify_all()
 
         async def one(item):
             if stop.is_set():
@@ -416,7 +430,7 @@ class Collector:
                 return
             est = sum(len(m["content"]) for m in item["messages"]) // 4 + (self.cfg.max_tokens or 512)
             await limiter.acquire(est)
-            worst = reserve(item)  # no await between the check and the reservation: atomic in asyncio
+            worst = await reserve(item)
             if worst is None:
                 self.counts["stopped_by_cost"] += 1
                 return
@@ -424,11 +438,13 @@ class Collector:
                 got = await chat.ask(client, item["messages"])
             except RequestFailed:
                 got = None
-            finally:
-                self.reserved -= worst
-                self.counts["retries"] = chat.retries
+            except BaseException:
+                await settle(worst)
+                raise
+            self.counts["retries"] = chat.retries
             if got is None:
                 self.counts["failed"] += 1
+                await settle(worst)
             else:
                 text, finish, usage, model = got
                 reason = self.filter_reason(text)
@@ -443,6 +459,7 @@ class Collector:
                     write(out, row)
                 limiter.settle(est, int(usage.get("total_tokens", est) or est))
                 self.cost += self.price(usage)
+                await settle(worst)  # the real cost replaces the reservation in one step
                 self.tokens["prompt"] += int(usage.get("prompt_tokens", 0) or 0)
                 self.tokens["completion"] += int(usage.get("completion_tokens", 0) or 0)
             if bar is not None:

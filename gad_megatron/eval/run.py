@@ -104,6 +104,17 @@ def model_max_len(model: str) -> int:
     return int(cfg.get("max_position_embeddings") or 4096)
 
 
+def resolve_max_model_len(model: str, requested=None) -> int:
+    """``--max-model-len``: by default the model's own context (at most 4096); longer is an error."""
+    context = model_max_len(model)
+    if requested is None:
+        return min(context, 4096)
+    if requested > context:
+        raise ValueError(f"--max-model-len {requested} is longer than the model's context "
+                         f"(max_position_embeddings={context} in its config.json)")
+    return requested
+
+
 def parse_testset(spec: str) -> tuple:
     name, _, rest = spec.partition(":")
     path, _, train = rest.partition(":")
@@ -159,15 +170,16 @@ def generate_answers(model: str, items: list, engine: str = "vllm", max_tokens: 
         finally:
             eng.shutdown()
     elif engine == "megatron":
-        from gad_megatron.convert.api import load_from_checkpoint
+        from gad_megatron.convert.api import load_model
         from gad_megatron.rollout.megatron_engine import MegatronEngine
-        from gad_megatron.runtime import ParallelConfig, initialize
+        from gad_megatron.runtime import ParallelConfig, destroy, initialize
 
-        if os.path.exists(os.path.join(model, "config.json")):
-            raise ValueError(f"{model}: the megatron engine reads a megatron checkpoint (convert with gad-convert)")
         initialize(ParallelConfig())
-        _, chunks, _ = load_from_checkpoint(model)
-        groups = MegatronEngine(chunks).generate(ids, sampling)
+        try:
+            _, chunks, _ = load_model(model)  # a megatron checkpoint or an HF dir
+            groups = MegatronEngine(chunks).generate(ids, sampling)
+        finally:
+            destroy()
     else:
         raise ValueError(f"engine={engine!r}: use vllm or megatron")
     out = {}
@@ -316,11 +328,7 @@ def main(argv=None) -> int:
         if len(set(keys)) != len(keys):
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ValueError(f"--testset {dup[0]}: id {dup[1]!r} appears twice (given the same test set twice?)")
-        context = model_max_len(a.model)
-        max_model_len = a.max_model_len or min(context, 4096)
-        if max_model_len > context:
-            raise ValueError(f"--max-model-len {max_model_len} is longer than the model's context "
-                             f"(max_position_embeddings={context})")
+        max_model_len = resolve_max_model_len(a.model, a.max_model_len)
         run_name = a.run_name or os.path.basename(os.path.normpath(a.model))
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         check_run_identity(a.out, {"model": model_identity(a.model), "run_name": run_name, "engine": a.engine,
