@@ -66,7 +66,13 @@ def test_crafted_metadata_is_refused_everywhere(ckpt, hf_models, tmp_path):
     r = _cli("verify", "--hf", hf_models["qwen2_tied"], "--ckpt", ckpt)
     _one_line_error(r, "refused to load")
     with pytest.raises(ValueError, match="refused to load"):
-        load_checkpoint([], str(ckpt))  # the path the trainer and gad-eval's megatron engine take
+        load_checkpoint([], str(ckpt))  # the path gad-eval's megatron engine and load_model take
+    from gad_megatron.trainer.checkpoint import load as load_training_checkpoint
+
+    root = tmp_path / "run_checkpoints"
+    shutil.copytree(ckpt, root / "student")
+    with pytest.raises(ValueError, match="refused to load"):
+        load_training_checkpoint(str(root), 0, {"student": object()})  # gad-train's resume
     assert not marker.exists() and not (tmp_path / "export").exists()
 
 
