@@ -105,3 +105,22 @@ def test_inprocess_engine_transport(tmp_path):
     r = read_json(tmp_path / "o.json")
     assert r["transport"] == "in-process" and r["buckets"] > 1
     assert r["before"] != r["hf"] and r["after"] == r["hf"] and r["gap_max"] <= 1e-4
+
+
+@pytest.mark.parametrize("tp", [2, 1], ids=["trainTP2-engineTP1", "trainTP1-engineTP1"])
+def test_collective_transport_delivers_the_same_bits(tmp_path, tp):
+    """#8: weights reach a separate vLLM process by broadcast over a process group of their own (gloo here,
+    NCCL on GPU): vLLM then answers like HF, and the bytes received equal the bytes sent and the bytes the
+    shm-files transport delivers."""
+    reason = vllm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    a = make_hf_model("qwen2_tied", str(tmp_path / "A"), seed=11, **VLLM_SHAPE)
+    b = make_hf_model("qwen2_tied", str(tmp_path / "B"), seed=12, **VLLM_SHAPE)
+    run_ranks(tp, "collective_sync_worker.py", tp, a, b, tmp_path, tmp_path / "o.json", timeout=600)
+    r = read_json(tmp_path / "o.json")
+    assert r["transport"] == "collective" and r["collective"]["buckets"] > 1
+    assert r["before"] != r["hf_a"] and r["after"] == r["hf_a"] and r["after_shm"] == r["hf_a"]
+    assert r["collective"]["gap_max"] <= 1e-4
+    assert r["collective_digest"] == [r["sent_digest"]]
+    assert r["shm_digest"] == r["collective_digest"] == r["collective_again_digest"]

@@ -5,8 +5,8 @@ sleep/wake to hand memory back to training between rollouts. On CPU (the ``vllm-
 a no-op and ``model.load_weights`` repacks oneDNN weights wrongly, so weights go through
 ``model_runner.reload_weights`` in a worker extension (:mod:`gad_megatron.rollout.vllm_worker`).
 
-Weight transport: see :mod:`gad_megatron.rollout.transport` (tensors in-process, safetensors files in
-/dev/shm when the engine core is its own process).
+Weight transport: see :mod:`gad_megatron.rollout.transport` (tensors in-process; CUDA IPC or NCCL broadcast
+on GPU; safetensors files in /dev/shm or a gloo broadcast on CPU).
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class VLLMConfig:
     enable_sleep_mode: bool = False  # GPU only
     transfer_dir: str = "/dev/shm"
     load_format: str = "auto"  # "dummy": random weights, for an engine whose weights arrive by sync
+    # Weight-sync transport (rollout/transport.py): auto = in-process when the engine core is in this process;
+    # on GPU cuda-ipc for a colocated engine, collective (NCCL) otherwise; on CPU shm-files.
+    transport: str = "auto"
+    colocated: bool = True  # the engine shares the trainer's GPU(s)
 
 
 def vllm_unavailable_reason():
@@ -78,12 +82,16 @@ class VLLMEngine:
             kwargs["enable_sleep_mode"] = True
         self.llm = LLM(**kwargs)
         self.sleep_enabled = on_gpu and cfg.enable_sleep_mode
+        self.asleep = False
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
-        self.transport = make_transport(self.in_process, cfg.transfer_dir)
+        self.transport = make_transport(cfg.transport, self.in_process, cfg.colocated, cfg.transfer_dir,
+                                        engine_world_size=cfg.tensor_parallel_size)
 
     # -- rollout -----------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list:
         from vllm import SamplingParams
+
+        self.wake_up()
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
@@ -114,6 +122,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.wake_up()
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
         result = []
@@ -124,6 +133,7 @@ class VLLMEngine:
 
     # -- weights -----------------------------------------------------------------------------------------
     def update_weights(self, buckets: Iterable) -> None:
+        self.wake_up()
         try:
             self.transport.push(self.llm, buckets)
         finally:
@@ -132,12 +142,23 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        if self.sleep_enabled:
+        """GPU, colocated: free the KV cache and move the weights to host memory while G and D train (level
+        1: the weights come back as they were; the next sync overwrites them anyway)."""
+        if self.sleep_enabled and not self.asleep:
             self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake_up(self) -> None:
-        if self.sleep_enabled:
+        if self.sleep_enabled and self.asleep:
             self.llm.wake_up()
+            self.asleep = False
+
+    def received_digest(self) -> list:
+        """Per worker: a hash of every (name, bytes) the last sync delivered (after ``record_digest``)."""
+        return self.llm.collective_rpc("gad_last_digest")
+
+    def record_digest(self, on: bool = True) -> None:
+        self.llm.collective_rpc("gad_record_digest", args=(on,))
 
     def shutdown(self) -> None:
         llm = getattr(self, "llm", None)

@@ -74,6 +74,10 @@ class RolloutConfig:
     # vLLM's engine core inside the trainer's process (tensors handed over directly). Only for a single-rank
     # run: in-process vLLM joins the already-initialised torch.distributed world and waits on the other ranks.
     in_process: bool = False
+    # How synced weights reach vLLM (rollout/transport.py): auto | in-process | shm-files | cuda-ipc | collective.
+    transport: str = "auto"
+    colocated: bool = True  # vLLM shares the trainer's GPUs (cuda-ipc + sleep/wake); False: its own GPUs (NCCL)
+    sleep_between_rollouts: bool = True  # GPU, colocated: vLLM frees its KV cache / weights while G and D train
     bucket_mb: float = 512.0
     verify_every: int = 10  # check the synced weights (probe logprob gap) on the first sync and every K
     stop_gap: float = 5e-2
@@ -177,6 +181,7 @@ _CHOICES = {
     "data.overlong": ("drop", "truncate"),
     "data.bad_rows": ("error", "skip"),
     "rollout.engine": ("vllm", "megatron"),
+    "rollout.transport": ("auto", "in-process", "shm-files", "cuda-ipc", "collective"),
     "g_optim.schedule": ("constant", "cosine"),
     "d_optim.schedule": ("constant", "cosine"),
     "algo.loss_agg_mode": LOSS_AGG_MODES,

@@ -144,6 +144,8 @@ def make_engine(cfg, t):
             max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             kv_cache_memory_bytes=int(kv * 1024**3) if kv is not None else None, seed=cfg.train.seed,
+            transport=cfg.rollout.transport, colocated=cfg.rollout.colocated,
+            enable_sleep_mode=cfg.rollout.colocated and cfg.rollout.sleep_between_rollouts,
             # A checkpoint's hf/ has config + tokenizer only: start from dummy weights, the first sync fills them.
             load_format="auto" if has_weights else "dummy"))
     t.sync = WeightSync(t.g.modules, engine, t.arch, bucket_mb=cfg.rollout.bucket_mb, stop_gap=cfg.rollout.stop_gap)
@@ -169,6 +171,7 @@ def generate(t, prompts: list, sampling: SamplingConfig) -> list:
     box = [None]
     if dist.get_rank() == 0:
         box = [[[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in t.engine.generate(prompts, sampling)]]
+        t.engine.sleep()  # GPU, colocated: memory back to training until the next sync wakes it (no-op on CPU)
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
