@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Generative Adversarial Distillation (GAD) on megatron-core",
     packages=find_packages(include=["gad_megatron", "gad_megatron.*"]),
-    package_data={"gad_megatron": ["assets/*", "assets/demo/*"]},
+    package_data={"gad_megatron": ["assets/*", "assets/demo/*", "assets/model_configs/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<=2.14.1",
@@ -40,6 +40,7 @@ setup(
             "gad-train=gad_megatron.trainer.cli:main",
             "gad-collect=gad_megatron.data.collect:main",
             "gad-eval=gad_megatron.eval.run:main",
+            "gad-plan=gad_megatron.trainer.plan:main",
         ]
     },
 )

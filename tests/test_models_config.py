@@ -87,3 +87,27 @@ def test_cpu_shim_not_imported_by_library_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_fusions_follow_the_device():
+    """#8 item 7: every fusion on where its kernel exists (CUDA; TE for softmax / RoPE / wgrad), all off on
+    CPU; the config built here (CPU) has them off."""
+    from gad_megatron.models.gpt import fusion_flags
+
+    names = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
+             "gradient_accumulation_fusion")
+    assert not any(fusion_flags(use_te=True, cuda=False).values())
+    gpu_te = fusion_flags(use_te=True, cuda=True)
+    assert all(gpu_te[n] for n in names) and gpu_te["persist_layer_norm"] is False
+    gpu_local = fusion_flags(use_te=False, cuda=True)
+    assert gpu_local["bias_activation_fusion"] and gpu_local["bias_dropout_fusion"]
+    assert not gpu_local["masked_softmax_fusion"] and not gpu_local["apply_rope_fusion"]
+    import torch
+
+    from gad_megatron.models.gpt import ModelOptions, transformer_config_kwargs
+    from gad_megatron.models.hf_config import arch_spec_from_hf
+
+    arch = arch_spec_from_hf({"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                              "intermediate_size": 96, "vocab_size": 96, "num_key_value_heads": 2})
+    kw = transformer_config_kwargs(arch, ModelOptions(), {})
+    assert torch.cuda.is_available() or not any(kw[n] for n in names)

@@ -60,6 +60,29 @@ def use_transformer_engine(opts: ModelOptions) -> bool:
     return te_available() and torch.cuda.is_available()
 
 
+def _apex_wgrad_fusion() -> bool:
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def fusion_flags(use_te: bool, cuda: Optional[bool] = None) -> dict:
+    """megatron's fusions, each on exactly where its kernel exists (decided once, from the device):
+    - bias-SwiGLU and bias-dropout are torch.jit fusions: any CUDA device;
+    - masked softmax and RoPE use TE's (or apex's) CUDA kernels: CUDA + TE;
+    - gradient-accumulation fusion: TE's linears do it natively; the local spec needs apex's
+      ``fused_weight_gradient_mlp_cuda``;
+    - persistent layer norm is apex's LayerNorm kernel; these models use RMSNorm: always off.
+    On CPU every fusion is off (the kernels do not exist there)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return dict(
+        bias_activation_fusion=cuda,
+        bias_dropout_fusion=cuda,
+        masked_softmax_fusion=cuda and use_te,
+        apply_rope_fusion=cuda and use_te,
+        gradient_accumulation_fusion=cuda and (use_te or _apex_wgrad_fusion()),
+        persist_layer_norm=False,
+    )
+
+
 def transformer_config_kwargs(arch: ArchSpec, opts: ModelOptions, par_sizes: dict) -> dict:
     """Keyword arguments for megatron's TransformerConfig; split out so the FP8 plumbing is unit-testable
     on a machine without Transformer Engine."""
@@ -89,13 +112,8 @@ def transformer_config_kwargs(arch: ArchSpec, opts: ModelOptions, par_sizes: dic
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=arch.init_method_std,
-        # Fusions are CUDA kernels; correctness first, the TE spec brings its own fused paths on GPU.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **fusion_flags(use_te=opts.transformer_impl == "transformer_engine"
+                       or (opts.transformer_impl == "auto" and te_available())),
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,

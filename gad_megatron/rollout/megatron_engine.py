@@ -37,6 +37,10 @@ class MegatronEngine:
         src = ps.get_pipeline_model_parallel_last_rank()
         group = ps.get_pipeline_model_parallel_group()
         stops = set(sampling.stop_token_ids)
+        # The pipeline broadcast of each step's tokens: CUDA tensors under NCCL (PP > 1 on GPU), CPU under gloo.
+        from gad_megatron.runtime.parallel import comm_device
+
+        comm = comm_device()
         out = []
         for pi, prompt in enumerate(prompts):
             n = sampling.n
@@ -45,18 +49,19 @@ class MegatronEngine:
             finish = ["length"] * n
             gen_tokens, gen_logprobs = [[] for _ in range(n)], [[] for _ in range(n)]
             for _ in range(sampling.max_tokens):
-                step = torch.zeros(2, n)  # row 0: next tokens, row 1: their logprobs
+                step = torch.zeros(2, n, device=comm)  # row 0: next tokens, row 1: their logprobs
                 logits = full_logits(self.chunks, [{"tokens": tokens}])
                 if last_stage:
                     last = logits[0][:, -1, :].float().cpu()
                     nxt = sample_next(last, sampling, gen)
-                    step[0] = nxt.to(step.dtype)
+                    step[0] = nxt.to(step.dtype).to(comm)
                     # The logprob of the sampling distribution (logits / temperature), as vLLM reports
                     # with logprobs_mode="processed_logprobs" and the trainer computes.
                     scaled = last / sampling.temperature if sampling.temperature > 0 else last
-                    step[1] = torch.log_softmax(scaled, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+                    step[1] = torch.log_softmax(scaled, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1).to(comm)
                 if ps.get_pipeline_model_parallel_world_size() > 1:
                     dist.broadcast(step, src=src, group=group)
+                step = step.cpu()
                 nxt = step[0].long()
                 for r in range(n):
                     if done[r]:

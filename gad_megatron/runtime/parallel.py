@@ -76,6 +76,16 @@ def validate_layout(
     return world_size // mp
 
 
+def comm_device() -> torch.device:
+    """Where tensors for torch.distributed collectives must live: NCCL takes only CUDA tensors, gloo CPU ones.
+    Every collective on a small host-side tensor (flags, metric sums, sampled tokens) goes through this."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _env_world() -> tuple[int, int, int]:
     # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; srun sets SLURM_* (MASTER_ADDR/PORT come from the sbatch script).
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))

@@ -48,15 +48,27 @@ class TrainEngine:
         # Sum per token / sample, divide once by the count all-reduced over DP (finalize_model_grads): the
         # optimised loss is the global token mean whatever the micro-batching (see trainer/steps.py).
         cfg.calculate_per_token_loss = True
+        on_gpu = next(chunks[0].parameters()).is_cuda
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            # GPU: each gradient bucket's DP reduction starts as soon as its backward is done (NCCL on its own
+            # stream). CPU/gloo: off (nothing to overlap with on 2 cores). Parameter-gather overlap stays off:
+            # it defers the distributed optimizer's all-gather to the next forward, but the weight sync reads
+            # G's parameters right after its step.
+            overlap_grad_reduce=on_gpu,
+            overlap_param_gather=False,
             use_distributed_optimizer=optim.use_distributed_optimizer,
         )
         self.chunks = [
             DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
             for i, c in enumerate(chunks)
         ]
+        if ddp_cfg.overlap_grad_reduce:
+            # As Megatron-LM's training loop: the schedule runs all but the last micro-batch under no_sync and
+            # starts each chunk's grad reduction itself (pipeline); finalize_model_grads waits for them.
+            no_sync = [m.no_sync for m in self.chunks]
+            cfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            cfg.grad_sync_func = [m.start_grad_sync for m in self.chunks] if len(self.chunks) > 1 else None
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
@@ -94,7 +106,9 @@ class TrainEngine:
 
         ok = all(bool(torch.isfinite(p.main_grad).all()) for c in self.chunks for p in c.module.parameters()
                  if getattr(p, "main_grad", None) is not None)
-        flag = torch.tensor([1.0 if ok else 0.0])
+        from gad_megatron.runtime.parallel import comm_device
+
+        flag = torch.tensor([1.0 if ok else 0.0], device=comm_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() == 1.0)

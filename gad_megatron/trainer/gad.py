@@ -223,8 +223,11 @@ def global_scores(t, d_units: list, first_prompt: int, n_global_prompts: int) ->
         p0 = first_prompt
         teacher[p0 : p0 + g.shape[0]] = g[:, 0]
         rewards[p0 * n : (p0 + g.shape[0]) * n] = g[:, 1:].reshape(-1)
-    both = torch.cat([rewards, teacher])
+    from gad_megatron.runtime.parallel import comm_device
+
+    both = torch.cat([rewards, teacher]).to(comm_device())
     dist.all_reduce(both)
+    both = both.cpu()
     return both[: n_global_prompts * n], both[n_global_prompts * n :]
 
 
@@ -592,7 +595,9 @@ def _agree(flag: bool) -> bool:
     """Every rank must take the same save/exit decision, whichever rank got the signal."""
     import torch.distributed as dist
 
-    x = torch.tensor([1.0 if flag else 0.0])
+    from gad_megatron.runtime.parallel import comm_device
+
+    x = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return bool(x.item())
 

@@ -34,7 +34,11 @@ def reduce_pairs(pairs: dict) -> dict:
     for i, n in enumerate(names):
         t[i] = pairs[n].double().cpu()
     if dist.is_initialized():
+        from gad_megatron.runtime.parallel import comm_device
+
+        t = t.to(comm_device())
         dist.all_reduce(t)
+        t = t.cpu()
     return {n: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, n in enumerate(names)}
 
 
@@ -56,7 +60,9 @@ def zero_pairs(names) -> dict:
 def max_over_world(x: float) -> float:
     import torch.distributed as dist
 
-    t = torch.tensor([x], dtype=torch.float64)
+    from gad_megatron.runtime.parallel import comm_device
+
+    t = torch.tensor([x], dtype=torch.float64, device=comm_device())
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
