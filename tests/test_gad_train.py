@@ -136,6 +136,37 @@ def test_kill9_then_resume_matches_uninterrupted_run(run_a, student, tmp_path):
     assert not [n for n in os.listdir(run_dir / "checkpoints" / "discriminator") if ".tmp" in n]
 
 
+def test_sigusr1_writes_a_whole_checkpoint_exits_0_and_the_next_start_resumes(run_a, student, tmp_path):
+    """#8, the Slurm requeue path (`--signal=USR1@120`) on real processes: SIGUSR1 to the launcher reaches
+    every rank; they finish the step, write a whole checkpoint (not on the save_every cadence), leave
+    stopped.json for the sbatch script and exit 0; the next start resumes there and ends where an
+    uninterrupted run ends, bit for bit."""
+    run_dir_a, _ = run_a
+    run_dir = tmp_path / "run_s"
+    cfg = write_config(tmp_path / "s.yaml", student, run_dir, **{"checkpoint.save_every": 100})
+    log = open(tmp_path / "s.log", "w")
+    proc = subprocess.Popen(GAD_TRAIN + ["--config", str(cfg)], cwd=ROOT, env=env(), start_new_session=True,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_step(run_dir, 2, proc)
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert proc.wait(timeout=300) == 0, open(tmp_path / "s.log").read()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped = json.load(open(run_dir / "stopped.json"))
+    step = stopped["step"]
+    assert 2 <= step < 6 and stopped["signal"] == signal.SIGUSR1
+    assert open(run_dir / "checkpoints" / "latest").read() == str(step)
+    for part in ("student", "discriminator", "trainer"):
+        assert os.path.isdir(run_dir / "checkpoints" / part / f"iter_{step:07d}")
+    done = [json.loads(x)["step"] for x in lines(run_dir) if "eval" not in json.loads(x)]
+    assert done[-1] == step
+    run_train(cfg)  # checkpoint.resume defaults to auto
+    assert not os.path.exists(run_dir / "stopped.json")
+    assert lines(run_dir) == lines(run_dir_a)
+
+
 def test_resume_at_another_dp_size(run_a, student, tmp_path):
     run_dir_a, _ = run_a
     cfg = write_config(tmp_path / "d.yaml", student, tmp_path / "run_d", **{

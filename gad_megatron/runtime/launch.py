@@ -2,7 +2,8 @@
 already one rank (env:// rendezvous from RANK / WORLD_SIZE or SLURM_*); a plain invocation that needs N
 ranks re-launches itself under ``torch.distributed.run``.
 
-SIGINT / SIGTERM / SIGUSR1 / SIGHUP sent to the launcher are forwarded to its ranks. The launcher, torchrun
+SIGINT / SIGTERM / SIGUSR1 / SIGHUP sent to the launcher are forwarded to its ranks (SIGUSR1 straight to
+the ranks: torchrun does not pass it on). The launcher, torchrun
 and the ranks stay in the caller's process group (``kill -9 -PGID`` reaches all of them), and each of them
 asks the kernel to be killed when its parent dies (Linux ``PR_SET_PDEATHSIG``), so even ``kill -9`` of the
 launcher alone leaves no orphan rank writing a checkpoint.
@@ -43,10 +44,21 @@ def relaunch(module: str, argv: list, nproc: int) -> int:
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
 
     def forward(signum, _frame):
-        try:
-            proc.send_signal(signum)  # torchrun forwards it to the ranks
-        except ProcessLookupError:
-            pass
+        targets = [proc.pid]  # torchrun passes SIGINT / SIGTERM / SIGHUP on to the ranks itself
+        if signum == signal.SIGUSR1:
+            # torchrun neither handles nor passes on SIGUSR1 (it would die of it, taking the ranks along):
+            # the ranks get it directly, as srun delivers `--signal=USR1@T` to every task.
+            import psutil
+
+            try:
+                targets = [c.pid for c in psutil.Process(proc.pid).children()]
+            except psutil.Error:
+                targets = []
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:

@@ -1,7 +1,7 @@
 """What a Slurm job means for a megatron run: the node list, the rendezvous, every task's rank.
 
 The sbatch scripts in ``examples/`` call ``python -m gad_megatron.runtime.slurm env`` for the
-``MASTER_ADDR`` / ``MASTER_PORT`` / ``WORLD_SIZE`` they export before ``srun``; inside the step each task
+``MASTER_ADDR`` / ``MASTER_PORT`` (and the job's size) they export before ``srun``; inside the step each task
 (one per GPU, srun-native) takes ``RANK`` / ``LOCAL_RANK`` from ``SLURM_PROCID`` / ``SLURM_LOCALID``
 (``runtime.parallel`` reads both spellings). Pure functions of the environment, so tests run them under a
 fake ``SLURM_*`` environment.
@@ -94,8 +94,10 @@ class SlurmJob:
         return cls(job_id, nodes, _gpus_per_node(env), port)
 
     def export_lines(self) -> list:
+        # Not WORLD_SIZE: each srun step (conversion on fewer tasks, then training) has its own, which the
+        # ranks read from SLURM_NTASKS / SLURM_PROCID.
         return [f"export MASTER_ADDR={self.master_addr}", f"export MASTER_PORT={self.master_port}",
-                f"export WORLD_SIZE={self.world_size}", f"export GAD_NUM_NODES={self.num_nodes}",
+                f"export GAD_WORLD_SIZE={self.world_size}", f"export GAD_NUM_NODES={self.num_nodes}",
                 f"export GAD_GPUS_PER_NODE={self.gpus_per_node}"]
 
 

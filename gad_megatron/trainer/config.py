@@ -286,7 +286,8 @@ def validate(cfg) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
         bad("checkpoint.resume", "use auto, none or an existing checkpoint directory")
-    world = os.environ.get("WORLD_SIZE")
+    # torchrun's WORLD_SIZE, an srun step's task count, or the ranks a plain gad-train will start.
+    world = os.environ.get("WORLD_SIZE") or (os.environ.get("SLURM_NTASKS") if "SLURM_STEP_NUM_TASKS" in os.environ else None)
     world = int(world) if world else cfg.parallel.nproc
     mp = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
     if world % mp:

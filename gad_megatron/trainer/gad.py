@@ -484,6 +484,8 @@ def train(cfg, data=None) -> dict:
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(os.path.join(run_dir, STOPPED_MARKER)):
+            os.remove(os.path.join(run_dir, STOPPED_MARKER))  # this start is the resume it asked for
         from gad_megatron.trainer.config import to_yaml
 
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -504,7 +506,7 @@ def train(cfg, data=None) -> dict:
             e.scheduler.load_state_dict(st["schedulers"][role])
         watch.load_state_dict(st["watch"])
         counters, evals, start = st["counters"], st["evals"], st["step"]
-        if t.ref is not None and start >= warm > 0:
+        if t.ref is not None and start > warm > 0:  # at start == warm the loop makes the reference itself
             from gad_megatron.convert.megatron_ckpt import load_checkpoint
 
             load_checkpoint(t.ref, os.path.join(resume_root, "reference"))
@@ -577,6 +579,9 @@ def train(cfg, data=None) -> dict:
         if stop_now and not last:
             if rank == 0:
                 log.warning("signal received: checkpoint at step %d written, exiting", step)
+                # The sbatch scripts requeue the job when this marker is there (a finished run removes it).
+                with open(os.path.join(run_dir, STOPPED_MARKER), "w") as f:
+                    json.dump({"step": step, "signal": int(stop["signal"])}, f)
             runlog.close()
             return {"stopped_at": step}
     if bar is not None:
@@ -589,6 +594,9 @@ def train(cfg, data=None) -> dict:
         t.engine.shutdown()
     dist.barrier()
     return summary
+
+
+STOPPED_MARKER = "stopped.json"
 
 
 def _agree(flag: bool) -> bool:
