@@ -127,7 +127,7 @@ def rank_params(arch, tp: int, pp: int, stage: int, role: str = "student") -> in
     if stage == pp - 1:
         n += arch.hidden_size  # final norm
         if role == "discriminator":
-            n += arch.hidden_size  # the scalar head (1 x h, replicated over TP)
+            n += arch.hidden_size // tp  # the scalar head (1 x h, its input dimension split over TP)
         elif not arch.tie_word_embeddings or pp > 1:
             n += vocab * arch.hidden_size  # output layer (a tied one is a copy on the last stage when pp > 1)
     return n
@@ -155,7 +155,11 @@ def activation_bytes_per_token_layer(arch, lay: Layout, dtype: str, seq_len: int
     if lay.recompute == "selective" or flash:
         per += 4 * arch.num_attention_heads / t  # softmax statistics (logsumexp) of the fused kernel
     else:
-        per += b * (arch.num_attention_heads / t) * seq_len  # attention probabilities
+        # The unfused (local-spec) path: the probabilities (softmax in fp32, then a copy in the compute dtype),
+        # q/k/v transposed copies, rotary outputs, SiLU's input and output, fp32 norm statistics / upcasts.
+        per += (arch.num_attention_heads / t) * seq_len * (b + (4 if b < 4 else 0))
+        per += b * (2 * f / t + (q + 2 * kv) / t + (q + kv) / t)
+        per += 2 * hs * 4 if b < 4 else 0
     return per
 
 
