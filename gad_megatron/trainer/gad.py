@@ -562,7 +562,7 @@ def train(cfg, data=None) -> dict:
         elapsed = time.perf_counter() - t0
         timings = {k: round(v, 4) for k, v in timer.t.items()}
         timings.update(step_seconds=round(elapsed, 4), other=round(elapsed - sum(timer.t.values()), 4),
-                       tokens_per_second=round(step_tokens / max(elapsed, 1e-9), 1))
+                       tokens_per_second=round(step_tokens / max(elapsed, 1e-9), 1), peak_mem_gib=_peak_memory_gib())
         for w in watch.check(m):
             if rank == 0:
                 log.warning("step %d: %s", step, w)
@@ -597,6 +597,20 @@ def train(cfg, data=None) -> dict:
 
 
 STOPPED_MARKER = "stopped.json"
+
+
+def _peak_memory_gib() -> float:
+    """Peak memory of this process so far: the CUDA allocator's peak on GPU, the peak resident set on CPU
+    (the largest over ranks is what a layout must fit)."""
+    from gad_megatron.trainer.metrics import max_over_world
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak = torch.cuda.max_memory_allocated() / 1024**3
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    return round(max_over_world(peak), 3)
 
 
 def _agree(flag: bool) -> bool:
