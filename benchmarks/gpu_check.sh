@@ -5,7 +5,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl megatron-core==0.16.1
 # then run it there with carry [".whl"]:  bash benchmarks/gpu_check.sh
-# It prints a table and leaves gpu_check.log / gpu_check.json under $OUT. Record the numbers in
+# It prints two tables and leaves gpu_check.log / gpu_check.json / gpu_check_trainer.json under $OUT. Record the numbers in
 # docs/performance.md (card, date).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,12 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_check.log"
-timeout 480 python3 -m torch.distributed.run --standalone --nproc-per-node=1 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 \
+timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node=1 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 \
   | tee -a "$OUT/gpu_check.log"
-exit "${PIPESTATUS[0]}"
+rc1=${PIPESTATUS[0]}
+# The trainer on GPU: a GAD step in bf16 (TE spec) and FP8 when TE is there, the CUDA IPC sync into vLLM when
+# vLLM is there, G's update MFU next to megatron's bare forward_backward.
+timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node=1 benchmarks/gpu_check_trainer.py --out "$OUT" 2>&1 \
+  | tee -a "$OUT/gpu_check.log"
+rc2=${PIPESTATUS[0]}
+exit $(( rc1 != 0 ? rc1 : rc2 ))
