@@ -1,7 +1,6 @@
 """gad-plan (#8): its memory formulas against what CPU runs allocate, layouts refused and ranked, and the
 paper's 14B run on 16 H100."""
 
-import json
 import os
 import subprocess
 import sys

@@ -51,11 +51,9 @@ def read_meta(ckpt: str) -> dict:
     path = os.path.join(ckpt, META)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing (not written by gad-convert / gad-megatron)")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    from gad_megatron.runtime.outputs import read_json
+
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("role") not in ("student", "discriminator"):
         raise ValueError(f"{path}: expected an object with \"role\": \"student\" or \"discriminator\"")
     return meta

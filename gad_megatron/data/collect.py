@@ -168,11 +168,9 @@ def describe_error(err: BaseException, key_env: str = "OPENAI_API_KEY") -> str:
 
 def load_prices(path: str) -> dict:
     """The price table, checked whole before the first request: {model: {"input": $/1M, "output": $/1M}}."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    from gad_megatron.runtime.outputs import read_json
+
+    table = read_json(path)
     if not isinstance(table, dict):
         raise ValueError(f"{path}: expected an object {{model: {{\"input\": $/1M tokens, \"output\": $/1M tokens}}}}")
     for model, p in table.items():

@@ -74,11 +74,9 @@ def check_run_identity(out: str, identity: dict) -> None:
     meta_path = out + ".meta.json"
     existing = [p for p in (out, out + ".answers.jsonl") if os.path.exists(p) and os.path.getsize(p)]
     if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                old = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        from gad_megatron.runtime.outputs import read_json
+
+        old = read_json(meta_path)
         diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
         if diff:
             k = diff[0]

@@ -8,7 +8,6 @@ are read.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -60,11 +59,9 @@ def load_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no config.json")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UnsupportedConfigError(f"{cfg_path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    from gad_megatron.runtime.outputs import read_json
+
+    cfg = read_json(cfg_path, UnsupportedConfigError)
     if not isinstance(cfg, dict):
         raise UnsupportedConfigError(f"{cfg_path}: expected a JSON object")
     return cfg

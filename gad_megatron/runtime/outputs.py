@@ -28,6 +28,18 @@ def _umask() -> int:
     return mask
 
 
+def read_json(path: str, error=ValueError):
+    """A JSON file a user gave us (config, price table, metadata): a syntax error is one line naming the file
+    and the line, raised as ``error``."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+
+
 def check_not_an_input(out: str, inputs: dict) -> None:
     """Raises ValueError when ``out`` is one of ``inputs`` ({flag: path}), inside one, or contains one."""
     o = os.path.realpath(out)

@@ -7,7 +7,6 @@ also computed on the trainer's side from the buckets it sent)."""
 
 import hashlib
 import json
-import os
 import sys
 
 import torch

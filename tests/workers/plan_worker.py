@@ -36,7 +36,6 @@ def main():
     from gad_megatron.algo.losses import lm_loss_step
     from gad_megatron.convert import api
     from gad_megatron.models import ModelOptions
-    from gad_megatron.models.forward import run_schedule
     from gad_megatron.runtime import ParallelConfig, initialize
     from gad_megatron.trainer.engine import OptimConfig, TrainEngine
 
