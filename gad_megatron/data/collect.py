@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -422,9 +423,12 @@ class Collector:
                     self.reserved -= worst
                     budget.notify_all()
 
+        interrupted = False
+
         async def one(item):
             if stop.is_set():
-                self.counts["stopped_by_cost"] += 1
+                if not interrupted:
+                    self.counts["stopped_by_cost"] += 1
                 return
             est = sum(len(m["content"]) for m in item["messages"]) // 4 + (self.cfg.max_tokens or 512)
             await limiter.acquire(est)
@@ -471,15 +475,40 @@ class Collector:
             for item in queue:
                 await one(item)
 
+        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(self.cfg.max_in_flight, len(todo))))]
+
+        def on_interrupt():
+            # Ctrl-C: no new request, the ones in flight are cancelled. (Left to asyncio's default, the
+            # cancellation can be swallowed inside the HTTP client and the run would simply go on.)
+            nonlocal interrupted
+            interrupted = True
+            stop.set()
+            for task in tasks:
+                task.cancel()
+
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.gather(*(worker() for _ in range(max(1, min(self.cfg.max_in_flight, len(todo))))))
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / no signals here
+            pass
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                    raise r
         finally:
+            try:
+                loop.remove_signal_handler(signal.SIGINT)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
             out.flush(), rej.flush()
             os.fsync(out.fileno()), os.fsync(rej.fileno())
             rej.close()
             if bar is not None:
                 bar.close()
             await client.close()
+        if interrupted:
+            raise KeyboardInterrupt
         return {**self.counts, "cost": round(self.cost, 6), "cost_this_run": round(self.cost - self.cost_before, 6),
                 "tokens": self.tokens}
 
@@ -528,6 +557,8 @@ def main(argv=None) -> int:
 
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     items = []
     try:
         # Everything that can be wrong with the input is found before the first (paid) request.
