@@ -134,21 +134,17 @@ class CollectiveTransport:
 
         if self.group is None:
             self._join(llm)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            # The worker's reload consumes tensors as they arrive; this thread only waits for its result.
-            done = pool.submit(llm.collective_rpc, "gad_reload_from_collective")
-            try:
-                for bucket in buckets:
-                    meta = [(n, tuple(t.shape), str(t.dtype)) for n, t in bucket]
-                    broadcast_meta(self.group, meta, self.device)
-                    for _, t in bucket:
-                        t = t.detach().to(self.device).contiguous()
-                        self.group.broadcast([t], dist.BroadcastOptions()).wait()
-                broadcast_meta(self.group, None, self.device)  # end of this sync
-            except BaseException:
-                done.cancel()
-                raise
-            done.result(timeout=self.timeout_s)
+
+        def send():
+            for bucket in buckets:
+                meta = [(n, tuple(t.shape), str(t.dtype)) for n, t in bucket]
+                broadcast_meta(self.group, meta, self.device)
+                for _, t in bucket:
+                    t = t.detach().to(self.device).contiguous()
+                    self.group.broadcast([t], dist.BroadcastOptions()).wait()
+            broadcast_meta(self.group, None, self.device)  # end of this sync
+
+        _with_rpc(llm, "gad_reload_from_collective", send, self.timeout_s)
 
 
 class CudaIpcTransport(CollectiveTransport):
@@ -175,33 +171,45 @@ class CudaIpcTransport(CollectiveTransport):
 
         if self.group is None:
             self._join(llm)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            done = pool.submit(llm.collective_rpc, "gad_reload_from_ipc")
+
+        def send():
+            # Group ops in the workers' order: meta k, ack k, meta k+1, ... Bucket k+1 is packed into the other
+            # buffer while the worker copies bucket k out; a buffer is reused only after its ack.
             sent = 0
-            try:
-                # Group ops in the workers' order: meta k, ack k, meta k+1, ... Bucket k+1 is packed into the
-                # other buffer while the worker copies bucket k out; a buffer is reused only after its ack.
-                for bucket in buckets:
-                    nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
-                    buf = self._buffer(sent, nbytes)
-                    meta, off = [], 0
-                    for name, t in bucket:
-                        n = t.numel() * t.element_size()
-                        buf[off:off + n].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
-                        meta.append((name, tuple(t.shape), str(t.dtype), off))
-                        off += n
-                    torch.cuda.current_stream().synchronize()  # the copies are done before another process reads
-                    if sent:
-                        self.group.barrier().wait()  # the worker has copied bucket sent-1 out
-                    broadcast_meta(self.group, (reduce_tensor(buf), meta), torch.device("cpu"))
-                    sent += 1
+            for bucket in buckets:
+                nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+                buf = self._buffer(sent, nbytes)
+                meta, off = [], 0
+                for name, t in bucket:
+                    n = t.numel() * t.element_size()
+                    buf[off:off + n].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
+                    meta.append((name, tuple(t.shape), str(t.dtype), off))
+                    off += n
+                torch.cuda.current_stream().synchronize()  # the copies are done before another process reads
                 if sent:
-                    self.group.barrier().wait()
-                broadcast_meta(self.group, None, torch.device("cpu"))
-            except BaseException:
-                done.cancel()
-                raise
-            done.result(timeout=self.timeout_s)
+                    self.group.barrier().wait()  # the worker has copied bucket sent-1 out
+                broadcast_meta(self.group, (reduce_tensor(buf), meta), torch.device("cpu"))
+                sent += 1
+            if sent:
+                self.group.barrier().wait()
+            broadcast_meta(self.group, None, torch.device("cpu"))
+
+        _with_rpc(llm, "gad_reload_from_ipc", send, self.timeout_s)
+
+
+def _with_rpc(llm, method: str, send, timeout_s: float) -> None:
+    """Runs the engine's receiving RPC in a helper thread (it returns only when the reload is done) while
+    ``send`` feeds it from this thread. On a failure here the helper is not waited for: the workers give up
+    at the group's timeout."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    failed = True
+    try:
+        done = pool.submit(llm.collective_rpc, method)
+        send()
+        done.result(timeout=timeout_s)
+        failed = False
+    finally:
+        pool.shutdown(wait=not failed, cancel_futures=True)
 
 
 def make_transport(kind: str = "auto", in_process: bool = False, colocated: bool = True,
