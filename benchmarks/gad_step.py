@@ -22,6 +22,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def policy_microbatches(t, seqs: list, temperature: float, budget: int) -> list:
+    """G's GRPO micro-batches for ``seqs``: old and reference logprobs from the models, a fixed advantage, and
+    the engine's logprobs (as if sampled) where a rollout did not give them."""
+    from gad_megatron.trainer import gad
+    from gad_megatron.trainer.batching import fill_per_token, microbatches
+    from gad_megatron.trainer.steps import logprob_step
+
+    units = [[s] for s in seqs]
+    for key, model in (("old_logp", t.g), ("ref_logp", t.ref)):
+        out, got = gad.forward(t, model, units, logprob_step(temperature))
+        fill_per_token(got, [{key: o["logp"]} for o in out], key)
+    for s in seqs:
+        s.advantage = 0.5
+        s.per_token.setdefault("rollout_logp", s.per_token["old_logp"].clone())
+    return microbatches(units, budget)[0]
+
+
+def bare_update(engine, mbs) -> None:
+    """megatron-core's bare ``forward_backward`` + optimizer step with a plain token-sum cross-entropy on
+    ``mbs``: the yardstick for G's update (same model, same micro-batches)."""
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from gad_megatron.models.forward import model_call
+
+    def step(model, mb):
+        out = model_call(model, mb, labels=mb["labels"])
+        return out, lambda losses: ((losses * mb["loss_mask"]).sum(), mb["loss_mask"].sum().to(torch.int), {})
+
+    for c in engine.chunks:
+        c.zero_grad_buffer()
+    engine.optimizer.zero_grad()
+    get_forward_backward_func()(forward_step_func=lambda d, m: step(m, next(d)), data_iterator=iter(mbs),
+                                model=engine.chunks[0], num_microbatches=len(mbs), seq_length=mbs[0]["tokens"].shape[1],
+                                micro_batch_size=mbs[0]["tokens"].shape[0], forward_only=False)
+    engine.optimizer.step()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
@@ -35,9 +73,8 @@ def main():
 
     from gad_megatron.data import demo
     from gad_megatron.trainer import gad
-    from gad_megatron.trainer.batching import fill_per_token, microbatches
     from gad_megatron.trainer.config import load_config
-    from gad_megatron.trainer.steps import logprob_step, policy_step
+    from gad_megatron.trainer.steps import policy_step
 
     work = tempfile.mkdtemp(prefix="gad-bench-")
     student = demo.make_student(os.path.join(work, "student"))
@@ -69,37 +106,11 @@ def main():
     print(f"  {'other':<14} {other / totals:6.1%}   (goal <= 10 %)")
 
     # 2. G update vs bare megatron forward_backward on the same micro-batches
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from gad_megatron.models.forward import model_call
-
     _, _, students, _, _, _ = gad.rollout_seqs(t, 1000, t.train_ex[: a.batch])
-    units = [[s] for s in students]
-    for key, model in (("old_logp", t.g), ("ref_logp", t.ref)):
-        out, seqs = gad.forward(t, model, units, logprob_step(0.8))
-        fill_per_token(seqs, [{key: o["logp"]} for o in out], key)
-    for s in students:
-        s.advantage = 0.5
-    mbs, _ = microbatches(units, cfg.train.micro_batch_tokens)
-
-    def bare_step(model, mb):
-        out = model_call(model, mb, labels=mb["labels"])
-
-        def loss_func(losses):
-            mask = mb["loss_mask"]
-            return (losses * mask).sum(), mask.sum().to(torch.int), {}
-
-        return out, loss_func
+    mbs = policy_microbatches(t, students, 0.8, cfg.train.micro_batch_tokens)
 
     def bare():
-        for c in t.g.chunks:
-            c.zero_grad_buffer()
-        t.g.optimizer.zero_grad()
-        it = iter(mbs)
-        get_forward_backward_func()(forward_step_func=lambda d, m: bare_step(m, next(d)), data_iterator=it,
-                                    model=t.g.chunks[0], num_microbatches=len(mbs), seq_length=mbs[0]["tokens"].shape[1],
-                                    micro_batch_size=mbs[0]["tokens"].shape[0], forward_only=False)
-        t.g.optimizer.step()
+        bare_update(t.g, mbs)
 
     ours_fn = policy_step(0.8, cfg.algo)
     times = {"ours": 0.0, "bare": 0.0}

@@ -129,39 +129,22 @@ def main() -> None:
 def mfu_rows(t, a, rows) -> None:
     """G's GRPO update vs megatron's bare forward_backward + step on the same long micro-batches."""
     import torch
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from gad_megatron.models.forward import model_call
-    from gad_megatron.trainer import gad
-    from gad_megatron.trainer.batching import Seq, fill_per_token, microbatches
-    from gad_megatron.trainer.steps import logprob_step, policy_step
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gad_step import bare_update, policy_microbatches
+
+    from gad_megatron.trainer.batching import Seq
+    from gad_megatron.trainer.steps import policy_step
 
     g = torch.Generator().manual_seed(3)
     length = 64 if a.small else 1024
     seqs = [Seq(torch.randint(5, 190, (length // 2,), generator=g).tolist(),
                 torch.randint(5, 190, (length // 2,), generator=g).tolist()) for _ in range(16)]
-    units = [[s] for s in seqs]
-    for key, model in (("old_logp", t.g), ("ref_logp", t.ref)):
-        out, got = gad.forward(t, model, units, logprob_step(1.0))
-        fill_per_token(got, [{key: o["logp"]} for o in out], key)
-    for s in seqs:
-        s.advantage = 0.5
-        s.per_token["rollout_logp"] = s.per_token["old_logp"].clone()  # as if sampled by the engine
-    mbs, _ = microbatches(units, 4 * length)
+    mbs = policy_microbatches(t, seqs, 1.0, 4 * length)
     tokens = sum(int(mb["loss_mask"].numel()) for mb in mbs)
 
-    def bare_step(model, mb):
-        out = model_call(model, mb, labels=mb["labels"])
-        return out, lambda losses: ((losses * mb["loss_mask"]).sum(), mb["loss_mask"].sum().to(torch.int), {})
-
     def bare():
-        for c in t.g.chunks:
-            c.zero_grad_buffer()
-        t.g.optimizer.zero_grad()
-        get_forward_backward_func()(forward_step_func=lambda d, m: bare_step(m, next(d)), data_iterator=iter(mbs),
-                                    model=t.g.chunks[0], num_microbatches=len(mbs), seq_length=mbs[0]["tokens"].shape[1],
-                                    micro_batch_size=mbs[0]["tokens"].shape[0], forward_only=False)
-        t.g.optimizer.step()
+        bare_update(t.g, mbs)
 
     ours_fn = policy_step(1.0, t.cfg.algo)
     times = {"ours": 0.0, "bare": 0.0}
