@@ -92,6 +92,11 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, TRACKER))
 
 
+def config_dir(path: str) -> str:
+    """Where a model's config.json (and tokenizer) live: the HF directory itself, or a checkpoint's ``hf/``."""
+    return hf_config_dir(path) if is_checkpoint(path) else path
+
+
 def load_from_hf(hf_dir: str, role: str = "student", opts: Optional[ModelOptions] = None, head_init: str = "normal"):
     """Collective: builds the model for ``role`` from an HF directory (converted in memory through the
     architecture's mapping; each rank reads its own slices). A discriminator from a causal LM keeps a fresh
@@ -111,7 +116,7 @@ def load_model(path: str, role: str = "student", opts: Optional[ModelOptions] = 
         if opts is not None:
             opts = dataclasses.replace(opts, perform_initialization=False)
         arch, chunks, _ = load_from_checkpoint(path, opts, role=role, head_init=head_init)
-        return arch, chunks, hf_config_dir(path)
+        return arch, chunks, config_dir(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: neither an HF model directory (config.json) nor a gad-convert checkpoint "
                                 f"(latest_checkpointed_iteration.txt)")
@@ -166,16 +171,18 @@ def check_config_against_checkpoint(ckpt: str, reader: Optional[CheckpointTensor
     return arch, meta["role"], reader
 
 
-def check_same_model(hf_dir: str, ckpt: str, role: str) -> None:
-    """``verify`` compares like with like: the HF model's tensors must have the checkpoint's names and shapes."""
+def check_same_model(hf_dir: str, ckpt: str) -> tuple:
+    """``verify`` compares like with like: the checkpoint's config must describe its tensors, and the HF model's
+    tensors must have the checkpoint's names and shapes. Returns the checkpoint's (arch, role)."""
+    ck_arch, role, _ = check_config_against_checkpoint(ckpt)
     hf_arch, _ = check_hf_input(hf_dir, role)
-    ck_arch, _, _ = check_config_against_checkpoint(ckpt)
     want = expected_hf_tensors(mapping_for(ck_arch.model_type), ck_arch, role)
     have = expected_hf_tensors(mapping_for(hf_arch.model_type), hf_arch, role)
     for name in sorted(set(want) | set(have)):
         if want.get(name) != have.get(name):
             raise ValueError(f"{hf_dir} is not the model in {ckpt}: {name} is {have.get(name)} there, "
                              f"{want.get(name)} in the checkpoint")
+    return ck_arch, role
 
 
 def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3) -> list:

@@ -93,8 +93,7 @@ def main(argv=None) -> int:
                 raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
         else:
             # Everything verify can find wrong, before any process group or forward pass.
-            arch, role, _ = api.check_config_against_checkpoint(args.ckpt)
-            api.check_same_model(args.hf, args.ckpt, role)
+            arch, _ = api.check_same_model(args.hf, args.ckpt)
         validate_layout(ParallelConfig(args.tp, args.pp), args.tp * args.pp, **arch.model_dims)
     except (ValueError, KeyError, OSError) as e:
         print(f"gad-convert: error: {_one_line(e)}", file=sys.stderr)

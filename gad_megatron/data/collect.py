@@ -160,7 +160,7 @@ def describe_error(err: BaseException, key_env: str = "OPENAI_API_KEY") -> str:
         x = x.__cause__ or x.__context__
     for x in chain:
         if isinstance(x, ConnectionRefusedError):
-            return f"connection refused ({_safe(str(chain[min(2, len(chain) - 1)]), key_env)[:160]})"
+            return f"connection refused ({_safe(str(x), key_env)[:160]})"
     for x in chain:
         if isinstance(x, OSError) and not isinstance(x, TimeoutError) and x.errno is not None:
             return f"connection failed: {_safe(str(x), key_env)[:160]}"

@@ -94,11 +94,10 @@ def check_run_identity(out: str, identity: dict) -> None:
 
 def model_max_len(model: str) -> int:
     """The model's context length from its config (an HF dir, or the config saved with a checkpoint)."""
-    from gad_megatron.convert.api import is_checkpoint
-    from gad_megatron.convert.megatron_ckpt import hf_config_dir
+    from gad_megatron.convert.api import config_dir
     from gad_megatron.models.hf_config import load_hf_config
 
-    cfg = load_hf_config(hf_config_dir(model) if is_checkpoint(model) else model)
+    cfg = load_hf_config(config_dir(model))
     return int(cfg.get("max_position_embeddings") or 4096)
 
 
@@ -135,11 +134,10 @@ def _hf_dir_for(model: str, workdir: str) -> str:
     import hashlib
 
     from gad_megatron.convert.api import mcore_to_hf
-    from gad_megatron.convert.megatron_ckpt import read_iteration
 
-    # One export per checkpoint identity (path + iteration): a shared workdir must never answer for one model
-    # with another model's export.
-    ident = f"{os.path.abspath(model)}:{read_iteration(model)}"
+    # One export per checkpoint identity (the same one the results are tied to): a shared workdir must never
+    # answer for one model with another model's export.
+    ident = json.dumps(model_identity(model), sort_keys=True)
     out = os.path.join(workdir, "exported_hf-" + hashlib.sha256(ident.encode()).hexdigest()[:16])
     if not os.path.exists(out):
         mcore_to_hf(model, out)

@@ -375,14 +375,11 @@ PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
 def load_arch(model: str):
     """An HF dir, a gad-convert checkpoint, or a preset name (the published config.json of the paper's
     students, shipped in ``assets/model_configs``: planning needs no weights)."""
-    from gad_megatron.convert.api import is_checkpoint
-    from gad_megatron.convert.megatron_ckpt import hf_config_dir
+    from gad_megatron.convert.api import config_dir
     from gad_megatron.models.hf_config import arch_spec_from_dir, arch_spec_from_hf
 
-    if is_checkpoint(model):
-        return arch_spec_from_dir(hf_config_dir(model))
-    if os.path.isfile(os.path.join(model, "config.json")):
-        return arch_spec_from_dir(model)
+    if os.path.isfile(os.path.join(config_dir(model), "config.json")):
+        return arch_spec_from_dir(config_dir(model))
     key = os.path.basename(model.rstrip("/")).lower().replace("-instruct", "").replace("meta-llama-", "llama-")
     path = os.path.join(PRESETS_DIR, key + ".json")
     if not os.path.isfile(path):
