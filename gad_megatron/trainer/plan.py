@@ -10,9 +10,10 @@ Memory (bytes per GPU, the most loaded pipeline stage):
   QKV / proj / fc1 / fc2 / vocab, replicated norms, embeddings on the first stage, output layer on the last,
   the discriminator's scalar head instead of the vocabulary projection) -- for G, D and (unless offloaded)
   the reference;
-- grads: megatron DDP's fp32 main-grad buffer (``grad_reduce_in_fp32``): 4 bytes per parameter;
-- optimizer: Adam's two fp32 moments + an fp32 master copy when training in bf16/fp16; divided by DP with the
-  distributed optimizer;
+- grads: megatron DDP's fp32 main-grad buffer (``grad_reduce_in_fp32``): 4 bytes per parameter plus the
+  distributed optimizer's padding, laid out as megatron lays it out (``grad_buffer_layout``);
+- optimizer: Adam's two fp32 moments + an fp32 master copy when training in bf16/fp16; with the distributed
+  optimizer, the most loaded DP rank's shard of that padded buffer (``optimizer_shard_numel``);
 - activations (training, one micro-batch of ``micro_batch_tokens``, times the micro-batches 1F1B keeps in
   flight on the first stage): per token per layer, in dtype bytes, the tensors autograd saves: norm inputs and
   outputs (2h + 2h, /TP with sequence parallel), QKV (q + 2kv)/TP, attention output q/TP, fc1 2f/TP, SwiGLU
@@ -108,29 +109,45 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 # ---- parameters, exactly as megatron shards them --------------------------------------------------------------
-def layer_params(arch, tp: int) -> int:
+def param_list(arch, tp: int, pp: int, stage: int, role: str = "student") -> list:
+    """(name, numel, shared_embedding) of one rank of pipeline ``stage`` (any TP rank: the splits are even), in
+    the order megatron's GPTModel (local spec) registers them -- the order its DDP grad buffer is laid out in.
+    TP splits QKV / proj / fc1 / fc2 / the vocabulary; norms are replicated; the embedding lives on the first
+    stage, the output layer on the last (a tied one is a copy there when pp > 1, flagged ``shared_embedding``);
+    the discriminator's scalar head (1 x h, its input dimension split over TP) replaces the vocabulary
+    projection."""
     h, f, q, kv = arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads * arch.kv_channels, \
         arch.num_query_groups * arch.kv_channels
-    n = h * (q + 2 * kv) // tp + q * h // tp + h * 2 * f // tp + f * h // tp  # qkv, proj, fc1 (gate+up), fc2
-    n += (q + 2 * kv) // tp if arch.qkv_bias else 0
-    n += 2 * h  # the two RMSNorm weights (replicated)
-    n += 2 * arch.kv_channels if arch.qk_layernorm else 0
-    return n
+    student = role != "discriminator"
+    tied_copy = student and arch.tie_word_embeddings and pp > 1
+    out = []
+    if stage == 0:
+        out.append(("embedding.word_embeddings.weight", arch.vocab_size // tp * h, tied_copy))
+    for i in range(arch.num_layers // pp):
+        pre = f"decoder.layers.{i}."
+        out.append((pre + "input_layernorm.weight", h, False))
+        out.append((pre + "self_attention.linear_proj.weight", q * h // tp, False))
+        out.append((pre + "self_attention.linear_qkv.weight", h * (q + 2 * kv) // tp, False))
+        if arch.qkv_bias:
+            out.append((pre + "self_attention.linear_qkv.bias", (q + 2 * kv) // tp, False))
+        if arch.qk_layernorm:
+            out += [(pre + "self_attention.q_layernorm.weight", arch.kv_channels, False),
+                    (pre + "self_attention.k_layernorm.weight", arch.kv_channels, False)]
+        out.append((pre + "pre_mlp_layernorm.weight", h, False))
+        out.append((pre + "mlp.linear_fc1.weight", h * 2 * f // tp, False))  # gate + up
+        out.append((pre + "mlp.linear_fc2.weight", f * h // tp, False))
+    if stage == pp - 1:
+        out.append(("decoder.final_layernorm.weight", h, False))
+        if not student:
+            out.append(("output_layer.weight", h // tp, False))
+        elif not arch.tie_word_embeddings or pp > 1:
+            out.append(("output_layer.weight", arch.vocab_size // tp * h, tied_copy))
+    return out
 
 
 def rank_params(arch, tp: int, pp: int, stage: int, role: str = "student") -> int:
-    """Parameters one rank of pipeline ``stage`` holds (any TP rank: the splits are even)."""
-    n = layer_params(arch, tp) * (arch.num_layers // pp)
-    vocab = arch.vocab_size // tp
-    if stage == 0:
-        n += vocab * arch.hidden_size  # word embeddings
-    if stage == pp - 1:
-        n += arch.hidden_size  # final norm
-        if role == "discriminator":
-            n += arch.hidden_size // tp  # the scalar head (1 x h, its input dimension split over TP)
-        elif not arch.tie_word_embeddings or pp > 1:
-            n += vocab * arch.hidden_size  # output layer (a tied one is a copy on the last stage when pp > 1)
-    return n
+    """Parameters one rank of pipeline ``stage`` holds."""
+    return sum(n for _, n, _ in param_list(arch, tp, pp, stage, role))
 
 
 def total_params(arch, role: str = "student") -> int:
@@ -138,9 +155,70 @@ def total_params(arch, role: str = "student") -> int:
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------
-def optimizer_bytes(params: int, dtype: str, dp: int, distributed: bool) -> int:
-    per = 8 + (4 if dtype != "fp32" else 0)  # exp_avg + exp_avg_sq (+ fp32 master copy)
-    return per * (math.ceil(params / dp) if distributed else params)
+def ddp_bucket_size(on_gpu: bool, dp: int, stage: int):
+    """Megatron DDP's bucket size as TrainEngine configures it: buckets only where the grad reduction overlaps
+    the backward (GPU), only on the first pipeline stage, max(40M, 1M x DP) parameters; otherwise one bucket."""
+    return max(40_000_000, 1_000_000 * dp) if on_gpu and stage == 0 else None
+
+
+def grad_buffer_layout(params: list, dp: int, distributed: bool, bucket_size=None):
+    """Megatron's ``_ParamAndGradBuffer`` layout: parameters in reverse order (backprop order); with the
+    distributed optimizer each parameter starts on a multiple of 64 elements, each bucket ends on a multiple of
+    lcm(DP, 128) (so it shards evenly) and a ``shared_embedding`` parameter gets a bucket of its own.
+    Returns (buffer numel, [(bucket start, end)], [(param start, end)] in ``params``' order)."""
+    pad = lambda n, d: -(-n // d) * d  # noqa: E731
+    end_pad = (lambda n: pad(n, math.lcm(dp, 128))) if distributed else (lambda n: n)
+    index = [None] * len(params)
+    buckets, start, bucket_start, in_bucket = [], 0, 0, 0
+    for i in range(len(params) - 1, -1, -1):
+        _, numel, shared = params[i]
+        own_bucket = shared and distributed
+        if distributed:
+            start = pad(start, 64)
+        if own_bucket and in_bucket:  # close the bucket before it
+            buckets.append((bucket_start, end_pad(start)))
+            start = bucket_start = buckets[-1][1]
+            in_bucket = 0
+        index[i] = (start, start + numel)
+        in_bucket += 1
+        start += numel
+        if (bucket_size is not None and start - bucket_start >= bucket_size) or own_bucket:
+            buckets.append((bucket_start, end_pad(start)))
+            start = bucket_start = buckets[-1][1]
+            in_bucket = 0
+    if in_bucket:
+        buckets.append((bucket_start, end_pad(start)))
+    return (buckets[-1][1] if buckets else 0), buckets, index
+
+
+def optimizer_shard_numel(params: list, dp: int, dp_rank: int, distributed: bool, bucket_size=None) -> int:
+    """Elements of parameters whose optimizer state DP rank ``dp_rank`` holds: all of them without the distributed
+    optimizer; with it, the rank's contiguous 1/DP of every bucket intersected with the parameters there."""
+    if not distributed:
+        return sum(n for _, n, _ in params)
+    _, buckets, index = grad_buffer_layout(params, dp, True, bucket_size)
+    total = 0
+    for b0, b1 in buckets:
+        size = (b1 - b0) // dp
+        lo, hi = b0 + dp_rank * size, b0 + (dp_rank + 1) * size
+        total += sum(max(0, min(hi, e) - max(lo, s)) for s, e in index if b0 <= s < b1)
+    return total
+
+
+def optimizer_bytes(params, dtype: str, dp: int, distributed: bool, dp_rank=None, bucket_size=None) -> int:
+    """Adam's fp32 exp_avg + exp_avg_sq (+ the fp32 master copy when training in bf16 / fp16) that one rank holds.
+    ``params``: a ``param_list`` (exact, per DP rank: the most loaded one unless ``dp_rank`` is given) or a count
+    (the even split, for estimates)."""
+    per = 8 + (4 if dtype != "fp32" else 0)
+    if isinstance(params, int):
+        return per * (math.ceil(params / dp) if distributed else params)
+    ranks = range(dp) if dp_rank is None else [dp_rank]
+    return per * max(optimizer_shard_numel(params, dp, r, distributed, bucket_size) for r in ranks)
+
+
+def grad_bytes(params: list, dp: int, distributed: bool, bucket_size=None) -> int:
+    """DDP's fp32 main-grad buffer (``grad_reduce_in_fp32``), padding included."""
+    return 4 * grad_buffer_layout(params, dp, distributed, bucket_size)[0]
 
 
 def activation_bytes_per_token_layer(arch, lay: Layout, dtype: str, seq_len: int, flash: bool) -> float:
@@ -185,17 +263,19 @@ class MemoryPlan:
 def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions) -> MemoryPlan:
     dp = world // (lay.tp * lay.pp * lay.cp)
     b = DTYPE_BYTES[wl.dtype]
-    g = rank_params(arch, lay.tp, lay.pp, 0, "student")
-    d = rank_params(arch, lay.tp, lay.pp, 0, "discriminator")
-    if lay.pp > 1:  # the most loaded stage is the first or the last
-        g = max(g, rank_params(arch, lay.tp, lay.pp, lay.pp - 1, "student"))
-        d = max(d, rank_params(arch, lay.tp, lay.pp, lay.pp - 1, "discriminator"))
-    if wl.stage == "seqkd":
-        d = 0
-    weights = (g + d) * b
-    grads = (g + d) * 4
-    optim = optimizer_bytes(g, wl.dtype, dp, lay.distributed_optimizer) + optimizer_bytes(d, wl.dtype, dp, lay.distributed_optimizer)
-    reference = 0 if lay.offload_reference or wl.stage == "seqkd" else g * b
+    do = lay.distributed_optimizer
+
+    def stage_state(stage: int):  # (weights, grads, optimizer, reference) bytes of one rank of this stage
+        bucket = ddp_bucket_size(gpu.name != "cpu", dp, stage)
+        roles = ["student"] + (["discriminator"] if wl.stage != "seqkd" else [])
+        lists = [param_list(arch, lay.tp, lay.pp, stage, r) for r in roles]
+        n = [sum(x for _, x, _ in pl) for pl in lists]
+        return (sum(n) * b, sum(grad_bytes(pl, dp, do, bucket) for pl in lists),
+                sum(optimizer_bytes(pl, wl.dtype, dp, do, bucket_size=bucket) for pl in lists),
+                0 if lay.offload_reference or wl.stage == "seqkd" else n[0] * b)
+
+    # the most loaded stage is the first (embeddings) or the last (output layer)
+    weights, grads, optim, reference = max({stage_state(0), stage_state(lay.pp - 1)}, key=sum)
     seq = wl.max_prompt_tokens + wl.max_response_tokens
     mb_tokens = wl.micro_batch_tokens // lay.cp
     in_flight = lay.pp  # 1F1B: the first stage holds pp micro-batches

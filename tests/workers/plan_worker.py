@@ -44,11 +44,15 @@ def main():
     initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp, device="cpu"))
     arch, _ = api.check_hf_input(hf)
     opts = ModelOptions(dtype=dtype, transformer_impl="local", sequence_parallel=sp)
-    res = {"rank": dist.get_rank(), "stage": ps.get_pipeline_model_parallel_rank(), "dp": ps.get_data_parallel_world_size()}
+    res = {"rank": dist.get_rank(), "stage": ps.get_pipeline_model_parallel_rank(), "dp": ps.get_data_parallel_world_size(),
+           "dp_rank": ps.get_data_parallel_rank()}
     g_chunks = api.build_role_chunks(arch, "student", opts)
     d_chunks = api.build_role_chunks(arch, "discriminator", opts)
     res["g_params"] = sum(p.numel() for c in g_chunks for p in c.parameters())
     res["d_params"] = sum(p.numel() for c in d_chunks for p in c.parameters())
+    for role, chunks in (("g", g_chunks), ("d", d_chunks)):  # megatron's order, which its grad buffer follows
+        res[f"{role}_param_list"] = [[n, p.numel(), bool(getattr(p, "shared_embedding", False))]
+                                     for c in chunks for n, p in c.named_parameters()]
 
     # Activations: what autograd keeps for the backward of one forward (PP 1), counted once per storage.
     if pp == 1:
@@ -88,6 +92,17 @@ def main():
     e = engines["g"]
     e.train_step([{"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(2, 16)}], lm_loss_step)
     res["g_optimizer_bytes"] = state_bytes(e.optimizer)
+    if dist_opt:
+        # The overlapped (GPU) configuration splits the buffer into buckets; built here with small buckets so the
+        # tiny model has several, to compare megatron's layout with the planner's.
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+                                            use_distributed_optimizer=True, bucket_size=4096)
+        ddp = DistributedDataParallel(config=g_chunks[0].config, ddp_config=cfg, module=g_chunks[0])
+        (buf,) = ddp.buffers
+        res["bucketed"] = {"bucket_size": ddp.bucket_size, "numel": buf.numel, "buckets": buf.bucket_indices,
+                           "index": [list(buf.param_index_map[p][:2]) for p in g_chunks[0].parameters()]}
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, res)
     if dist.get_rank() == 0:
