@@ -75,7 +75,8 @@ def converted(hf_models, tmp_path_factory):
     extra = {"qwen2_bf16": make_hf_model("qwen2_untied", str(base / "hf_qwen2_bf16"), seed=9, dtype=torch.bfloat16)}
     run_ranks(4, "convert_worker.py", str(base), json.dumps({**hf_models, **extra}), timeout=600)
     return {name: str(base / name) for name in [*hf_models, *extra]} | {"disc": str(base / "disc")} | {
-        "hf_qwen2_bf16": extra["qwen2_bf16"]}
+        "hf_qwen2_bf16": extra["qwen2_bf16"]} | {f"eager_{n}": str(base / f"eager_{n}") for n in (
+            "qwen3_student", "qwen2_bf16_student", "qwen2_untied_discriminator")}
 
 
 KEY = "sk-test-DO-NOT-LEAK-8c1f2e"

@@ -53,3 +53,23 @@ def test_discriminator_exports_as_sequence_classifier(hf_models, tmp_path):
     # ...and the export converts back (score.weight becomes the head again) at another layout.
     gad_convert("hf-to-mcore", "--hf", export, "--out", ckpt2, "--tp", 1, "--pp", 2, "--role", "discriminator")
     gad_convert("verify", "--hf", export, "--ckpt", ckpt2, "--tp", 1, "--pp", 1, "--tol", 1e-4)
+
+
+def test_hf_to_mcore_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
+    """#8 item 8: hf-to-mcore's memory growth from just before the conversion to its peak (the resident set:
+    its own tensors and the source pages it maps) stays within 2x the largest tensor + 256 MiB on a model whose
+    weights alone are larger than that bound (building the model and then saving it would hold all of it)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.conversion import make_checkpoint
+    from conftest import read_json, run_ranks
+
+    hf, out, res = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "mem.json"
+    info = make_checkpoint(str(hf), 16, hidden=1024, ffn=4096, heads=8, kv=2, vocab=32000)
+    model_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
+    bound = 2 * info["largest_tensor_bytes"] + 256 * 2**20
+    assert model_bytes > 1.3 * bound  # the model could not fit the bound
+    run_ranks(1, "convert_memory_worker.py", hf, out, res, timeout=300)
+    r = read_json(res)
+    growth = (r["peak_kb"] - r["before_kb"]) * 1024
+    assert growth <= bound, (growth / 2**20, bound / 2**20, model_bytes / 2**20)
+    gad_convert("verify", "--hf", hf, "--ckpt", out, "--tol", 1e-2, timeout=300)  # and it is the model

@@ -59,12 +59,31 @@ def check_hf_input(hf_dir: str, role: str = "student"):
 
 def hf_to_mcore(hf_dir: str, out: str, role: str = "student", overwrite: bool = False, head_init: str = "normal"):
     """Collective over the already-initialised parallel state: build, fill from HF, save atomically."""
+    from gad_megatron.convert.lazy_save import ChunkMaker, lazy_strategy
+
     arch, src = check_hf_input(hf_dir, role)
     opts = ModelOptions(dtype=hf_dtype(arch.hf_config), transformer_impl="local", perform_initialization=False)
-    chunks = build_role_chunks(arch, role, opts, head_init=head_init)
-    load_hf_into_model(chunks, src)
+    # The model is only the plan of the checkpoint (keys, shapes, this rank's TP/PP chunks): built on the meta
+    # device, its tensors are made from the HF files chunk by chunk as megatron's save writes them.
+    with torch.device("meta"):
+        chunks = build_role_chunks(arch, role, opts, head_init=head_init)
+    fresh = {}
+    if role == "discriminator" and not src.has_head():  # a discriminator from a causal LM: a new scalar head
+        fresh["output_layer.weight"] = new_head(arch, head_init)
+    maker = ChunkMaker(src, DTYPES[opts.dtype], fresh)
     meta = {"role": role, "model_type": arch.model_type, "source": os.path.abspath(hf_dir), "dtype": opts.dtype}
-    return save_checkpoint(chunks, out, hf_dir, meta, overwrite=overwrite)
+    return save_checkpoint(chunks, out, hf_dir, meta, overwrite=overwrite, strategy=lazy_strategy(maker))
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def new_head(arch, head_init: str, seed: int = 1234) -> torch.Tensor:
+    """The whole (1 x hidden) scalar head of a new discriminator, the same on every rank (each writes its TP
+    chunk): N(0, init_method_std^2) like megatron's linear init, or zeros."""
+    if head_init == "zero":
+        return torch.zeros(1, arch.hidden_size)
+    return torch.empty(1, arch.hidden_size).normal_(0, arch.init_method_std, generator=torch.Generator().manual_seed(seed))
 
 
 def load_from_checkpoint(ckpt: str, opts: Optional[ModelOptions] = None, role: Optional[str] = None,

@@ -125,8 +125,10 @@ def save_checkpoint(
     iteration: int = 0,
     overwrite: bool = False,
     extra_state: Optional[dict] = None,
+    strategy=None,
 ) -> str:
-    """Collective: every rank calls it. Written into a temp dir beside ``ckpt``, renamed at the end."""
+    """Collective: every rank calls it. Written into a temp dir beside ``ckpt``, renamed at the end.
+    ``strategy``: megatron's sharded save strategy (default: its torch_dist one)."""
     from megatron.core import dist_checkpointing
 
     from gad_megatron.runtime.outputs import clean_stale_tmp, make_tmp_dir, publish_dir
@@ -143,11 +145,12 @@ def save_checkpoint(
     tmp = _broadcast_str(tmp)
     if tmp.startswith("ERROR:"):
         raise FileExistsError(tmp[len("ERROR:"):])
-    own_writer_queue()
+    if strategy is None:  # megatron's async writer (the trainer's checkpoints); the lazy one writes in-process
+        own_writer_queue()
     try:
         state = _model_state(chunks)
         state.update({"checkpoint_version": 3.0, "iteration": iteration, **(extra_state or {})})
-        dist_checkpointing.save(state, iter_dir(tmp, iteration))
+        dist_checkpointing.save(state, iter_dir(tmp, iteration), sharded_strategy=strategy)
         _barrier()
         if _rank0():
             with open(os.path.join(tmp, TRACKER), "w") as f:
