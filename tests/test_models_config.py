@@ -111,3 +111,25 @@ def test_fusions_follow_the_device():
                               "intermediate_size": 96, "vocab_size": 96, "num_key_value_heads": 2})
     kw = transformer_config_kwargs(arch, ModelOptions(), {})
     assert torch.cuda.is_available() or not any(kw[n] for n in names)
+
+
+@pytest.mark.parametrize("name", ["qwen2_untied", "llama31", "qwen3"])
+def test_row_sources_rebuild_every_row_range_of_the_fused_tensors(hf_models, name):
+    """hf-to-mcore reads a TP chunk of a fused tensor from just its HF rows (``mcore_row_sources``); every row
+    range of QKV (GQA groups, biases) and gate+up must come out as the same rows of ``to_mcore``'s fused tensor."""
+    import torch
+
+    from gad_megatron.convert.mapping import dims, mapping_for, mcore_row_sources, to_mcore
+
+    arch = arch_spec_from_dir(hf_models[name])
+    d, fused = dims(arch), 0
+    for rule in mapping_for(arch.model_type).rules:
+        hf = [torch.randn(*(d[x] for x in shape)) for shape in rule.hf_shapes]
+        full = to_mcore(rule, hf, arch)
+        n = full.shape[0]
+        fused += rule.kind != "copy"
+        for a in range(0, n, 3):
+            for b in range(a + 1, n + 1, 5):
+                got = torch.cat([hf[i][x:y] for i, x, y in mcore_row_sources(rule, arch, a, b)])
+                assert torch.equal(got, full[a:b]), (rule.mcore, a, b)
+    assert fused >= 2

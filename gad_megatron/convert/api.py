@@ -219,6 +219,7 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
     rules = mapping.active_rules(arch.tie_word_embeddings, role)
     clean_stale_tmp(out)
     tmp = make_tmp_dir(out)
+    writer = None
     try:
         groups = [[(r, None) for r in rules if not r.per_layer]]
         groups += [[(r, i) for r in rules if r.per_layer] for i in range(arch.num_layers)]
@@ -241,6 +242,8 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
         copy_hf_side_files(src_cfg_dir, tmp, config=export_hf_config(arch, role))
         publish_dir(tmp, out, overwrite)
     except BaseException:
+        if writer is not None:
+            writer.abort()  # its thread stops before the temp dir goes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return files

@@ -7,9 +7,11 @@ before any compute.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional
 
 import torch
@@ -159,6 +161,19 @@ _TORCH_TO_ST = {
 }
 
 
+# Bytes go to a file in pieces of this size: one write() of a whole several-hundred-MB tensor was 2-3x slower than
+# the same bytes in 1 MiB pieces on the benchmark machine (the pieces stay in the CPU cache on their way into the
+# page cache).
+WRITE_PIECE = 1 << 20
+
+
+def write_pieces(fh, data) -> int:
+    mv = memoryview(data).cast("B")
+    for i in range(0, len(mv), WRITE_PIECE):
+        fh.write(mv[i:i + WRITE_PIECE])
+    return len(mv)
+
+
 class StreamingSafetensorsWriter:
     """Writes a planned list of tensors into size-bounded safetensors shards, one tensor at a time.
 
@@ -190,10 +205,13 @@ class StreamingSafetensorsWriter:
         self._fh = None
         self._open_shard = -1
         self.total_bytes = sum(e[3] for _, e in self._order)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="safetensors-writer")
+        self._pending = collections.deque()  # (future, bytes) of tensors handed to the writer thread
+        self._max_pending = max((e[3] for _, e in self._order), default=0)
 
     def _start_shard(self, k: int) -> None:
         if self._fh is not None:
-            self._fh.close()
+            self._finish_file()
         header, offset = {"__metadata__": self.metadata}, 0
         for name, shape, dtype, nbytes in self._shards[k]:
             header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
@@ -208,30 +226,57 @@ class StreamingSafetensorsWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order):
             raise ValueError(f"tensor {name!r} is not in the export plan")
-        k, (want, shape, dtype, _) = self._order[self._next]
+        k, (want, shape, dtype, nbytes) = self._order[self._next]
         if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(
                 f"export plan expected {want} {list(shape)} {dtype}, got {name} {list(tensor.shape)} {tensor.dtype}"
             )
+        t = tensor.detach().cpu().contiguous()
+        # The bytes go to disk on a thread of their own (file writes release the GIL) while the caller reads and
+        # converts the next tensors; at most the largest tensor's worth waits, so memory stays bounded.
+        self._pending.append((self._pool.submit(self._write, k, t), nbytes))
+        self._next += 1
+        self._drain(self._max_pending)
+
+    def _write(self, k: int, t: torch.Tensor) -> None:  # on the writer thread, in order
         if k != self._open_shard:
             self._start_shard(k)
-        t = tensor.detach().cpu().contiguous()
         if t.numel():
-            self._fh.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no copy of the bytes
-        self._next += 1
+            write_pieces(self._fh, t.reshape(-1).view(torch.uint8).numpy().data)  # no copy of the bytes
+
+    def _drain(self, limit: int) -> None:
+        while self._pending and sum(n for _, n in self._pending) > limit:
+            self._pending.popleft()[0].result()  # re-raises the writer's error here
+
+    def _finish_file(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())  # on disk before the directory is published
+        self._fh.close()
 
     def close(self) -> list:
         if self._next != len(self._order):
             missing = [e[0] for _, e in self._order[self._next:]]
+            self.abort()
             raise ValueError(f"export incomplete: {len(missing)} tensors never written (first: {missing[0]})")
+        self._drain(-1)
+        self._pool.shutdown()
         if self._fh is None:
             self._start_shard(0)
-        self._fh.close()
+        self._finish_file()
         if len(self.files) > 1:
             weight_map = {e[0]: self.files[k] for k, e in self._order}
             with open(os.path.join(self.out_dir, INDEX_NAME), "w") as f:
                 json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
         return list(self.files)
+
+    def abort(self) -> None:
+        """Stops writing (after an error elsewhere): waits for the write in progress, closes the file."""
+        for fut, _ in self._pending:
+            fut.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def _numel(shape) -> int:

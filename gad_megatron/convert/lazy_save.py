@@ -6,9 +6,9 @@ Why: building the model and then saving it holds the whole model (plus megatron'
 memory -- 3.4 GiB for a 1B model, ~30 GiB per rank for 14B at TP1 -- and the writer waits for all of it. Here
 megatron still plans the checkpoint (keys, global shapes, TP/PP chunks, replica de-duplication, common.pt,
 metadata.json: the same files a real save writes), but every tensor chunk is read from the safetensors,
-converted through the architecture's mapping (``mapping.to_mcore``) and written before the next one is made.
-Peak memory is about one full per-layer tensor (a fused QKV / fc1 is built whole, then sliced per TP chunk)
-plus the chunk being written, whatever the model's size.
+converted through the architecture's mapping (``mapping.mcore_row_sources``: the HF rows a chunk is made of)
+and written before the next one is made. Peak memory is about one chunk per writer thread (at TP1 a chunk is a
+whole per-layer tensor), whatever the model's size.
 
 Each rank of the TP*PP group writes its own chunks (its own ``__<rank>_0.distcp``), so conversion of a big model
 spreads over the ranks srun starts.
@@ -16,6 +16,7 @@ spreads over the ranks srun starts.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -45,11 +46,45 @@ def _lazy_planner_class():
     return LazySavePlanner
 
 
+# Two writer threads per rank (two files): one reads the next chunk while the other's bytes go to disk; measured
+# ~20 % faster than one on the 1B benchmark. Each thread holds one chunk.
+WRITER_THREADS = 2
+class PiecewiseWrites:
+    """A file whose ``write`` hands the kernel at most ``hf_io.WRITE_PIECE`` bytes at a time."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def write(self, b) -> int:
+        from gad_megatron.convert.hf_io import write_pieces
+
+        return write_pieces(self.raw, b)
+
+    def __getattr__(self, name):  # tell, flush, fileno (fsync), close, ...
+        return getattr(self.raw, name)
+
+
+def _file_system_class():
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class PiecewiseFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            with super().create_stream(path, mode) as stream:
+                yield PiecewiseWrites(stream) if "w" in mode else stream
+
+    return PiecewiseFileSystem
+
+
 def _writer_class():
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class Writer(FileSystemWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fs = _file_system_class()()
+
         def storage_meta(self):
             # The directory as a plain string (as megatron's own writer records it): a path object would be
             # one more class for the metadata's allow-list (convert/safe_metadata.py) to accept.
@@ -81,16 +116,16 @@ def lazy_strategy(materialise: Callable):
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
             pyt = mcore_to_pyt_state_dict(sd, False)
             planner = _lazy_planner_class()(materialise, dedup_replicated_tensors=False, flatten_state_dict=False)
-            writer = _writer_class()(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+            writer = _writer_class()(str(checkpoint_dir), single_file_per_rank=True, thread_count=WRITER_THREADS)
             dcp.save(pyt, storage_writer=writer, planner=planner)
 
     return LazyTorchDistSaveStrategy()
 
 
 class ChunkMaker:
-    """``materialise(key, offset, shape, global_shape)`` for the lazy planner from an HF weight source: a chunk
-    of a plain-copy tensor is read as a slice of its safetensors entry; a fused one (QKV, gate+up) is built
-    whole for its layer once (kept while the writer asks for that layer's other chunks) and sliced.
+    """``materialise(key, offset, shape, global_shape)`` for the lazy planner from an HF weight source: each
+    chunk is read from exactly the HF rows it is made of (``HFWeightSource.read_rows``: a slice of a plain
+    tensor, or the query groups / the gate or up half a TP chunk of a fused tensor holds).
     ``fresh``: {key: full tensor} for weights the HF model does not have (a new discriminator head)."""
 
     def __init__(self, source, dtype: torch.dtype, fresh: Optional[dict] = None):
@@ -98,26 +133,14 @@ class ChunkMaker:
 
         self.source, self.dtype, self.fresh = source, dtype, fresh or {}
         self._layer_prefix = LAYER_PREFIX
-        self._cached = (None, None)
 
     def __call__(self, key: str, offset: tuple, shape: tuple, global_shape: tuple) -> torch.Tensor:
         layer = None
         if key.startswith(self._layer_prefix):  # layers stacked on a leading axis; chunks hold one layer each
             if shape[0] != 1:
                 raise RuntimeError(f"{key}: a chunk of {shape[0]} layers (expected one per chunk)")
-            layer, offset, shape, global_shape = offset[0], offset[1:], shape[1:], global_shape[1:]
+            layer, offset, shape = offset[0], offset[1:], shape[1:]
         slices = tuple(slice(o, o + n) for o, n in zip(offset, shape))
-        if key in self.fresh:
-            part = self.fresh[key][slices]
-        else:
-            part = self.source.read_slice(key, layer, slices, global_shape)
-            if part is None:
-                if self._cached[0] != (key, layer):
-                    self._cached = (None, None)  # let the previous one go before making the next
-                    full = self.source(key, layer)
-                    if tuple(full.shape) != tuple(global_shape):
-                        raise ValueError(f"{key} (layer {layer}): source shape {tuple(full.shape)} != {global_shape}")
-                    self._cached = ((key, layer), full)
-                part = self._cached[1][slices]
+        part = self.fresh[key][slices] if key in self.fresh else self.source.read_rows(key, layer, slices)
         part = part.to(self.dtype).contiguous()
         return part.unsqueeze(0) if layer is not None else part

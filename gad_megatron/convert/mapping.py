@@ -134,6 +134,31 @@ def to_hf(rule: Rule, full: torch.Tensor, arch) -> list:
     raise ValueError(f"unknown rule kind {rule.kind!r}")
 
 
+def mcore_row_sources(rule: Rule, arch, start: int, stop: int) -> list:
+    """Where rows ``[start, stop)`` of ``rule``'s megatron tensor (one layer) come from, in order:
+    [(index of the HF tensor in ``rule.hf``, its first row, its stop row)]. The same layouts as :func:`to_mcore`,
+    for one TP chunk at a time: a converter can read just those rows instead of fusing the whole tensor."""
+    if rule.kind == "copy":
+        return [(0, start, stop)]
+    if rule.kind == "gate_up":  # [gate; up]
+        f = dims(arch)[rule.hf_shapes[0][0]]
+        out = [(0, start, min(stop, f))] if start < f else []
+        return out + ([(1, max(start, f) - f, stop - f)] if stop > f else [])
+    if rule.kind == "qkv":  # per query group: [its q heads; its k head; its v head]
+        ng, d = arch.num_query_groups, arch.kv_channels
+        qd = arch.num_attention_heads // ng * d
+        block = qd + 2 * d
+        out = []
+        for g in range(start // block, (stop - 1) // block + 1):
+            base = g * block
+            for idx, (lo, n, src) in enumerate(((0, qd, g * qd), (qd, d, g * d), (qd + d, d, g * d))):
+                a, b = max(start, base + lo), min(stop, base + lo + n)
+                if a < b:
+                    out.append((idx, src + a - base - lo, src + b - base - lo))
+        return out
+    raise ValueError(f"unknown rule kind {rule.kind!r}")
+
+
 # ---- registry ----------------------------------------------------------------------------------------------
 
 _REGISTRY: dict = {}

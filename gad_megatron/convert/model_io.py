@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from gad_megatron.convert.hf_io import SafetensorsReader
-from gad_megatron.convert.mapping import LAYER_PREFIX, ArchMapping, expected_hf_tensors, to_mcore
+from gad_megatron.convert.mapping import LAYER_PREFIX, ArchMapping, expected_hf_tensors, mcore_row_sources, to_mcore
 
 
 @dataclass
@@ -130,6 +130,16 @@ class HFWeightSource:
         if tuple(self.reader.shapes.get(name, ())) != tuple(full_shape):
             raise ValueError(f"{key} (layer {layer}): source {name} shape {self.reader.shapes.get(name)} != {full_shape}")
         return self.reader.get_slice(name, slices)
+
+    def read_rows(self, key: str, layer: Optional[int], slices: tuple) -> torch.Tensor:
+        """``full_tensor(key, layer)[slices]`` from just the HF rows it is made of (a TP chunk of a fused QKV
+        or gate+up reads its own query groups / its half, never the whole tensor)."""
+        rule = self.mapping.rule_for(key, self.arch.tie_word_embeddings, self.role)
+        rows, rest = slices[0], tuple(slices[1:])
+        names = rule.hf_names(layer)
+        parts = [self.reader.get_slice(names[i], (slice(a, b),) + rest)
+                 for i, a, b in mcore_row_sources(rule, self.arch, rows.start, rows.stop)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def __call__(self, key: str, layer: Optional[int]) -> torch.Tensor:
         rule = self.mapping.rule_for(key, self.arch.tie_word_embeddings, self.role)
