@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -231,13 +232,18 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
             for name, shape in zip(r.hf_names(i), r.hf_shapes)
         ]
         writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes)
-        for group in groups:
-            # One read per layer: peak memory is one layer's tensors plus one pending output shard.
-            got = reader.read([(r.mcore, i) for r, i in group])
-            for r, i in group:
-                for name, t in zip(r.hf_names(i), to_hf(r, got[(r.mcore, i)], arch)):
-                    writer.add(name, t)
-            del got
+        # One read per layer, the next one read on a thread while this one is converted and handed to the
+        # writer's thread: memory is two layers' tensors plus at most the largest tensor waiting to be written.
+        with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-reader") as pool:
+            ahead = pool.submit(reader.read, [(r.mcore, i) for r, i in groups[0]])
+            for k, group in enumerate(groups):
+                got = ahead.result()
+                if k + 1 < len(groups):
+                    ahead = pool.submit(reader.read, [(r.mcore, i) for r, i in groups[k + 1]])
+                for r, i in group:
+                    for name, t in zip(r.hf_names(i), to_hf(r, got[(r.mcore, i)], arch)):
+                        writer.add(name, t)
+                del got
         files = writer.close()
         copy_hf_side_files(src_cfg_dir, tmp, config=export_hf_config(arch, role))
         publish_dir(tmp, out, overwrite)

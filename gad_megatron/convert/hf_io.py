@@ -276,7 +276,10 @@ class StreamingSafetensorsWriter:
         self._pool.shutdown(wait=True)
         self._pending.clear()
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:  # flushing what is buffered can fail the same way (disk full); the file is dropped anyway
+                pass
 
 
 def _numel(shape) -> int:
