@@ -26,6 +26,10 @@ def test_student_convert_verify_export(hf_models, tmp_path):
     assert "wrote" in out
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "0"
     assert (ckpt / "iter_0000000" / "metadata.json").exists() and (ckpt / "hf" / "config.json").exists()
+    # each of the two ranks wrote its own shard files (two writer threads each), all holding tensor data
+    shards = {p.name: p.stat().st_size for p in (ckpt / "iter_0000000").glob("*.distcp")}
+    assert sorted(shards) == ["__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp"], shards
+    assert min(shards.values()) > 10_000, shards
     out = gad_convert("verify", "--hf", hf, "--ckpt", ckpt, "--tp", 1, "--pp", 2, "--tol", 1e-4, "--json", tmp_path / "v.json")
     assert "max |diff|" in out
     res = json.loads((tmp_path / "v.json").read_text())

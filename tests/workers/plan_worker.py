@@ -4,11 +4,11 @@ Per rank: parameters of G (student) and D (discriminator) as built, their DDP gr
 optimizer-state bytes after one Adam step (moments + fp32 master copies), and (PP 1) the bytes autograd saves
 for the backward in one forward of G with its loss (activations + logits), counted once per storage."""
 
-import json
 import sys
 
 import torch
 import torch.distributed as dist
+from gathered import write_gathered_json
 
 
 def state_bytes(optimizer) -> int:
@@ -103,11 +103,7 @@ def main():
         (buf,) = ddp.buffers
         res["bucketed"] = {"bucket_size": ddp.bucket_size, "numel": buf.numel, "buckets": buf.bucket_indices,
                            "index": [list(buf.param_index_map[p][:2]) for p in g_chunks[0].parameters()]}
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, res)
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(rows, f)
+    write_gathered_json(res, out_path)
 
 
 if __name__ == "__main__":

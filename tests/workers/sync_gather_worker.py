@@ -5,6 +5,7 @@ import json
 import sys
 
 import torch.distributed as dist
+from gathered import write_gathered_json
 
 
 def main():
@@ -39,11 +40,7 @@ def main():
             }
         else:
             res[name] = {"delivered_elsewhere": len(got)}
-    all_res = [None] * dist.get_world_size()
-    dist.all_gather_object(all_res, res)
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(all_res, f)
+    write_gathered_json(res, out)
 
 
 if __name__ == "__main__":
