@@ -104,6 +104,8 @@ def expected_hf_tensors(mapping: ArchMapping, arch, role: str = "student") -> di
 
 
 def to_mcore(rule: Rule, hf_tensors: Sequence[torch.Tensor], arch) -> torch.Tensor:
+    """The whole fused tensor: the reference form of each layout. Loaders and gad-convert read one chunk at a
+    time through :func:`mcore_row_sources`, which the tests hold to this."""
     if rule.kind == "copy":
         return hf_tensors[0]
     if rule.kind == "gate_up":

@@ -8,12 +8,12 @@ VPP are handled in one place without per-layer knowledge of split axes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
 from gad_megatron.convert.hf_io import SafetensorsReader
-from gad_megatron.convert.mapping import LAYER_PREFIX, ArchMapping, expected_hf_tensors, mcore_row_sources, to_mcore
+from gad_megatron.convert.mapping import LAYER_PREFIX, ArchMapping, expected_hf_tensors, mcore_row_sources
 
 
 @dataclass
@@ -82,27 +82,25 @@ def _is_main(st) -> bool:
 
 
 @torch.no_grad()
-def fill_model(chunks, full_tensor: Callable[[str, Optional[int]], torch.Tensor], skip_keys=()) -> int:
-    """Copies into every local parameter its slice of ``full_tensor(key, layer)``; returns the count."""
+def fill_model(chunks, source, skip_keys=()) -> int:
+    """Copies into every local parameter its slice, ``source.read_rows(key, layer, slices)``; returns the count.
+    Each rank reads only the rows its chunk is made of (the embedding and output layer at TP8 read 1/8 each; a
+    TP chunk of a fused QKV / gate+up reads its own query groups / half)."""
     n = 0
     for sh in local_shards(chunks):
         if sh.key in skip_keys:
             continue
-        # A source that can read just this rank's slice (a plain copy rule) spares reading the whole tensor on
-        # every TP rank: the embedding and output layer at TP8 read 1/8 each.
-        part = full_tensor.read_slice(sh.key, sh.layer, sh.slices, sh.full_shape) if hasattr(full_tensor, "read_slice") else None
-        if part is None:
-            full = full_tensor(sh.key, sh.layer)
-            if tuple(full.shape) != sh.full_shape:
-                raise ValueError(f"{sh.key} (layer {sh.layer}): source shape {tuple(full.shape)} != {sh.full_shape}")
-            part = full[sh.slices]
+        part = source.read_rows(sh.key, sh.layer, sh.slices)
+        if part.shape != sh.data.shape:  # copy_ would broadcast a wrong-sized source silently
+            raise ValueError(f"{sh.key} (layer {sh.layer}): source slice {tuple(part.shape)} != {tuple(sh.data.shape)}")
         sh.data.copy_(part)
         n += 1
     return n
 
 
 class HFWeightSource:
-    """``full_tensor(key, layer)`` from an HF safetensors checkpoint through the architecture's mapping."""
+    """Megatron tensors (any chunk of one layer's) read from an HF safetensors checkpoint through the
+    architecture's mapping."""
 
     def __init__(self, hf_dir: str, mapping: ArchMapping, arch, role: str = "student", reader=None):
         self.reader = reader or SafetensorsReader(hf_dir)
@@ -121,29 +119,15 @@ class HFWeightSource:
     def has_head(self) -> bool:
         return "score.weight" in self.reader.shapes
 
-    def read_slice(self, key: str, layer: Optional[int], slices: tuple, full_shape: tuple) -> Optional[torch.Tensor]:
-        """This rank's slice of a copy-rule tensor, read without the rest; None for fused layouts."""
-        rule = self.mapping.rule_for(key, self.arch.tie_word_embeddings, self.role)
-        if rule.kind != "copy":
-            return None
-        name = rule.hf_names(layer)[0]
-        if tuple(self.reader.shapes.get(name, ())) != tuple(full_shape):
-            raise ValueError(f"{key} (layer {layer}): source {name} shape {self.reader.shapes.get(name)} != {full_shape}")
-        return self.reader.get_slice(name, slices)
-
     def read_rows(self, key: str, layer: Optional[int], slices: tuple) -> torch.Tensor:
-        """``full_tensor(key, layer)[slices]`` from just the HF rows it is made of (a TP chunk of a fused QKV
-        or gate+up reads its own query groups / its half, never the whole tensor)."""
+        """``[slices]`` of megatron tensor ``key`` (of ``layer``), from just the HF rows it is made of (a TP chunk
+        of a fused QKV or gate+up reads its own query groups / its half, never the whole tensor)."""
         rule = self.mapping.rule_for(key, self.arch.tie_word_embeddings, self.role)
         rows, rest = slices[0], tuple(slices[1:])
         names = rule.hf_names(layer)
         parts = [self.reader.get_slice(names[i], (slice(a, b),) + rest)
                  for i, a, b in mcore_row_sources(rule, self.arch, rows.start, rows.stop)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def __call__(self, key: str, layer: Optional[int]) -> torch.Tensor:
-        rule = self.mapping.rule_for(key, self.arch.tie_word_embeddings, self.role)
-        return to_mcore(rule, [self.reader.get(n) for n in rule.hf_names(layer)], self.arch)
 
 
 def load_hf_into_model(chunks, source: HFWeightSource) -> int:
