@@ -112,8 +112,8 @@ def timed(args: list) -> tuple:
     """Runs ``python -m module args`` (or a script) in a child; returns (seconds, peak RSS bytes)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     # Every step is timed until its bytes are on disk (sync after it; and before it, so no step inherits another's
-    # write-back): a copy that leaves gigabytes in the page cache is not faster than a writer that fsyncs, only
-    # earlier to return, and on this machine sustained disk writes are ~0.35 GB/s against ~3 GB/s into the cache.
+    # write-back): a copy that leaves gigabytes in the page cache is not faster than a writer that fsyncs (as the
+    # converters do before publishing), only earlier to return.
     os.sync()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _PEAK, *args], env=env, stdout=subprocess.DEVNULL,
@@ -160,7 +160,7 @@ def main() -> None:
     times = {name: [] for name, _ in steps(hf, "")}
     start = {name: [] for name in times}
     rss = {name: 0 for name in times}
-    for r in range(a.repeats):  # alternate the steps, so slow phases of the machine hit all of them
+    for _ in range(a.repeats):  # alternate the steps, so slow phases of the machine hit all of them
         for (name, cmd), (_, tiny_cmd) in zip(steps(hf, ""), steps(tiny, "-tiny")):
             dt, peak = timed(cmd)
             times[name].append(dt)
@@ -169,18 +169,17 @@ def main() -> None:
             # config checks; no bytes to speak of).
             start[name].append(timed(tiny_cmd)[0])
         for p in (ckpt, back, copy_dst, ckpt + "-tiny", back + "-tiny", copy_dst + "-tiny"):
-            if r < a.repeats - 1 or p != ckpt:
-                shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     st = {k: statistics.median(v) for k, v in start.items()}
     copy_gbs = nbytes / med["copy"] / 1e9
+    copy_steady = nbytes / max(med["copy"] - st["copy"], 1e-9) / 1e9
     budget = 2 * info["largest_tensor_bytes"] + 2**30
     print(f"medians of {a.repeats} alternating rounds; every step timed until its bytes are on disk")
     print(f"{'step':<12} {'seconds':>8} {'start-up':>9} {'GB/s':>6} {'vs copy':>8} {'amortised':>10} {'peak RSS':>9} {'budget':>7}")
     for name in times:
         gbs = nbytes / med[name] / 1e9
         steady = nbytes / max(med[name] - st[name], 1e-9) / 1e9
-        copy_steady = nbytes / max(med["copy"] - st["copy"], 1e-9) / 1e9
         print(f"{name:<12} {med[name]:8.1f} {st[name]:8.1f}s {gbs:6.2f} {gbs / copy_gbs:8.2f} {steady / copy_steady:10.2f} "
               f"{rss[name] / 2**30:8.2f}G {budget / 2**30:6.2f}G")
     print("start-up share: " + ", ".join(f"{k} {st[k] / med[k]:.0%}" for k in times) +

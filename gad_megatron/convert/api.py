@@ -59,7 +59,8 @@ def check_hf_input(hf_dir: str, role: str = "student"):
 
 
 def hf_to_mcore(hf_dir: str, out: str, role: str = "student", overwrite: bool = False, head_init: str = "normal"):
-    """Collective over the already-initialised parallel state: build, fill from HF, save atomically."""
+    """Collective over the already-initialised parallel state: megatron's save (atomic) of the model built on
+    the meta device, each rank's chunks read from the HF files as they are written (``convert/lazy_save.py``)."""
     from gad_megatron.convert.lazy_save import ChunkMaker, lazy_strategy
 
     arch, src = check_hf_input(hf_dir, role)
@@ -71,12 +72,9 @@ def hf_to_mcore(hf_dir: str, out: str, role: str = "student", overwrite: bool = 
     fresh = {}
     if role == "discriminator" and not src.has_head():  # a discriminator from a causal LM: a new scalar head
         fresh["output_layer.weight"] = new_head(arch, head_init)
-    maker = ChunkMaker(src, DTYPES[opts.dtype], fresh)
+    maker = ChunkMaker(src, fresh)
     meta = {"role": role, "model_type": arch.model_type, "source": os.path.abspath(hf_dir), "dtype": opts.dtype}
     return save_checkpoint(chunks, out, hf_dir, meta, overwrite=overwrite, strategy=lazy_strategy(maker))
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def new_head(arch, head_init: str, seed: int = 1234) -> torch.Tensor:

@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from gad_megatron.convert.mapping import LAYER_PREFIX
+
 
 def _lazy_planner_class():
     from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
@@ -34,12 +36,12 @@ def _lazy_planner_class():
 
         def resolve_data(self, write_item):
             obj = self.lookup_object(write_item.index)
-            if isinstance(obj, torch.Tensor) and obj.is_meta:
+            if isinstance(obj, torch.Tensor) and obj.is_meta:  # in the model's dtype, as a real save would write
                 t = self.materialise(write_item.index.fqn, tuple(write_item.index.offset), tuple(obj.shape))
-                if tuple(t.shape) != tuple(obj.shape) or t.dtype != obj.dtype:
+                if tuple(t.shape) != tuple(obj.shape):
                     raise RuntimeError(f"{write_item.index.fqn} at {tuple(write_item.index.offset)}: made "
-                                       f"{tuple(t.shape)} {t.dtype}, the checkpoint plans {tuple(obj.shape)} {obj.dtype}")
-                return t
+                                       f"{tuple(t.shape)}, the checkpoint plans {tuple(obj.shape)}")
+                return t.to(obj.dtype).contiguous()
             return super().resolve_data(write_item)
 
     return LazySavePlanner
@@ -124,24 +126,20 @@ def lazy_strategy(materialise: Callable):
 
 
 class ChunkMaker:
-    """``materialise(key, offset, shape)`` (a chunk's global offset and shape) for the lazy planner from an HF weight source: each
-    chunk is read from exactly the HF rows it is made of (``HFWeightSource.read_rows``: a slice of a plain
-    tensor, or the query groups / the gate or up half a TP chunk of a fused tensor holds).
+    """``materialise(key, offset, shape)`` (a chunk's global offset and shape) for the lazy planner from an HF
+    weight source: each chunk is read from exactly the HF rows it is made of (``HFWeightSource.read_rows``: a
+    slice of a plain tensor, or the query groups / the gate or up half a TP chunk of a fused tensor holds).
     ``fresh``: {key: full tensor} for weights the HF model does not have (a new discriminator head)."""
 
-    def __init__(self, source, dtype: torch.dtype, fresh: Optional[dict] = None):
-        from gad_megatron.convert.mapping import LAYER_PREFIX
-
-        self.source, self.dtype, self.fresh = source, dtype, fresh or {}
-        self._layer_prefix = LAYER_PREFIX
+    def __init__(self, source, fresh: Optional[dict] = None):
+        self.source, self.fresh = source, fresh or {}
 
     def __call__(self, key: str, offset: tuple, shape: tuple) -> torch.Tensor:
         layer = None
-        if key.startswith(self._layer_prefix):  # layers stacked on a leading axis; chunks hold one layer each
+        if key.startswith(LAYER_PREFIX):  # layers stacked on a leading axis; chunks hold one layer each
             if shape[0] != 1:
                 raise RuntimeError(f"{key}: a chunk of {shape[0]} layers (expected one per chunk)")
             layer, offset, shape = offset[0], offset[1:], shape[1:]
         slices = tuple(slice(o, o + n) for o, n in zip(offset, shape))
         part = self.fresh[key][slices] if key in self.fresh else self.source.read_rows(key, layer, slices)
-        part = part.to(self.dtype).contiguous()
         return part.unsqueeze(0) if layer is not None else part

@@ -13,7 +13,7 @@ Memory (bytes per GPU, the most loaded pipeline stage):
 - grads: megatron DDP's fp32 main-grad buffer (``grad_reduce_in_fp32``): 4 bytes per parameter plus the
   distributed optimizer's padding, laid out as megatron lays it out (``grad_buffer_layout``);
 - optimizer: Adam's two fp32 moments + an fp32 master copy when training in bf16/fp16; with the distributed
-  optimizer, the most loaded DP rank's shard of that padded buffer (``optimizer_shard_numel``);
+  optimizer, the most loaded DP rank's shard of that padded buffer (``optimizer_shard_numels``);
 - activations (training, one micro-batch of ``micro_batch_tokens``, times the micro-batches 1F1B keeps in
   flight on the first stage): per token per layer, in dtype bytes, the tensors autograd saves: norm inputs and
   outputs (2h + 2h, /TP with sequence parallel), QKV (q + 2kv)/TP, attention output q/TP, fc1 2f/TP, SwiGLU
@@ -191,29 +191,29 @@ def grad_buffer_layout(params: list, dp: int, distributed: bool, bucket_size=Non
     return (buckets[-1][1] if buckets else 0), buckets, index
 
 
-def optimizer_shard_numel(params: list, dp: int, dp_rank: int, distributed: bool, bucket_size=None) -> int:
-    """Elements of parameters whose optimizer state DP rank ``dp_rank`` holds: all of them without the distributed
-    optimizer; with it, the rank's contiguous 1/DP of every bucket intersected with the parameters there."""
+def optimizer_shard_numels(params: list, dp: int, distributed: bool, bucket_size=None) -> list:
+    """Per DP rank, the elements of parameters whose optimizer state it holds: all of them without the
+    distributed optimizer; with it, the rank's contiguous 1/DP of every bucket intersected with the parameters
+    there."""
     if not distributed:
-        return sum(n for _, n, _ in params)
+        return [sum(n for _, n, _ in params)] * dp
     _, buckets, index = grad_buffer_layout(params, dp, True, bucket_size)
-    total = 0
+    shards = [0] * dp
     for b0, b1 in buckets:
         size = (b1 - b0) // dp
-        lo, hi = b0 + dp_rank * size, b0 + (dp_rank + 1) * size
-        total += sum(max(0, min(hi, e) - max(lo, s)) for s, e in index if b0 <= s < b1)
-    return total
+        inside = [(s, e) for s, e in index if b0 <= s < b1]
+        for r in range(dp):
+            lo, hi = b0 + r * size, b0 + (r + 1) * size
+            shards[r] += sum(max(0, min(hi, e) - max(lo, s)) for s, e in inside)
+    return shards
 
 
-def optimizer_bytes(params, dtype: str, dp: int, distributed: bool, dp_rank=None, bucket_size=None) -> int:
-    """Adam's fp32 exp_avg + exp_avg_sq (+ the fp32 master copy when training in bf16 / fp16) that one rank holds.
-    ``params``: a ``param_list`` (exact, per DP rank: the most loaded one unless ``dp_rank`` is given) or a count
-    (the even split, for estimates)."""
+def optimizer_bytes(params: list, dtype: str, dp: int, distributed: bool, dp_rank=None, bucket_size=None) -> int:
+    """Adam's fp32 exp_avg + exp_avg_sq (+ the fp32 master copy when training in bf16 / fp16) that one rank of a
+    ``param_list`` holds: DP rank ``dp_rank``, or the most loaded one."""
     per = 8 + (4 if dtype != "fp32" else 0)
-    if isinstance(params, int):
-        return per * (math.ceil(params / dp) if distributed else params)
-    ranks = range(dp) if dp_rank is None else [dp_rank]
-    return per * max(optimizer_shard_numel(params, dp, r, distributed, bucket_size) for r in ranks)
+    shards = optimizer_shard_numels(params, dp, distributed, bucket_size)
+    return per * (max(shards) if dp_rank is None else shards[dp_rank])
 
 
 def grad_bytes(params: list, dp: int, distributed: bool, bucket_size=None) -> int:
@@ -275,7 +275,7 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
                 0 if lay.offload_reference or wl.stage == "seqkd" else n[0] * b)
 
     # the most loaded stage is the first (embeddings) or the last (output layer)
-    weights, grads, optim, reference = max({stage_state(0), stage_state(lay.pp - 1)}, key=sum)
+    weights, grads, optim, reference = max((stage_state(s) for s in {0, lay.pp - 1}), key=sum)
     seq = wl.max_prompt_tokens + wl.max_response_tokens
     mb_tokens = wl.micro_batch_tokens // lay.cp
     in_flight = lay.pp  # 1F1B: the first stage holds pp micro-batches
