@@ -41,7 +41,7 @@ setup(
             "gad-train=gad_megatron.trainer.cli:main",
             "gad-collect=gad_megatron.data.collect:main",
             "gad-eval=gad_megatron.eval.run:main",
-            "gad-plan=gad_megatron.trainer.plan:main",
+            "gad-plan=gad_megatron.plan.cli:main",
         ]
     },
 )

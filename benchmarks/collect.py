@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400)
     a = ap.parse_args()
     port = free_port()
-    srv = subprocess.Popen([sys.executable, "-m", "gad_megatron.data.fake_openai", "--port", str(port),
+    srv = subprocess.Popen([sys.executable, "-m", "gad_megatron.testing.fake_openai", "--port", str(port),
                             "--latency-ms", str(a.latency_ms), "--max-rps", str(a.max_rps)], env={**os.environ, "PYTHONPATH": ROOT},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"

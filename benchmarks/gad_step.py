@@ -26,13 +26,11 @@ def policy_microbatches(t, seqs: list, temperature: float, budget: int) -> list:
     """G's GRPO micro-batches for ``seqs``: old and reference logprobs from the models, a fixed advantage, and
     the engine's logprobs (as if sampled) where a rollout did not give them."""
     from gad_megatron.trainer import gad
-    from gad_megatron.trainer.batching import fill_per_token, microbatches
-    from gad_megatron.trainer.steps import logprob_step
+    from gad_megatron.trainer.batching import microbatches
 
     units = [[s] for s in seqs]
     for key, model in (("old_logp", t.g), ("ref_logp", t.ref)):
-        out, got = gad.forward(t, model, units, logprob_step(temperature))
-        fill_per_token(got, [{key: o["logp"]} for o in out], key)
+        gad.policy_logprobs(t, model, seqs, key)
     for s in seqs:
         s.advantage = 0.5
         s.per_token.setdefault("rollout_logp", s.per_token["old_logp"].clone())
@@ -49,7 +47,11 @@ def bare_update(engine, mbs) -> None:
 
     def step(model, mb):
         out = model_call(model, mb, labels=mb["labels"])
-        return out, lambda losses: ((losses * mb["loss_mask"]).sum(), mb["loss_mask"].sum().to(torch.int), {})
+        def loss_func(losses):
+            mask = mb["loss_mask"].to(losses.device)  # micro-batches live on the host; the losses on the device
+            return (losses * mask).sum(), mask.sum().to(torch.int), {}
+
+        return out, loss_func
 
     for c in engine.chunks:
         c.zero_grad_buffer()
@@ -72,7 +74,8 @@ def main():
     import torch
 
     from gad_megatron.data import demo
-    from gad_megatron.trainer import gad
+    from gad_megatron.trainer import gad, passes
+    from gad_megatron.trainer.build import build_trainer
     from gad_megatron.trainer.config import load_config
     from gad_megatron.trainer.steps import policy_step
 
@@ -84,12 +87,12 @@ def main():
         "rollout": {"engine": a.engine, "n": 8, "max_tokens": 12, "in_process": a.engine == "vllm"},
         "train": {"batch_prompts": a.batch, "warmup_steps": 0, "critic_warmup": 0, "micro_batch_tokens": 1024},
         "log": {"run_dir": os.path.join(work, "run"), "tensorboard": False, "progress": False}})
-    t = gad.setup(cfg)
+    t = build_trainer(cfg)
     if t.sync is not None:
-        gad.sync_weights(t, 0)
+        passes.sync_weights(t, 0)
     splits, totals = {}, 0.0
     for step in range(a.steps + 1):
-        batch = t.train_ex[step * a.batch : (step + 1) * a.batch]
+        batch = t.data.train[step * a.batch : (step + 1) * a.batch]
         timer = gad.Timer()
         t0 = time.perf_counter()
         gad.stage_gad(t, step, batch, timer)
@@ -106,7 +109,7 @@ def main():
     print(f"  {'other':<14} {other / totals:6.1%}   (goal <= 10 %)")
 
     # 2. G update vs bare megatron forward_backward on the same micro-batches
-    _, _, students, _, _, _ = gad.rollout_seqs(t, 1000, t.train_ex[: a.batch])
+    students = gad.rollout(t, 1000, t.data.train[: a.batch]).students
     mbs = policy_microbatches(t, students, 0.8, cfg.train.micro_batch_tokens)
 
     def bare():
@@ -128,12 +131,12 @@ def main():
         return sum(p.numel() * p.element_size() for p in params)
 
     one = nbytes(p for c in t.g.modules for p in c.parameters())
-    optim_state = sum(v.numel() * v.element_size() for e in (t.g, t.d) for st in e.optimizer.optimizer.state.values()
+    optim_state = sum(v.numel() * v.element_size() for e in (t.g, t.reward.d) for st in e.optimizer.optimizer.state.values()
                       for v in st.values() if torch.is_tensor(v))
     three = 3 * one + optim_state
-    held = (nbytes(p for c in t.g.modules for p in c.parameters()) + nbytes(p for c in t.d.modules for p in c.parameters())
+    held = (nbytes(p for c in t.g.modules for p in c.parameters()) + nbytes(p for c in t.reward.d.modules for p in c.parameters())
             + nbytes(p for c in t.ref for p in c.parameters()) + optim_state
-            + sum(b.grad_data.numel() * b.grad_data.element_size() for e in (t.g, t.d) for c in e.chunks
+            + sum(b.grad_data.numel() * b.grad_data.element_size() for e in (t.g, t.reward.d) for c in e.chunks
                   for b in c.buffers))
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"model state held (params + grad buffers + Adam state, G/D/ref): {held / 2**20:.1f} MiB = "

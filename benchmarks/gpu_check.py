@@ -34,11 +34,10 @@ def main() -> None:
     import transformers
     from hf_fixtures import ARCHS, hf_greedy, make_hf_model
 
-    from gad_megatron.algo.losses import bt_loss_step, lm_loss_step
-    from gad_megatron.convert.mapping import mapping_for
-    from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
-    from gad_megatron.models import ModelOptions, arch_spec_from_dir, build_gpt_chunks
-    from gad_megatron.models.discriminator import build_discriminator_chunks
+    from gad_megatron.trainer.steps import bt_step, sft_step
+    from gad_megatron.convert.api import load_from_hf
+    from gad_megatron.models.mapping import mapping_for
+    from gad_megatron.models import ModelOptions
     from gad_megatron.models.forward import full_logits
     from gad_megatron.runtime import ParallelConfig, cpu_shim_applied, initialize
     from gad_megatron.trainer.engine import OptimConfig, TrainEngine, reduce_token_mean
@@ -53,10 +52,8 @@ def main() -> None:
     tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(7))
     for i, name in enumerate(ARCHS):
         hf_dir = make_hf_model(name, os.path.join(work, name), seed=i)
-        arch = arch_spec_from_dir(hf_dir)
         for dtype, tdtype, tol in (("fp32", torch.float32, 1e-4), ("bf16", torch.bfloat16, None)):
-            chunks = build_gpt_chunks(arch, ModelOptions(dtype=dtype, transformer_impl="local"))
-            load_hf_into_model(chunks, HFWeightSource(hf_dir, mapping_for(arch.model_type), arch))
+            arch, chunks = load_from_hf(hf_dir, "student", ModelOptions(dtype=dtype, transformer_impl="local"))
             t0 = time.perf_counter()
             ours = full_logits(chunks, [{"tokens": tokens}])[0].float().cpu()
             dt = time.perf_counter() - t0
@@ -70,26 +67,23 @@ def main() -> None:
 
     # One LM step (SeqKD warmup objective) and one BT step; the first loss must equal HF's cross-entropy.
     hf_dir = os.path.join(work, "qwen2_tied")
-    arch = arch_spec_from_dir(hf_dir)
-    chunks = build_gpt_chunks(arch, ModelOptions(dtype="fp32", transformer_impl="local"))
-    load_hf_into_model(chunks, HFWeightSource(hf_dir, mapping_for(arch.model_type), arch))
+    arch, chunks = load_from_hf(hf_dir, "student", ModelOptions(dtype="fp32", transformer_impl="local"))
     labels = torch.roll(tokens, -1, 1)
     mask = torch.ones_like(tokens, dtype=torch.float)
     mask[:, -1] = 0
     engine = TrainEngine(chunks, OptimConfig(lr=1e-3, clip_grad=1.0))
-    out = engine.train_step([{"tokens": tokens, "labels": labels, "loss_mask": mask}], lm_loss_step)
-    loss = reduce_token_mean(out["outputs"], "lm_loss")
+    out = engine.train_step([{"tokens": tokens, "labels": labels, "loss_mask": mask}], sft_step)
+    loss = reduce_token_mean(out["outputs"], "sft_loss")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         lg = hf(tokens).logits
     ce = torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), labels[:, :-1].reshape(-1)).item()
     rows.append(("student LM step: loss vs HF CE", abs(loss - ce), abs(loss - ce), 0.0, abs(loss - ce) <= 1e-4))
-    d_chunks = build_discriminator_chunks(arch, ModelOptions(dtype="bf16", transformer_impl="local"))
-    load_hf_into_model(d_chunks, HFWeightSource(hf_dir, mapping_for(arch.model_type), arch, role="discriminator"))
+    _, d_chunks = load_from_hf(hf_dir, "discriminator", ModelOptions(dtype="bf16", transformer_impl="local"))
     d_engine = TrainEngine(d_chunks, OptimConfig(lr=1e-4, clip_grad=0.2))
-    pair = {"tokens": tokens.repeat(2, 1)[:3], "attention_mask": torch.ones(3, 24, dtype=torch.long),
-            "n_teacher": 1, "teacher_of": torch.tensor([0, 0])}
-    bt = [d_engine.train_step([pair], bt_loss_step)["outputs"][0]["bt_loss"].item() for _ in range(3)]
+    # one group [teacher, student, student], the trainer's D micro-batch layout
+    pair = {"tokens": tokens.repeat(2, 1)[:3], "attention_mask": torch.ones(3, 24, dtype=torch.long)}
+    bt = [reduce_token_mean(d_engine.train_step([pair], bt_step(2))["outputs"], "d_loss") for _ in range(3)]
     rows.append(("disc BT bf16: 3 steps decrease", bt[0] - bt[-1], 0.0, 0.0, bt[-1] < bt[0]))
 
     # Rollout on GPU: the megatron engine's greedy tokens equal HF's; the weight-sync gather matches the weights.
@@ -98,9 +92,7 @@ def main() -> None:
     from gad_megatron.rollout.weight_sync import gather_full_tensors, hf_tensors
 
     hf_dir = os.path.join(work, "llama31")
-    arch = arch_spec_from_dir(hf_dir)
-    chunks = build_gpt_chunks(arch, ModelOptions(dtype="fp32", transformer_impl="local"))
-    load_hf_into_model(chunks, HFWeightSource(hf_dir, mapping_for(arch.model_type), arch))
+    arch, chunks = load_from_hf(hf_dir, "student", ModelOptions(dtype="fp32", transformer_impl="local"))
     prompts = [[5, 6, 7, 8], [10, 11, 12]]
     ours = [g[0].token_ids for g in MegatronEngine(chunks).generate(prompts, SamplingConfig().greedy(max_tokens=10))]
     ref = hf_greedy(hf_dir, prompts, 10)

@@ -40,9 +40,8 @@ def main() -> None:
     from conversion import make_checkpoint
 
     from gad_megatron.convert.hf_io import SafetensorsReader
-    from gad_megatron.convert.mapping import mapping_for
-    from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
-    from gad_megatron.models import ModelOptions, arch_spec_from_dir, build_gpt_chunks
+    from gad_megatron.convert.api import load_from_hf
+    from gad_megatron.models import ModelOptions
     from gad_megatron.rollout.vllm_engine import VLLMConfig, VLLMEngine
     from gad_megatron.rollout.weight_sync import WeightSync
     from gad_megatron.runtime import ParallelConfig, initialize
@@ -52,9 +51,7 @@ def main() -> None:
     make_checkpoint(hf, a.layers, hidden=896, ffn=4864, heads=14, kv=2, vocab=151936, dtype=torch.float32)
     os.environ.setdefault("MASTER_PORT", "29533")
     initialize(ParallelConfig(device="cpu"))
-    arch = arch_spec_from_dir(hf)
-    chunks = build_gpt_chunks(arch, ModelOptions(perform_initialization=False))
-    load_hf_into_model(chunks, HFWeightSource(hf, mapping_for(arch.model_type), arch))
+    arch, chunks = load_from_hf(hf, "student", ModelOptions())
     engine = VLLMEngine(VLLMConfig(model=hf, max_model_len=256))
     reader = SafetensorsReader(hf)
     tensors = [(n, reader.get(n)) for n in reader.names()]

@@ -85,7 +85,7 @@ KEY = "sk-test-DO-NOT-LEAK-8c1f2e"
 class Server:
     def __init__(self, *args):
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "gad_megatron.data.fake_openai", "--port", str(self.port), *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "gad_megatron.testing.fake_openai", "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True)
         deadline = time.time() + 60

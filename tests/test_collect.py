@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import KEY, ROOT, free_port
 
-from gad_megatron.data.collect import recover_output
+from gad_megatron.data.jsonl import recover_output
 from gad_megatron.data.prompts import PromptFormatError, load_prompts
 
 def write_prompts(path, prompts):

@@ -119,7 +119,7 @@ def test_row_sources_rebuild_every_row_range_of_the_fused_tensors(hf_models, nam
     range of QKV (GQA groups, biases) and gate+up must come out as the same rows of ``to_mcore``'s fused tensor."""
     import torch
 
-    from gad_megatron.convert.mapping import dims, mapping_for, mcore_row_sources, to_mcore
+    from gad_megatron.models.mapping import dims, mapping_for, mcore_row_sources, to_mcore
 
     arch = arch_spec_from_dir(hf_models[name])
     d, fused = dims(arch), 0

@@ -10,7 +10,7 @@ from conftest import ROOT, read_json, run_ranks
 from hf_fixtures import make_hf_model
 
 from gad_megatron.models.hf_config import arch_spec_from_dir
-from gad_megatron.trainer import plan as P
+from gad_megatron import plan as P
 
 LAYOUTS = [  # (tp, pp, distributed optimizer, dtype, sequence parallel, arch)
     (1, 1, 0, "fp32", 0, "qwen2_untied"),
@@ -86,7 +86,7 @@ def test_the_papers_14b_run_on_16_h100():
     assert not bad.fits and "not divisible by TP=3" in bad.problems[0]
     ranked = [q for q in P.search(arch, 16, wl, h100) if q.fits]
     assert ranked and [q.time["run_hours"] for q in ranked] == sorted(q.time["run_hours"] for q in ranked)
-    r = subprocess.run([sys.executable, "-m", "gad_megatron.trainer.plan", "--config", "examples/configs/gad_qwen2.5_14b.yaml",
+    r = subprocess.run([sys.executable, "-m", "gad_megatron.plan", "--config", "examples/configs/gad_qwen2.5_14b.yaml",
                         "--nodes", "2", "data.train=x"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert r.returncode == 0 and "run (800 warmup + 1600 GAD steps)" in r.stdout, r.stdout + r.stderr

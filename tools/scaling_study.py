@@ -29,7 +29,9 @@ SPLIT = ("rollout", "old_logprobs", "ref_logprobs", "d_scores", "d_update", "g_u
 
 def read_timings(run_dir: str, skip: int = 1) -> dict:
     path = os.path.join(run_dir, "timings.jsonl")
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    from gad_megatron.data.jsonl import read_jsonl
+
+    rows = read_jsonl(path)
     gad = [r for r in rows if "g_update" in r or "rollout" in r][skip:] or rows[skip:] or rows
     if not gad:
         raise ValueError(f"{path}: no timed steps")
@@ -41,7 +43,7 @@ def read_timings(run_dir: str, skip: int = 1) -> dict:
 def predicted(config: str, world: int, overrides: list, gpu: str, gpus_per_node: int) -> dict:
     """gad-plan's prediction for this world (tokens/s of a GAD step, peak memory); None when it cannot plan."""
     sys.path.insert(0, ROOT)
-    from gad_megatron.trainer import plan as P
+    from gad_megatron import plan as P
     from gad_megatron.trainer.config import load_config
 
     try:

@@ -48,7 +48,7 @@ TRAIN_ARGS+=("${EXTRA[@]}")
 PLAN_MODEL=()
 if [ -f "${HF_MODEL:-/nonexistent}/config.json" ]; then PLAN_MODEL=(--model "$HF_MODEL"); fi
 set +e
-PLAN=$("$PYTHON" -m gad_megatron.trainer.plan --config "$CONFIG" "${PLAN_MODEL[@]}" --gpu "$GPU_TYPE" \
+PLAN=$("$PYTHON" -m gad_megatron.plan --config "$CONFIG" "${PLAN_MODEL[@]}" --gpu "$GPU_TYPE" \
        --nodes "$GAD_NUM_NODES" --gpus-per-node "$GAD_GPUS_PER_NODE" --shell "${EXTRA[@]}" ${DATA:+"data.train=$DATA"})
 PLAN_RC=$?
 set -e

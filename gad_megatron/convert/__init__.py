@@ -1,1 +1,2 @@
-"""HF <-> megatron-core conversion (``gad-convert``), driven by one declarative mapping per architecture."""
+"""HF <-> megatron-core conversion (``gad-convert``) and model loading from either form, driven by the per-family
+mappings in ``models/families/`` (the same ones the model builder and the weight sync read)."""

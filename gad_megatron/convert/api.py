@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from gad_megatron.convert.hf_io import StreamingSafetensorsWriter
-from gad_megatron.convert.mapping import dims, expected_hf_tensors, mapping_for, to_hf
+from gad_megatron.models.mapping import dims, expected_hf_tensors, mapping_for, to_hf
 from gad_megatron.convert.megatron_ckpt import (
     CheckpointTensorReader,
     copy_hf_side_files,

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from gad_megatron.convert.mapping import LAYER_PREFIX
+from gad_megatron.models.mapping import LAYER_PREFIX
 
 
 def _lazy_planner_class():

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 
 from gad_megatron.convert.hf_io import SafetensorsReader
-from gad_megatron.convert.mapping import LAYER_PREFIX, ArchMapping, expected_hf_tensors, mcore_row_sources
+from gad_megatron.models.mapping import LAYER_PREFIX, ArchMapping, expected_hf_tensors, mcore_row_sources
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""Data: prompts and teacher answers, and the one place chat templates are applied."""
+"""Data: teacher rows and prompts (one JSONL reader, ``jsonl.py``), the OpenAI-compatible chat client and
+``gad-collect``, the shipped demo task, and the one place chat templates are applied (``chat.py``)."""

@@ -20,13 +20,15 @@ import asyncio
 import json
 import logging
 import os
-import random
 import re
 import signal
 import sys
-import time
-from dataclasses import dataclass, field
 from typing import Optional
+
+from gad_megatron.data.jsonl import OutputBusy, lock_output, recover_output
+from gad_megatron.data.openai_chat import (  # noqa: F401  (CollectConfig and the errors are this tool's API too)
+    CollectConfig, FatalReply, RateLimiter, RequestFailed, RetryingChat, redact_key,
+)
 
 log = logging.getLogger("gad_megatron.collect")
 
@@ -35,136 +37,6 @@ REFUSAL_PATTERNS = (
     r"^\s*i (can ?not|can't|won't|am unable to|'m unable to) (help|assist|comply|provide)",
     r"^\s*as an ai( language model)?,? i (can ?not|can't)",
 )
-
-
-@dataclass
-class CollectConfig:
-    base_url: str
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"
-    max_in_flight: int = 16
-    requests_per_minute: float = 0.0  # 0: unlimited
-    tokens_per_minute: float = 0.0
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    timeout_s: float = 120.0
-    max_retries: int = 8
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 60.0
-    stream: bool = False
-    prices: dict = field(default_factory=dict)  # model -> {"input": $/1M tokens, "output": $/1M tokens}
-    max_cost: Optional[float] = None
-    drop_empty: bool = True
-    drop_refusals: bool = False
-    min_chars: int = 0
-    max_chars: int = 0  # 0: no limit
-    fsync_every: int = 32
-    progress: bool = True
-
-
-class RetryableReply(Exception):
-    """A reply that arrived but cannot be used (malformed, truncated): ask again."""
-
-
-class FatalReply(Exception):
-    """A reply that asking again will not fix (bad request, bad key)."""
-
-
-class RateLimiter:
-    """Requests-per-minute and tokens-per-minute budgets (token buckets refilled continuously)."""
-
-    def __init__(self, rpm: float, tpm: float):
-        self.rpm, self.tpm = rpm, tpm
-        self._req = rpm
-        self._tok = tpm
-        self._t = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    def _refill(self):
-        now = time.monotonic()
-        dt, self._t = now - self._t, now
-        if self.rpm:
-            self._req = min(self.rpm, self._req + dt * self.rpm / 60.0)
-        if self.tpm:
-            self._tok = min(self.tpm, self._tok + dt * self.tpm / 60.0)
-
-    async def acquire(self, est_tokens: int):
-        if not (self.rpm or self.tpm):
-            return
-        async with self._lock:
-            while True:
-                self._refill()
-                ok_r = not self.rpm or self._req >= 1
-                ok_t = not self.tpm or self._tok >= min(est_tokens, self.tpm)
-                if ok_r and ok_t:
-                    self._req -= 1 if self.rpm else 0
-                    self._tok -= est_tokens if self.tpm else 0
-                    return
-                need = 0.0
-                if not ok_r:
-                    need = max(need, (1 - self._req) * 60.0 / self.rpm)
-                if not ok_t:
-                    need = max(need, (min(est_tokens, self.tpm) - self._tok) * 60.0 / self.tpm)
-                await asyncio.sleep(max(need, 0.001))
-
-    def settle(self, est_tokens: int, actual_tokens: int):
-        if self.tpm:
-            self._tok += est_tokens - actual_tokens  # refund / charge the estimate's error
-
-
-def recover_output(path: str, on_row=None, repair: bool = True) -> tuple:
-    """Ids already written and whether a torn last line was dropped.
-
-    Only a last line without its final newline is torn (a kill mid-write); with ``repair`` the file is
-    truncated to the end of the last whole line. Any whole line that is not a JSON object with an ``"id"`` is
-    an error naming the line: the file is never shortened for it (it may not be ours at all).
-    ``on_row(row)`` sees every whole row (e.g. to add up the ``usage`` already paid for)."""
-    done, torn = set(), False
-    if not os.path.exists(path):
-        return done, torn
-    with open(path, "rb") as f:
-        data = f.read()
-    good_end = 0
-    for line_no, line in enumerate(data.splitlines(keepends=True), 1):
-        if not line.endswith(b"\n"):
-            torn = True
-            break
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                row = None
-            if not isinstance(row, dict) or "id" not in row:
-                raise ValueError(f"{path}: line {line_no} is not a row (a JSON object with 'id'); not a gad-megatron "
-                                 f"output, or edited by hand: fix or move the file")
-            done.add(row["id"])
-            if on_row is not None:
-                on_row(row)
-        good_end += len(line)
-    if torn and repair:
-        with open(path, "rb+") as f:
-            f.truncate(good_end)
-    return done, torn
-
-
-class RequestFailed(Exception):
-    """Asking again did not help (retries exhausted) or cannot help (a bad request); ``str`` says why."""
-
-
-def describe_error(err: BaseException, key_env: str = "OPENAI_API_KEY") -> str:
-    """What went wrong, named by its root cause: the openai client reports a refused connection as a
-    timeout; the chain of causes says what really happened."""
-    chain, x = [], err
-    while x is not None and len(chain) < 8:
-        chain.append(x)
-        x = x.__cause__ or x.__context__
-    for x in chain:
-        if isinstance(x, ConnectionRefusedError):
-            return f"connection refused ({_safe(str(x), key_env)[:160]})"
-    for x in chain:
-        if isinstance(x, OSError) and not isinstance(x, TimeoutError) and x.errno is not None:
-            return f"connection failed: {_safe(str(x), key_env)[:160]}"
-    return f"{type(err).__name__}: {_safe(str(err), key_env)[:200]}"
 
 
 def load_prices(path: str) -> dict:
@@ -181,127 +53,6 @@ def load_prices(path: str) -> dict:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
                 raise ValueError(f"{path}: {model!r}.{k} = {v!r} is not a non-negative number")
     return table
-
-
-class RetryingChat:
-    """Chat completions with our own retry policy (backoff + jitter, Retry-After, malformed / truncated replies
-    asked again); shared by gad-collect and the gad-eval judge. The key stays inside the openai client."""
-
-    def __init__(self, cfg: "CollectConfig"):
-        self.cfg = cfg
-        self.retries = 0
-
-    def client(self):
-        from openai import AsyncOpenAI
-
-        key = os.environ.get(self.cfg.api_key_env)
-        if not key:
-            raise FatalReply(f"environment variable {self.cfg.api_key_env} is not set (it holds the API key)")
-        # Retries are ours (they honour Retry-After and count); the client must not retry on its own.
-        kw = {}
-        try:
-            # The aiohttp transport costs a fraction of httpx's CPU per request: at high concurrency on a small
-            # machine the client, not the server, was the bottleneck (benchmarks/collect.py).
-            from openai import DefaultAioHttpClient
-
-            kw["http_client"] = DefaultAioHttpClient(timeout=self.cfg.timeout_s)
-        except (ImportError, RuntimeError):
-            pass
-        return AsyncOpenAI(base_url=self.cfg.base_url, api_key=key, max_retries=0, timeout=self.cfg.timeout_s, **kw)
-
-    async def _ask_once(self, client, messages: list) -> tuple:
-        kw = {"model": self.cfg.model, "messages": messages}
-        if self.cfg.max_tokens:
-            kw["max_tokens"] = self.cfg.max_tokens
-        if self.cfg.temperature is not None:
-            kw["temperature"] = self.cfg.temperature
-        if not self.cfg.stream:
-            resp = await client.chat.completions.create(**kw)
-            if not getattr(resp, "choices", None) or resp.choices[0].message is None:
-                raise RetryableReply("reply without choices")
-            text = resp.choices[0].message.content
-            if text is None:
-                raise RetryableReply("reply without content")
-            usage = resp.usage.model_dump() if resp.usage else {}
-            return text, resp.choices[0].finish_reason, usage, resp.model or self.cfg.model
-        stream = await client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
-        parts, finish, usage, model = [], None, {}, self.cfg.model
-        async for chunk in stream:
-            model = chunk.model or model
-            if chunk.usage:
-                usage = chunk.usage.model_dump()
-            for ch in chunk.choices or []:
-                if ch.delta and ch.delta.content:
-                    parts.append(ch.delta.content)
-                if ch.finish_reason:
-                    finish = ch.finish_reason
-        if finish is None:
-            raise RetryableReply("stream ended without a finish_reason (truncated)")
-        return "".join(parts), finish, usage, model
-
-    def _retry_delay(self, attempt: int, err: Exception) -> float:
-        retry_after = None
-        resp = getattr(err, "response", None)
-        if resp is not None:
-            ra = resp.headers.get("retry-after") if hasattr(resp, "headers") else None
-            try:
-                retry_after = float(ra) if ra is not None else None
-            except ValueError:
-                retry_after = None
-        if retry_after is not None:
-            return retry_after + random.uniform(0, 0.1 * retry_after + 0.01)
-        base = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2 ** attempt))
-        return random.uniform(0.5 * base, base)  # jitter
-
-    @staticmethod
-    def _classify(err: Exception) -> str:
-        import openai
-
-        if isinstance(err, RetryableReply):
-            return "retry"
-        if isinstance(err, openai.APIStatusError):
-            if err.status_code == 429 or err.status_code >= 500 or err.status_code == 408:
-                return "retry"
-            return "fatal_request" if err.status_code in (400, 404, 413, 422) else "fatal_run"
-        if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError,
-                            json.JSONDecodeError)):
-            return "retry"
-        if type(err).__module__.startswith(("httpx", "httpcore", "h11")):
-            return "retry"
-        return "fatal_run"
-
-    async def ask(self, client, messages: list) -> tuple:
-        """(text, finish_reason, usage, model), or RequestFailed."""
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                return await self._ask_once(client, messages)
-            except Exception as err:  # noqa: BLE001  (classified below; unknown errors stop the run)
-                kind = self._classify(err)
-                if kind == "fatal_run":
-                    raise FatalReply(f"{type(err).__name__}: {_safe(str(err), self.cfg.api_key_env)}") from None
-                if kind == "fatal_request" or attempt == self.cfg.max_retries:
-                    why = describe_error(err, self.cfg.api_key_env)
-                    log.warning("giving up on a request after %d attempts: %s", attempt + 1, why)
-                    raise RequestFailed(f"{why} (after {attempt + 1} attempts)") from None
-                self.retries += 1
-                await asyncio.sleep(self._retry_delay(attempt, err))
-        raise RequestFailed("no attempt made (max_retries < 0)")
-
-
-class OutputBusy(RuntimeError):
-    pass
-
-
-def lock_output(f, path: str) -> None:
-    """An exclusive lock on the open output: a second gad-collect on the same ``--out`` would pay for every
-    prompt again."""
-    import fcntl
-
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise OutputBusy(f"{path} is being written by another running gad-collect (it holds the lock); two runs "
-                         f"on one output would pay twice for every prompt") from None
 
 
 class Collector:
@@ -360,6 +111,19 @@ class Collector:
             out.close()
 
     async def _run_locked(self, items: list, out) -> dict:
+        todo = self._resume(items)
+        run = _Run(self, out, todo)
+        try:
+            await run.all(todo)
+        finally:
+            await run.close()
+        if run.interrupted:
+            raise KeyboardInterrupt
+        return {**self.counts, "cost": round(self.cost, 6), "cost_this_run": round(self.cost - self.cost_before, 6),
+                "tokens": self.tokens}
+
+    def _resume(self, items: list) -> list:
+        """What earlier runs on this output did: their rows' cost seeds the tally; their ids are not asked again."""
         def seed(row):
             self.cost_before += self.price(row.get("usage") or {})
 
@@ -373,126 +137,136 @@ class Collector:
             log.info("earlier runs on %s spent %.4f (counted against --max-cost)", self.out_path, self.cost_before)
         todo = [it for it in items if it["id"] not in done and it["id"] not in rejected]
         self.counts["skipped_done"] = len(items) - len(todo)
-        chat = RetryingChat(self.cfg)
-        client = chat.client()
-        limiter = RateLimiter(self.cfg.requests_per_minute, self.cfg.tokens_per_minute)
-        stop = asyncio.Event()
-        rej = open(self.rejected_path, "a", encoding="utf-8")
-        since_sync = 0
-        bar = None
+        return todo
+
+
+class _Run:
+    """One run's moving parts: the client, the two output files, the cost reservations, the workers."""
+
+    def __init__(self, c: Collector, out, todo: list):
+        self.c, self.cfg, self.out = c, c.cfg, out
+        self.chat = RetryingChat(self.cfg)
+        self.client = self.chat.client()
+        self.limiter = RateLimiter(self.cfg.requests_per_minute, self.cfg.tokens_per_minute)
+        self.stop = asyncio.Event()
+        self.budget = asyncio.Condition()
+        self.rej = open(c.rejected_path, "a", encoding="utf-8")
+        self.since_sync = 0
+        self.interrupted = False
+        self.tasks = []
+        self.bar = None
         if self.cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(todo), desc="gad-collect", unit="req", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=len(todo), desc="gad-collect", unit="req", file=sys.stderr, dynamic_ncols=True)
 
-        def write(f, row):
-            nonlocal since_sync
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")  # one whole line per write
-            f.flush()
-            since_sync += 1
-            if since_sync >= self.cfg.fsync_every:
-                os.fsync(out.fileno())
-                os.fsync(rej.fileno())
-                since_sync = 0
+    def write(self, f, row) -> None:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")  # one whole line per write
+        f.flush()
+        self.since_sync += 1
+        if self.since_sync >= self.cfg.fsync_every:
+            os.fsync(self.out.fileno())
+            os.fsync(self.rej.fileno())
+            self.since_sync = 0
 
-        budget = asyncio.Condition()
+    async def reserve(self, item) -> Optional[float]:
+        """Reserves the request's worst-case cost against the cap, waiting for requests in flight to settle
+        when it does not fit yet; None when it cannot fit even with nothing in flight (the run stops)."""
+        if self.cfg.max_cost is None:
+            return 0.0
+        c, worst = self.c, self.c.worst_case_cost(item["messages"])
+        async with self.budget:
+            while not self.stop.is_set() and c.cost + c.reserved + worst > self.cfg.max_cost:
+                if c.reserved == 0:
+                    log.warning("spent %.4f: the next request could pass --max-cost %.4f; stopping", c.cost,
+                                self.cfg.max_cost)
+                    self.stop.set()
+                    self.budget.notify_all()
+                    break
+                await self.budget.wait()
+            if self.stop.is_set():
+                return None
+            c.reserved += worst
+        return worst
 
-        async def reserve(item) -> Optional[float]:
-            """Reserves the request's worst-case cost against the cap, waiting for requests in flight to settle
-            when it does not fit yet; None when it cannot fit even with nothing in flight (the run stops)."""
-            if self.cfg.max_cost is None:
-                return 0.0
-            worst = self.worst_case_cost(item["messages"])
-            async with budget:
-                while not stop.is_set() and self.cost + self.reserved + worst > self.cfg.max_cost:
-                    if self.reserved == 0:
-                        log.warning("spent %.4f: the next request could pass --max-cost %.4f; stopping", self.cost,
-                                    self.cfg.max_cost)
-                        stop.set()
-                        budget.notify_all()
-                        break
-                    await budget.wait()
-                if stop.is_set():
-                    return None
-                self.reserved += worst
-            return worst
+    async def settle(self, worst: float) -> None:
+        if self.cfg.max_cost is not None:
+            async with self.budget:
+                self.c.reserved -= worst
+                self.budget.notify_all()
 
-        async def settle(worst: float):
-            if self.cfg.max_cost is not None:
-                async with budget:
-                    self.reserved -= worst
-                    budget.notify_all()
+    async def one(self, item) -> None:
+        c = self.c
+        if self.stop.is_set():
+            if not self.interrupted:
+                c.counts["stopped_by_cost"] += 1
+            return
+        est = sum(len(m["content"]) for m in item["messages"]) // 4 + (self.cfg.max_tokens or 512)
+        await self.limiter.acquire(est)
+        worst = await self.reserve(item)
+        if worst is None:
+            c.counts["stopped_by_cost"] += 1
+            return
+        try:
+            got = await self.chat.ask(self.client, item["messages"])
+        except RequestFailed:
+            got = None
+        except BaseException:
+            await self.settle(worst)
+            raise
+        c.counts["retries"] = self.chat.retries
+        if got is None:
+            c.counts["failed"] += 1
+            await self.settle(worst)
+        else:
+            await self.record(item, got, est, worst)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(cost=f"${c.cost:.4f}", retries=self.chat.retries, refresh=False)
 
-        interrupted = False
+    async def record(self, item, got, est: int, worst: float) -> None:
+        c = self.c
+        text, finish, usage, model = got
+        reason = c.filter_reason(text)
+        row = {"id": item["id"], "messages": item["messages"], "teacher_response": text, "model": model,
+               "usage": usage, "finish_reason": finish}
+        # A paid answer is written first, then accounted: nothing after the reply can lose it.
+        if reason:
+            c.counts[reason] += 1
+            self.write(self.rej, {**row, "rejected": reason})
+        else:
+            c.counts["written"] += 1
+            self.write(self.out, row)
+        self.limiter.settle(est, int(usage.get("total_tokens", est) or est))
+        c.cost += c.price(usage)
+        await self.settle(worst)  # the real cost replaces the reservation in one step
+        c.tokens["prompt"] += int(usage.get("prompt_tokens", 0) or 0)
+        c.tokens["completion"] += int(usage.get("completion_tokens", 0) or 0)
 
-        async def one(item):
-            if stop.is_set():
-                if not interrupted:
-                    self.counts["stopped_by_cost"] += 1
-                return
-            est = sum(len(m["content"]) for m in item["messages"]) // 4 + (self.cfg.max_tokens or 512)
-            await limiter.acquire(est)
-            worst = await reserve(item)
-            if worst is None:
-                self.counts["stopped_by_cost"] += 1
-                return
-            try:
-                got = await chat.ask(client, item["messages"])
-            except RequestFailed:
-                got = None
-            except BaseException:
-                await settle(worst)
-                raise
-            self.counts["retries"] = chat.retries
-            if got is None:
-                self.counts["failed"] += 1
-                await settle(worst)
-            else:
-                text, finish, usage, model = got
-                reason = self.filter_reason(text)
-                row = {"id": item["id"], "messages": item["messages"], "teacher_response": text, "model": model,
-                       "usage": usage, "finish_reason": finish}
-                # A paid answer is written first, then accounted: nothing after the reply can lose it.
-                if reason:
-                    self.counts[reason] += 1
-                    write(rej, {**row, "rejected": reason})
-                else:
-                    self.counts["written"] += 1
-                    write(out, row)
-                limiter.settle(est, int(usage.get("total_tokens", est) or est))
-                self.cost += self.price(usage)
-                await settle(worst)  # the real cost replaces the reservation in one step
-                self.tokens["prompt"] += int(usage.get("prompt_tokens", 0) or 0)
-                self.tokens["completion"] += int(usage.get("completion_tokens", 0) or 0)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(cost=f"${self.cost:.4f}", retries=chat.retries, refresh=False)
+    def on_interrupt(self) -> None:
+        # Ctrl-C: no new request, the ones in flight are cancelled. (Left to asyncio's default, the
+        # cancellation can be swallowed inside the HTTP client and the run would simply go on.)
+        self.interrupted = True
+        self.stop.set()
+        for task in self.tasks:
+            task.cancel()
 
+    async def all(self, todo: list) -> None:
         queue = iter(todo)
 
         async def worker():
             # max_in_flight workers pull prompts: memory stays flat however many prompts there are.
             for item in queue:
-                await one(item)
+                await self.one(item)
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(self.cfg.max_in_flight, len(todo))))]
-
-        def on_interrupt():
-            # Ctrl-C: no new request, the ones in flight are cancelled. (Left to asyncio's default, the
-            # cancellation can be swallowed inside the HTTP client and the run would simply go on.)
-            nonlocal interrupted
-            interrupted = True
-            stop.set()
-            for task in tasks:
-                task.cancel()
-
+        self.tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(self.cfg.max_in_flight, len(todo))))]
         loop = asyncio.get_running_loop()
         try:
-            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+            loop.add_signal_handler(signal.SIGINT, self.on_interrupt)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / no signals here
             pass
         try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*self.tasks, return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                     raise r
@@ -501,25 +275,14 @@ class Collector:
                 loop.remove_signal_handler(signal.SIGINT)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
-            out.flush(), rej.flush()
-            os.fsync(out.fileno()), os.fsync(rej.fileno())
-            rej.close()
-            if bar is not None:
-                bar.close()
-            await client.close()
-        if interrupted:
-            raise KeyboardInterrupt
-        return {**self.counts, "cost": round(self.cost, 6), "cost_this_run": round(self.cost - self.cost_before, 6),
-                "tokens": self.tokens}
 
-
-def _safe(text: str, key_env: str = "OPENAI_API_KEY") -> str:
-    """Error texts can echo request headers; never let the key through (the configured variable's too)."""
-    for name in {"OPENAI_API_KEY", key_env}:
-        key = os.environ.get(name)
-        if key:
-            text = text.replace(key, "***")
-    return re.sub(r"(Bearer\s+)\S+", r"\1***", text)
+    async def close(self) -> None:
+        self.out.flush(), self.rej.flush()
+        os.fsync(self.out.fileno()), os.fsync(self.rej.fileno())
+        self.rej.close()
+        if self.bar is not None:
+            self.bar.close()
+        await self.client.close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -579,7 +342,7 @@ def main(argv=None) -> int:
         collector = Collector(cfg, a.out)
         summary = asyncio.run(collector.run(items))
     except (PromptFormatError, FatalReply, ValueError, OSError, OutputBusy) as e:
-        print(f"gad-collect: error: {_safe(str(e), a.api_key_env)}", file=sys.stderr)
+        print(f"gad-collect: error: {redact_key(str(e), a.api_key_env)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gad-collect: interrupted: every answer received is written; run the same command to resume",

@@ -54,17 +54,9 @@ def iter_rows(path: str, split: str = "train") -> Iterator[tuple]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.endswith((".jsonl", ".json")) and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{i}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, PromptFormatError(f"{where}: not valid JSON ({e.msg})")
-                    continue
-                yield where, row if isinstance(row, dict) else PromptFormatError(f"{where}: expected a JSON object per line")
+        from gad_megatron.data.jsonl import iter_jsonl
+
+        yield from iter_jsonl(path, PromptFormatError)
         return
     import datasets
 

@@ -44,14 +44,14 @@ def aggregate(items: list) -> dict:
 
 @dataclass
 class Judge:
-    chat: object  # gad_megatron.data.collect.RetryingChat
+    chat: object  # gad_megatron.data.openai_chat.RetryingChat
     client: object
     model: str
     parse_retries: int = 2
 
     async def judge(self, instruction_messages: list, student_answer: str) -> dict:
         """Reference answer, then scores (retrying an unparsable score reply ``parse_retries`` times)."""
-        from gad_megatron.data.collect import RequestFailed
+        from gad_megatron.data.openai_chat import RequestFailed
 
         instruction = instruction_messages[-1]["content"]
         try:

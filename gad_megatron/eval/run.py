@@ -26,7 +26,7 @@ log = logging.getLogger("gad_megatron.eval")
 def _read_jsonl(path: str, repair: bool = True) -> list:
     """Rows of a JSONL this tool writes. ``repair`` drops a torn last line (a crash mid-write) of our own
     outputs; inputs (``report``) are only read, never written to."""
-    from gad_megatron.data.collect import recover_output
+    from gad_megatron.data.jsonl import recover_output
 
     rows: list = []
     _, torn = recover_output(path, on_row=rows.append, repair=repair)
@@ -190,7 +190,7 @@ async def judge_items(items: list, answers: dict, results_path: str, judge_cfg, 
                       max_in_flight: int = 8, parse_retries: int = 2, retry_failed: bool = True) -> list:
     """Judges every item not judged yet (and, with ``retry_failed``, every item whose last judgement failed:
     an outage must not fail items for good). ``answers``: {(dataset, id): (text, tokens)}."""
-    from gad_megatron.data.collect import RetryingChat
+    from gad_megatron.data.openai_chat import RetryingChat
 
     latest = {k[1:]: r for k, r in _latest(_read_jsonl(results_path)).items() if k[0] == run_name}
     todo = [it for it in items if _key(it) not in latest or (retry_failed and latest[_key(it)].get("failed"))]
@@ -298,7 +298,7 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    from gad_megatron.data.collect import CollectConfig, FatalReply, _safe
+    from gad_megatron.data.openai_chat import CollectConfig, FatalReply, redact_key
     from gad_megatron.data.prompts import PromptFormatError
     from gad_megatron.eval.testsets import load_testset
     from gad_megatron.runtime.outputs import check_not_an_input
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
                                        a.retry_failed))
         write_report(summarize(rows), os.path.dirname(os.path.abspath(a.out)), plot=not a.no_plot)
     except (PromptFormatError, FatalReply, ValueError, OSError) as e:
-        print(f"gad-eval: error: {_safe(str(e), key_env)}", file=sys.stderr)
+        print(f"gad-eval: error: {redact_key(str(e), key_env)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gad-eval: interrupted: judged items are kept; run the same command to resume", file=sys.stderr)

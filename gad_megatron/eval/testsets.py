@@ -10,7 +10,6 @@ Each item: ``{"id", "dataset", "messages"}``.
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Optional
 
@@ -20,16 +19,13 @@ DATASETS = ("lmsys", "dolly", "selfinst", "vicuna")
 
 
 def _jsonl(path: str):
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptFormatError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise PromptFormatError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-                yield i, row
+    """(line number, row) of a test-set JSONL; the first bad line raises naming it."""
+    from gad_megatron.data.jsonl import iter_jsonl
+
+    for where, row in iter_jsonl(path, PromptFormatError):
+        if isinstance(row, Exception):
+            raise row
+        yield int(where.rsplit(":", 1)[1]), row
 
 
 def _need(row: dict, key: str, where: str, kind=str):

@@ -1,4 +1,6 @@
-"""megatron-core models built from HF configs: student / reference GPT and the discriminator."""
+"""megatron-core models built from HF configs: student / reference GPT and the discriminator; the per-family
+architecture facts (``families/``, ``mapping.py``), forward passes through megatron's schedules and the
+vocab-parallel logprobs."""
 
 from gad_megatron.models.hf_config import (
     ArchSpec,

@@ -116,7 +116,7 @@ def token_logprobs(chunks, sequences: list, pad_id: int = 0, temperature: float 
     tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for i, s in enumerate(sequences):
         tokens[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-    from gad_megatron.algo.logprobs import vocab_parallel_logprobs
+    from gad_megatron.models.logprobs import vocab_parallel_logprobs
 
     labels = torch.zeros_like(tokens)
     labels[:, :-1] = tokens[:, 1:]

@@ -57,7 +57,7 @@ def use_transformer_engine(opts: ModelOptions) -> bool:
     if opts.fp8 and not te_available():
         raise ModelOptionsError("fp8 requested but transformer_engine is not installed (pip install .[gpu])")
     # TE needs CUDA; on CPU the local spec is the only one that runs.
-    return te_available() and torch.cuda.is_available()
+    return te_available() and _on_cuda()
 
 
 def _apex_wgrad_fusion() -> bool:
@@ -72,7 +72,7 @@ def fusion_flags(use_te: bool, cuda: Optional[bool] = None) -> dict:
       ``fused_weight_gradient_mlp_cuda``;
     - persistent layer norm is apex's LayerNorm kernel; these models use RMSNorm: always off.
     On CPU every fusion is off (the kernels do not exist there)."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    cuda = _on_cuda() if cuda is None else cuda
     return dict(
         bias_activation_fusion=cuda,
         bias_dropout_fusion=cuda,
@@ -119,7 +119,7 @@ def transformer_config_kwargs(arch: ArchSpec, opts: ModelOptions, par_sizes: dic
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
         sequence_parallel=opts.sequence_parallel,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=not _on_cuda(),
         perform_initialization=opts.perform_initialization,
         recompute_granularity=opts.recompute_granularity,
         recompute_method=opts.recompute_method,
@@ -222,13 +222,14 @@ def build_gpt_chunks(arch: ArchSpec, opts: Optional[ModelOptions] = None, parall
             rope_scaling_factor=arch.rope_scaling_factor,
             vp_stage=vp_stage,
         )
-        if torch.cuda.is_available() and not _cpu_run():
+        if _on_cuda():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
 
 
-def _cpu_run() -> bool:
-    from gad_megatron.runtime import cpu_shim_applied
+def _on_cuda() -> bool:
+    """This process computes on a GPU (``runtime.device()``: decided once by ``initialize``)."""
+    from gad_megatron.runtime import cpu_shim_applied, device
 
-    return cpu_shim_applied()
+    return device().type == "cuda" and not cpu_shim_applied()

@@ -84,7 +84,7 @@ def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
 
 
 def arch_spec_from_hf(cfg: dict, source: str = "config.json") -> ArchSpec:
-    from gad_megatron.convert.mapping import mapping_for, supported_model_types
+    from gad_megatron.models.mapping import mapping_for, supported_model_types
 
     mt = cfg.get("model_type")
     if mt not in supported_model_types():
@@ -111,10 +111,8 @@ def arch_spec_from_hf(cfg: dict, source: str = "config.json") -> ArchSpec:
         bad("mlp_bias", True, "biased MLP projections are not mapped")
     if cfg.get("use_sliding_window", False):
         bad("use_sliding_window", True, "sliding-window attention is not implemented")
-    if mt == "mistral" and cfg.get("sliding_window") not in (None, 0):
-        # Mistral v0.1 used a 4096 window; later Mistral models set null. A window silently dropped is wrong
-        # for sequences longer than it, so we refuse instead of guessing.
-        bad("sliding_window", cfg.get("sliding_window"), "sliding-window attention is not implemented")
+    if mapping.check_config is not None:
+        mapping.check_config(cfg, bad)
     if cfg.get("attention_dropout", 0.0):
         bad("attention_dropout", cfg.get("attention_dropout"), "only 0.0 is supported")
 
@@ -125,8 +123,8 @@ def arch_spec_from_hf(cfg: dict, source: str = "config.json") -> ArchSpec:
         bad("num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
     head_dim = cfg.get("head_dim")
     head_dim = int(head_dim) if head_dim else hidden // heads
-    if mt in ("qwen2",) and head_dim * heads != hidden:
-        bad("head_dim", head_dim, "qwen2 requires hidden_size == heads * head_dim")
+    if mapping.head_dim_from_hidden and head_dim * heads != hidden:
+        bad("head_dim", head_dim, f"{mt} requires hidden_size == heads * head_dim")
 
     theta, scaling = _rope(cfg)
     rope_scaling, rope_factor = False, 8.0

@@ -30,18 +30,61 @@ from typing import Iterable
 
 import torch
 
-TRANSPORTS = ("auto", "in-process", "shm-files", "cuda-ipc", "collective")
+class Transport:
+    """What a transport is: ``push(llm, buckets)`` delivers every bucket (a list of ``(HF name, tensor)``) into
+    the engine's weights and returns when the engine has reloaded them. ``make(...)`` builds one from the
+    engine's situation (the keyword arguments of :func:`make_transport`). Subclasses register by name."""
+
+    name = ""
+
+    @classmethod
+    def make(cls, **situation) -> "Transport":
+        return cls()
+
+    def push(self, llm, buckets: Iterable) -> None:
+        raise NotImplementedError
 
 
-class InProcessTransport:
+TRANSPORTS: dict = {}  # name -> Transport class; the config's choices are "auto" + these names
+
+
+def register(cls):
+    TRANSPORTS[cls.name] = cls
+    return cls
+
+
+def transport_choices() -> tuple:
+    return ("auto",) + tuple(TRANSPORTS)
+
+
+def _on_cuda() -> bool:
+    from gad_megatron.runtime import device
+
+    return device().type == "cuda"
+
+
+@register
+class InProcessTransport(Transport):
     name = "in-process"
+
+    @classmethod
+    def make(cls, in_process: bool = False, **_):
+        if not in_process:
+            raise ValueError("the in-process transport needs the engine core in this process "
+                             "(VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+        return cls()
 
     def push(self, llm, buckets: Iterable) -> None:
         llm.collective_rpc("gad_reload_from_buckets", args=(buckets,))
 
 
-class SharedMemoryFileTransport:
+@register
+class SharedMemoryFileTransport(Transport):
     name = "shm-files"
+
+    @classmethod
+    def make(cls, transfer_dir: str = "/dev/shm", **_):
+        return cls(transfer_dir)
 
     def __init__(self, transfer_dir: str = "/dev/shm"):
         self.transfer_dir = transfer_dir if os.path.isdir(transfer_dir) else tempfile.gettempdir()
@@ -110,13 +153,18 @@ def broadcast_meta(group, meta, device) -> object:
     return pickle.loads(data.cpu().numpy().tobytes()) if group.rank() != 0 else meta
 
 
-class CollectiveTransport:
+@register
+class CollectiveTransport(Transport):
     """Broadcast from the trainer's sending rank to every engine worker over a group of its own."""
 
     name = "collective"
 
+    @classmethod
+    def make(cls, engine_world_size: int = 1, **_):
+        return cls(engine_world_size=engine_world_size)
+
     def __init__(self, backend: str = None, engine_world_size: int = 1, timeout_s: float = 600.0):
-        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.backend = backend or ("nccl" if _on_cuda() else "gloo")
         self.engine_world_size = engine_world_size
         self.timeout_s = timeout_s
         self.group = None
@@ -147,12 +195,19 @@ class CollectiveTransport:
         _with_rpc(llm, "gad_reload_from_collective", send, self.timeout_s)
 
 
+@register
 class CudaIpcTransport(CollectiveTransport):
     """Colocated engine on the same GPU (engine TP 1 per trainer GPU): each bucket is packed into one of two
     reused device buffers and travels as a CUDA IPC handle (no host copy); the handles and the workers'
     acknowledgements go over a gloo group of their own."""
 
     name = "cuda-ipc"
+
+    @classmethod
+    def make(cls, bucket_bytes: int = 512 * 1024**2, **_):
+        if not _on_cuda():
+            raise ValueError("the cuda-ipc transport needs a GPU shared with the engine")
+        return cls(bucket_bytes)
 
     def __init__(self, bucket_bytes: int = 512 * 1024**2, timeout_s: float = 600.0):
         super().__init__(backend="gloo", engine_world_size=1, timeout_s=timeout_s)
@@ -215,24 +270,14 @@ def _with_rpc(llm, method: str, send, timeout_s: float) -> None:
 def make_transport(kind: str = "auto", in_process: bool = False, colocated: bool = True,
                    transfer_dir: str = "/dev/shm", engine_world_size: int = 1, bucket_bytes: int = 512 * 1024**2):
     """The transport for this engine; ``auto`` decides from the device and where the engine runs."""
-    if kind not in TRANSPORTS:
-        raise ValueError(f"weight-sync transport {kind!r}: use one of {', '.join(TRANSPORTS)}")
+    if kind not in transport_choices():
+        raise ValueError(f"weight-sync transport {kind!r}: use one of {', '.join(transport_choices())}")
     if kind == "auto":
         if in_process:
             kind = "in-process"
-        elif torch.cuda.is_available():
+        elif _on_cuda():
             kind = "cuda-ipc" if colocated else "collective"
         else:
             kind = "shm-files"
-    if kind == "in-process":
-        if not in_process:
-            raise ValueError("the in-process transport needs the engine core in this process "
-                             "(VLLM_ENABLE_V1_MULTIPROCESSING=0)")
-        return InProcessTransport()
-    if kind == "shm-files":
-        return SharedMemoryFileTransport(transfer_dir)
-    if kind == "cuda-ipc":
-        if not torch.cuda.is_available():
-            raise ValueError("the cuda-ipc transport needs a GPU shared with the engine")
-        return CudaIpcTransport(bucket_bytes)
-    return CollectiveTransport(engine_world_size=engine_world_size)
+    return TRANSPORTS[kind].make(in_process=in_process, colocated=colocated, transfer_dir=transfer_dir,
+                                 engine_world_size=engine_world_size, bucket_bytes=bucket_bytes)

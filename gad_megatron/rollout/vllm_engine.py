@@ -29,7 +29,7 @@ class VLLMConfig:
     max_model_len: int = 2048
     gpu_memory_utilization: float = 0.7  # paper: 0.7
     kv_cache_memory_bytes: Optional[int] = None
-    enforce_eager: bool = True
+    enforce_eager: Optional[bool] = None  # None: eager on CPU, CUDA graphs on GPU
     seed: int = 0
     enable_sleep_mode: bool = False  # GPU only
     transfer_dir: str = "/dev/shm"
@@ -52,17 +52,18 @@ def vllm_unavailable_reason():
 
 class VLLMEngine:
     def __init__(self, cfg: VLLMConfig):
-        import torch
         from vllm import LLM
 
         self.cfg = cfg
-        on_gpu = torch.cuda.is_available()
+        from gad_megatron.runtime import device
+
+        on_gpu = device().type == "cuda"
         kwargs = dict(
             model=cfg.model,
             dtype=cfg.dtype,
             tensor_parallel_size=cfg.tensor_parallel_size,
             max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
+            enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
             seed=cfg.seed,
             load_format=cfg.load_format,
             worker_extension_cls=EXTENSION,

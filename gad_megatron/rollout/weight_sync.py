@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from gad_megatron.convert.mapping import ArchMapping, to_hf
+from gad_megatron.models.mapping import ArchMapping, to_hf
 from gad_megatron.convert.model_io import local_shards
 
 
@@ -32,7 +32,9 @@ class SyncStats:
 def _sync_device() -> None:
     # Every gather must have finished before a bucket is read: a missed sync gives stale weights, and only
     # on some machines. (No-op on CPU.)
-    if torch.cuda.is_available():
+    from gad_megatron.runtime import device
+
+    if device().type == "cuda":
         torch.cuda.current_stream().synchronize()
 
 
@@ -156,7 +158,7 @@ class WeightSync:
     def __init__(self, chunks, engine, arch, mapping: Optional[ArchMapping] = None, bucket_mb: float = 512,
                  dst: int = 0, verify: bool = True, probe: Optional[list] = None, warn_gap: float = 1e-3,
                  stop_gap: float = 5e-2):
-        from gad_megatron.convert.mapping import mapping_for
+        from gad_megatron.models.mapping import mapping_for
 
         self.chunks, self.engine, self.arch = chunks, engine, arch
         self.mapping = mapping or mapping_for(arch.model_type)

@@ -1,4 +1,5 @@
-"""Process-level runtime: torch.distributed + megatron parallel_state on GPU (nccl) or CPU (gloo)."""
+"""Process-level runtime: torch.distributed + megatron parallel_state on GPU (nccl) or CPU (gloo), and the one
+device decision (``device()``) every module asks."""
 
 import sys
 
@@ -13,6 +14,7 @@ from gad_megatron.runtime.parallel import (  # noqa: E402
     LayoutError,
     ParallelConfig,
     destroy,
+    device,
     initialize,
     set_seed,
     validate_layout,
@@ -23,6 +25,7 @@ __all__ = [
     "ParallelConfig",
     "cpu_shim_applied",
     "destroy",
+    "device",
     "initialize",
     "set_seed",
     "validate_layout",

@@ -76,6 +76,17 @@ def validate_layout(
     return world_size // mp
 
 
+_DEVICE: Optional[str] = None  # decided once, by initialize()
+
+
+def device() -> torch.device:
+    """The device this process computes on, as :func:`initialize` decided it (``parallel.device``, or cuda
+    when available). Every device question in the package asks this, so a CPU run on a machine that has a
+    GPU (``parallel.device=cpu``) stays on the CPU everywhere. Before ``initialize``: cuda when available."""
+    kind = _DEVICE or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+
+
 def comm_device() -> torch.device:
     """Where tensors for torch.distributed collectives must live: NCCL takes only CUDA tensors, gloo CPU ones.
     Every collective on a small host-side tensor (flags, metric sums, sampled tokens) goes through this."""
@@ -102,8 +113,9 @@ def initialize(par: ParallelConfig, model_dims: Optional[dict] = None) -> dict:
     Returns a small dict describing this rank's place in the layout.
     """
     rank, world, local_rank = _env_world()
+    global _DEVICE
     dp = validate_layout(par, world, **(model_dims or {}))
-    device = par.resolved_device()
+    device = _DEVICE = par.resolved_device()
     if device == "cpu":
         from gad_megatron.runtime import cpu_shim  # only ever imported on CPU
 

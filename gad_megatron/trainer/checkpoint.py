@@ -33,6 +33,12 @@ ROLES = ("student", "discriminator")
 DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def _on_cuda() -> bool:
+    from gad_megatron.runtime import device
+
+    return device().type == "cuda"
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -215,7 +221,7 @@ def rng_state() -> dict:
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
         "torch": torch.get_rng_state().tolist(),
-        "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state().tolist() if _on_cuda() else None,
         "megatron_tracker": tracker,
     }
 
@@ -227,7 +233,63 @@ def set_rng_state(s: dict) -> None:
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
-    if s.get("cuda") is not None and torch.cuda.is_available():
+    if s.get("cuda") is not None and _on_cuda():
         torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
     if s.get("megatron_tracker"):
         get_cuda_rng_tracker().set_states({k: torch.tensor(v, dtype=torch.uint8) for k, v in s["megatron_tracker"].items()})
+
+
+# ---- a run's checkpoints: what the loop saves and resumes ----------------------------------------------------
+def save_run(t, run) -> None:
+    """Collective: G, the reward's models and the run state at ``run.step``."""
+    cfg, roles = t.cfg, t.roles
+    metas = {r: {"role": r, "model_type": t.arch.model_type, "dtype": cfg.model.dtype, "step": run.step} for r in roles}
+    state = {"sampler": run.sampler.state_dict(), "schedulers": {r: e.scheduler.state_dict() for r, e in roles.items()},
+             "watch": run.watch.state_dict(), "counters": run.counters, "evals": run.evals}
+    if t.reward is not None:
+        state["reward"] = t.reward.state_dict()
+    save(run.ckpt_root, run.step, roles, {r: t.hf_dir for r in roles}, metas, json.loads(json.dumps(state)),
+         cfg.checkpoint.keep_last)
+
+
+def resume_root(cfg, ckpt_root: str) -> Optional[str]:
+    """Where to resume from: this run's checkpoints (auto), none, or another run's checkpoint directory."""
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    root = ckpt_root if mode == "auto" else os.path.abspath(mode)
+    return root if os.path.isdir(root) else None
+
+
+def resume(t, run) -> None:
+    """Collective: loads the newest whole checkpoint (``checkpoint.resume``) into the models and ``run``."""
+    root = resume_root(t.cfg, run.ckpt_root)
+    step = latest_step(root, t.cfg.checkpoint.resume_step) if root else None
+    if step is None:
+        return
+    st = load(root, step, t.roles)
+    run.sampler.load_state_dict(st["sampler"])
+    for role, e in t.roles.items():
+        e.scheduler.load_state_dict(st["schedulers"][role])
+    run.watch.load_state_dict(st["watch"])
+    if t.reward is not None:
+        t.reward.load_state_dict(st.get("reward", {}))
+    run.counters, run.evals, run.step = st["counters"], st["evals"], st["step"]
+    warm = t.schedule.warm
+    if t.ref is not None and run.step > warm > 0:  # at step == warm the loop makes the reference itself
+        from gad_megatron.convert.megatron_ckpt import load_checkpoint
+
+        load_checkpoint(t.ref, os.path.join(root, "reference"))
+        if root != run.ckpt_root and not os.path.isdir(os.path.join(run.ckpt_root, "reference")):
+            save_reference(t, run.ckpt_root, warm)
+    if t.world["rank"] == 0:
+        log.info("resumed from %s at step %d", root, run.step)
+
+
+def save_reference(t, ckpt_root: str, step: int) -> None:
+    """The GAD reference (G at the end of warmup), which a resume after warmup needs."""
+    from gad_megatron.convert.megatron_ckpt import save_checkpoint
+
+    save_checkpoint(t.ref, os.path.join(ckpt_root, "reference"), t.hf_dir,
+                    {"role": "student", "model_type": t.arch.model_type, "dtype": t.cfg.model.dtype,
+                     "note": "GAD reference: the student at the end of warmup"}, iteration=step, overwrite=True)

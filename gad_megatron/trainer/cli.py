@@ -50,11 +50,11 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from gad_megatron.trainer.gad import load_data, plan_steps
+        from gad_megatron.trainer.build import load_data, plan_steps
 
         # Data rows are checked here too, in the launching process, before any rank starts.
         data = load_data(cfg)
-        plan_steps(cfg, len(data[1]))
+        plan_steps(cfg, len(data.train))
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as e:
         print(f"gad-train: error: {e}", file=sys.stderr)
         return 2
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         from gad_megatron.runtime.launch import die_with_parent
 
         die_with_parent()  # a rank never outlives its launcher (torchrun / srun's step daemon)
-    from gad_megatron.trainer.gad import train
+    from gad_megatron.trainer.run import train
 
     train(cfg, data)  # a rank started by torchrun / srun uses the data it just checked: tokenised once
     from gad_megatron.runtime import destroy

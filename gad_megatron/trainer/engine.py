@@ -104,11 +104,14 @@ class TrainEngine:
         """Collective over the world: every rank's gradient buffers are finite (after the DP reduction)."""
         import torch.distributed as dist
 
-        ok = all(bool(torch.isfinite(p.main_grad).all()) for c in self.chunks for p in c.module.parameters()
-                 if getattr(p, "main_grad", None) is not None)
         from gad_megatron.runtime.parallel import comm_device
 
-        flag = torch.tensor([1.0 if ok else 0.0], device=comm_device())
+        # Every main_grad is a view into a DDP buffer's flat grad_data: one isfinite per buffer on the device,
+        # combined there, and a single host sync (the item() below) per step.
+        checks = [torch.isfinite(buf.grad_data).all() for c in self.chunks
+                  for buf in c.buffers + c.expert_parallel_buffers]
+        ok = torch.stack(checks).all() if checks else torch.tensor(True)
+        flag = ok.to(device=comm_device(), dtype=torch.float32).reshape(1)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() == 1.0)

@@ -171,25 +171,22 @@ def _plain(cfg):
 
 
 def _truncate_after(path: str, step: int) -> None:
+    """Keeps the rows of steps <= ``step`` (those written after the checkpoint go, and a torn last line from a
+    kill). Rows are re-written as they were written (``json.dumps(..., sort_keys=True)``): the same bytes."""
     if not os.path.isfile(path):
         return
+    from gad_megatron.data.jsonl import iter_jsonl
+
     keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):
-                break  # a torn last line from a kill
+    for _, row in iter_jsonl(path):
+        if isinstance(row, Exception) or "step" not in row:
+            break  # a torn last line from a kill
+        if row["step"] <= step:
+            keep.append(json.dumps(row, sort_keys=True) + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
-
-
-def read_jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_curves(run_dir: str, out: Optional[str] = None) -> Optional[str]:
@@ -198,6 +195,8 @@ def plot_curves(run_dir: str, out: Optional[str] = None) -> Optional[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from gad_megatron.data.jsonl import read_jsonl
 
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     if not rows:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gad_megatron.algo.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+from gad_megatron.models.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 from gad_megatron.algo.policy import aggregate, low_var_kl, ppo_clip_loss, tis_weights
 from gad_megatron.models.discriminator import sequence_scores
 from gad_megatron.models.forward import model_call

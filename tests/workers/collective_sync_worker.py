@@ -71,7 +71,7 @@ def main():
 
 
 def sync_mapping(arch):
-    from gad_megatron.convert.mapping import mapping_for
+    from gad_megatron.models.mapping import mapping_for
 
     return mapping_for(arch.model_type)
 

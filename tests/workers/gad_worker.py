@@ -58,7 +58,7 @@ def vocab_parallel_check(t):
 
     from gad_megatron.models.forward import full_logits, token_logprobs
 
-    seqs = [e.prompt + e.response for e in t.train_ex[:4]]
+    seqs = [e.prompt + e.response for e in t.data.train[:4]]
     ours = token_logprobs(t.g.modules, seqs, temperature=0.8)
     width = max(len(s) for s in seqs)
     tokens = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -77,15 +77,16 @@ def mode_step(cfg, out_prefix):
     from safetensors.torch import save_file
 
     from gad_megatron.trainer import gad
+    from gad_megatron.trainer.build import build_trainer
 
-    t = gad.setup(cfg)
+    t = build_trainer(cfg)
     t.engine, t.sync = FixedRollouts(t.arch.vocab_size, t.tokenizer.eos_token_id), None
     tensors = {}
     gather(t.g.modules, "g_before", tensors)
-    batch = t.train_ex[: cfg.train.batch_prompts]
+    batch = t.data.train[: cfg.train.batch_prompts]
     m = gad.stage_gad(t, cfg.train.critic_warmup, batch, gad.Timer())
     gather(t.g.modules, "g", tensors)
-    gather(t.d.modules, "d", tensors)
+    gather(t.reward.d.modules, "d", tensors)
     m["vocab_parallel_max_diff"] = vocab_parallel_check(t)
     if dist.get_rank() == 0:
         save_file(tensors, out_prefix + ".safetensors")
@@ -100,17 +101,19 @@ def mode_step(cfg, out_prefix):
 
 
 def mode_direction(cfg, out_prefix):
-    from gad_megatron.trainer import gad
+    from gad_megatron.trainer import gad, passes
     from gad_megatron.trainer.batching import Seq
+    from gad_megatron.trainer.build import build_trainer
+    from gad_megatron.trainer.heldout import evaluate
     from gad_megatron.trainer.steps import score_step
 
-    t = gad.setup(cfg)
+    t = build_trainer(cfg)
     t.sync = None
     res = {}
-    batches = [t.train_ex[i * 16 : (i + 1) * 16] for i in range(len(t.train_ex) // 16)]
+    batches = [t.data.train[i * 16 : (i + 1) * 16] for i in range(len(t.data.train) // 16)]
 
     def ce():
-        return gad.evaluate(t, t.held)["heldout_ce"]
+        return evaluate(t, t.data.held)["heldout_ce"]
 
     # 0. a non-finite loss: the step is skipped, nothing moves, and the next finite step proceeds
     from gad_megatron.trainer.batching import microbatches
@@ -131,22 +134,21 @@ def mode_direction(cfg, out_prefix):
     # 1. SFT (warmup's G update) lowers held-out cross-entropy on teacher answers
     res["ce_before"] = ce()
     for k in range(8):
-        gad.g_sft_update(t, [Seq(e.prompt, e.response, is_teacher=True) for e in batches[k]])
+        passes.g_sft_update(t, [Seq(e.prompt, e.response, is_teacher=True) for e in batches[k]])
     res["ce_after"] = ce()
 
     # 2. BT steps with G frozen: d_acc on held-out prompts (teacher vs fresh samples) goes above 0.5
-    eval_prompts = t.held[:16]
+    eval_prompts = t.data.held[:16]
 
     def d_acc():
-        _, _, _, d_units, _, _ = gad.rollout_seqs(t, 999, eval_prompts)
-        out, _ = gad.forward(t, t.d, d_units, score_step)
+        b = gad.rollout(t, 999, eval_prompts)
+        out, _ = passes.forward(t.reward.d, b.d_units, score_step, t.budget, t.pad)
         s = torch.cat([o["scores"] for o in out]).view(-1, cfg.rollout.n + 1)
         return (s[:, :1] > s[:, 1:]).double().mean().item()
 
     res["d_acc_before"] = d_acc()
     for k in range(16):
-        _, _, _, d_units, _, _ = gad.rollout_seqs(t, 100 + k, batches[k % len(batches)])
-        gad.d_update(t, d_units)
+        t.reward.update(gad.rollout(t, 100 + k, batches[k % len(batches)]))
     res["d_acc_after"] = d_acc()
 
     # 3. GRPO steps with D frozen raise G's mean D reward on training prompts
@@ -155,8 +157,7 @@ def mode_direction(cfg, out_prefix):
     def mean_reward():
         total = 0.0
         for seed in (7001, 7002):
-            _, _, _, d_units, first, _ = gad.rollout_seqs(t, seed, probe)
-            rewards, _ = gad.global_scores(t, d_units, first, len(probe))
+            rewards, _ = t.reward.score(gad.rollout(t, seed, probe))
             total += rewards.mean().item() / 2
         return total
 
@@ -166,22 +167,17 @@ def mode_direction(cfg, out_prefix):
         group["lr"] = group["max_lr"] = grpo_lr
     for k in range(int(os.environ.get("GAD_TEST_GRPO_STEPS", "16"))):
         batch = batches[k % 4]
-        _, _, students, d_units, first, _ = gad.rollout_seqs(t, 200 + k, batch)
-        units = [[s] for s in students]
-        from gad_megatron.trainer.batching import fill_per_token
-        from gad_megatron.trainer.steps import logprob_step
-
-        out, seqs = gad.forward(t, t.g, units, logprob_step(cfg.rollout.temperature))
-        fill_per_token(seqs, [{"old_logp": o["logp"]} for o in out], "old_logp")
-        out, seqs = gad.forward(t, t.ref, units, logprob_step(cfg.rollout.temperature))
-        fill_per_token(seqs, [{"ref_logp": o["logp"]} for o in out], "ref_logp")
-        rewards, _ = gad.global_scores(t, d_units, first, len(batch))
+        b = gad.rollout(t, 200 + k, batch)
+        students = b.students
+        gad.policy_logprobs(t, t.g, students, "old_logp")
+        gad.policy_logprobs(t, t.ref, students, "ref_logp")
+        rewards, _ = t.reward.score(b)
         from gad_megatron.algo.policy import grpo_advantages
 
         adv = grpo_advantages(rewards, cfg.rollout.n, cfg.algo.adv_eps)
         for j, s in enumerate(students):
             s.advantage = float(adv[j])
-        gad.g_grpo_update(t, students)
+        passes.g_grpo_update(t, students)
     res["reward_after"] = mean_reward()
     with open(out_prefix + ".json", "w") as f:
         json.dump(res, f)

@@ -13,9 +13,8 @@ PROMPTS = [[5, 6, 7, 8], [10, 11, 12]]
 def main():
     from hf_fixtures import hf_greedy
 
-    from gad_megatron.convert.mapping import mapping_for
-    from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
-    from gad_megatron.models import arch_spec_from_dir, build_gpt_chunks
+    from gad_megatron.convert.api import load_from_hf
+    from gad_megatron.models import ModelOptions
     from gad_megatron.rollout.base import SamplingConfig
     from gad_megatron.rollout.vllm_engine import VLLMConfig, VLLMEngine
     from gad_megatron.rollout.weight_sync import WeightSync
@@ -23,9 +22,7 @@ def main():
 
     hf_a, hf_b, out = sys.argv[1:4]
     initialize(ParallelConfig(device="cpu"))
-    arch = arch_spec_from_dir(hf_a)
-    chunks = build_gpt_chunks(arch)
-    load_hf_into_model(chunks, HFWeightSource(hf_a, mapping_for(arch.model_type), arch))
+    arch, chunks = load_from_hf(hf_a, "student", ModelOptions())
     engine = VLLMEngine(VLLMConfig(model=hf_b, max_model_len=128))
     greedy = SamplingConfig().greedy(max_tokens=10)
     before = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]

@@ -12,18 +12,15 @@ PROMPTS = [[5, 6, 7, 8], [10, 11, 12], [3, 90, 17, 44, 2, 61]]
 def main():
     from megatron.core import parallel_state as ps
 
-    from gad_megatron.convert.mapping import mapping_for
-    from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
-    from gad_megatron.models import arch_spec_from_dir, build_gpt_chunks
+    from gad_megatron.convert.api import load_from_hf
+    from gad_megatron.models import ModelOptions
     from gad_megatron.rollout.base import SamplingConfig
     from gad_megatron.rollout.megatron_engine import MegatronEngine
     from gad_megatron.runtime import ParallelConfig, initialize
 
     tp, pp, hf, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu"))
-    arch = arch_spec_from_dir(hf)
-    chunks = build_gpt_chunks(arch)
-    load_hf_into_model(chunks, HFWeightSource(hf, mapping_for(arch.model_type), arch))
+    arch, chunks = load_from_hf(hf, "student", ModelOptions())
     engine = MegatronEngine(chunks)
     greedy = engine.generate(PROMPTS, SamplingConfig().greedy(max_tokens=10))
     sampled = engine.generate(PROMPTS, SamplingConfig(n=8, temperature=0.8, max_tokens=6, seed=3, stop_token_ids=[7]))

@@ -12,9 +12,8 @@ import torch
 import torch.distributed as dist
 
 from gad_megatron.convert import api
-from gad_megatron.convert.mapping import mapping_for
-from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
-from gad_megatron.models import arch_spec_from_dir, build_gpt_chunks
+from gad_megatron.convert.api import load_from_hf
+from gad_megatron.models import ModelOptions
 from gad_megatron.models.forward import full_logits
 from gad_megatron.runtime import ParallelConfig, initialize
 
@@ -28,9 +27,7 @@ def main():
     results = {}
     for name, path in models.items():
         if source == "hf":
-            arch = arch_spec_from_dir(path)
-            chunks = build_gpt_chunks(arch)
-            load_hf_into_model(chunks, HFWeightSource(path, mapping_for(arch.model_type), arch))
+            arch, chunks = load_from_hf(path, "student", ModelOptions())
         else:
             arch, chunks, _ = api.load_from_checkpoint(path)
         tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(7))

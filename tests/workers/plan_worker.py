@@ -33,7 +33,7 @@ def state_bytes(optimizer) -> int:
 def main():
     from megatron.core import parallel_state as ps
 
-    from gad_megatron.algo.losses import lm_loss_step
+    from gad_megatron.trainer.steps import sft_step
     from gad_megatron.convert import api
     from gad_megatron.models import ModelOptions
     from gad_megatron.runtime import ParallelConfig, initialize
@@ -90,7 +90,7 @@ def main():
                                                  for c in e.chunks for p in c.module.parameters())
     tokens = torch.randint(0, arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     e = engines["g"]
-    e.train_step([{"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(2, 16)}], lm_loss_step)
+    e.train_step([{"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(2, 16)}], sft_step)
     res["g_optimizer_bytes"] = state_bytes(e.optimizer)
     if dist_opt:
         # The overlapped (GPU) configuration splits the buffer into buckets; built here with small buckets so the

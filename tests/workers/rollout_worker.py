@@ -17,7 +17,7 @@ MAX_NEW = 10
 
 
 def main():
-    from gad_megatron.algo.losses import lm_loss_step
+    from gad_megatron.trainer.steps import sft_step
     from gad_megatron.convert import api
     from gad_megatron.convert.megatron_ckpt import save_checkpoint
     from gad_megatron.rollout.base import SamplingConfig
@@ -105,7 +105,7 @@ def main():
     tokens = torch.randint(1, arch.vocab_size, (4, 16), generator=torch.Generator().manual_seed(5))
     batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(4, 16)}
     for _ in range(3):
-        train.train_step([batch], lm_loss_step)
+        train.train_step([batch], sft_step)
     stats = sync.sync()
     save_checkpoint(train.modules, os.path.join(work, "ckpt_trained"), hf_a, {"role": "student", "model_type": arch.model_type, "dtype": "fp32"})
     if rank == 0:

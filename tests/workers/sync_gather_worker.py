@@ -10,9 +10,9 @@ from gathered import write_gathered_json
 
 def main():
     from gad_megatron.convert.hf_io import SafetensorsReader
-    from gad_megatron.convert.mapping import mapping_for
-    from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
-    from gad_megatron.models import arch_spec_from_dir, build_gpt_chunks
+    from gad_megatron.models.mapping import mapping_for
+    from gad_megatron.convert.api import load_from_hf
+    from gad_megatron.models import ModelOptions
     from gad_megatron.rollout.weight_sync import buckets, hf_tensors, iter_full_tensors
     from gad_megatron.runtime import ParallelConfig, initialize
 
@@ -20,10 +20,8 @@ def main():
     initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu"))
     res = {}
     for name, hf in models.items():
-        arch = arch_spec_from_dir(hf)
+        arch, chunks = load_from_hf(hf, "student", ModelOptions())
         mapping = mapping_for(arch.model_type)
-        chunks = build_gpt_chunks(arch)
-        load_hf_into_model(chunks, HFWeightSource(hf, mapping, arch))
         got, n_buckets = {}, 0
         for bucket in buckets(hf_tensors(iter_full_tensors(chunks, dst=0), mapping, arch), 40_000):
             n_buckets += 1

@@ -21,16 +21,19 @@ def toy_lm_batches(vocab):
     return out
 
 
+GROUP = 2  # student answers per prompt
+
+
 def toy_pair_batch(vocab):
-    """2 prompts x (1 teacher + 2 student answers), right-padded to 16 tokens."""
+    """2 prompts x [teacher, 2 student answers] (the trainer's D micro-batch layout), right-padded to 16."""
     g = torch.Generator().manual_seed(12)
-    lengths = [16, 12, 9, 16, 7, 13]
+    lengths = [16, 9, 16, 12, 7, 13]
     tokens = torch.randint(1, vocab, (6, 16), generator=g)
     mask = torch.zeros(6, 16, dtype=torch.long)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
         tokens[i, n:] = 0
-    return {"tokens": tokens, "attention_mask": mask, "n_teacher": 2, "teacher_of": torch.tensor([0, 0, 1, 1])}
+    return {"tokens": tokens, "attention_mask": mask}
 
 
 def snapshot(modules):
@@ -48,7 +51,7 @@ def changed(before, modules):
 def main():
     from megatron.core import parallel_state as ps
 
-    from gad_megatron.algo.losses import bt_loss_step, lm_loss_step
+    from gad_megatron.trainer.steps import bt_step, sft_step
     from gad_megatron.convert import api
     from gad_megatron.models.forward import discriminator_scores, run_schedule
     from gad_megatron.runtime import ParallelConfig, initialize
@@ -71,12 +74,12 @@ def main():
     engine = TrainEngine(chunks, optim)
     batches = toy_lm_batches(arch.vocab_size)
     before = snapshot(engine.modules)
-    out = engine.train_step(batches, lm_loss_step)
+    out = engine.train_step(batches, sft_step)
     result["student_changed"] = changed(before, engine.modules)
-    after = run_schedule(engine.chunks, batches, lm_loss_step, forward_only=True)
+    after = run_schedule(engine.chunks, batches, sft_step, forward_only=True)
     if reporter:
-        result["student_loss"] = reduce_token_mean(out["outputs"], "lm_loss")
-        result["student_loss_after"] = reduce_token_mean(after, "lm_loss")
+        result["student_loss"] = reduce_token_mean(out["outputs"], "sft_loss")
+        result["student_loss_after"] = reduce_token_mean(after, "sft_loss")
 
     # --- discriminator: padding invariance and the head on the last real token ---
     arch, d_chunks, _ = api.load_from_checkpoint(d_ckpt, opts)
@@ -110,13 +113,13 @@ def main():
     # --- discriminator: BT loss step ---
     d_engine = TrainEngine(d_chunks, optim)
     before = snapshot(d_engine.modules)
-    out = d_engine.train_step([pair], bt_loss_step)
+    out = d_engine.train_step([pair], bt_step(GROUP))
     result["disc_changed"] = changed(before, d_engine.modules)
-    after = run_schedule(d_engine.chunks, [pair], bt_loss_step, forward_only=True)
+    after = run_schedule(d_engine.chunks, [pair], bt_step(GROUP), forward_only=True)
     if reporter:
-        result["disc_loss"] = out["outputs"][0]["bt_loss"].item()
-        result["disc_acc"] = out["outputs"][0]["d_acc"].item()
-        result["disc_loss_after"] = after[0]["bt_loss"].item()
+        result["disc_loss"] = reduce_token_mean(out["outputs"], "d_loss")
+        result["disc_acc"] = reduce_token_mean(out["outputs"], "d_acc")
+        result["disc_loss_after"] = reduce_token_mean(after, "d_loss")
         with open(out_path, "w") as f:
             json.dump(result, f)
 

@@ -1,6 +1,6 @@
 """Llama 3 / 3.1 / 3.2 (tied embeddings in 3.2). The other Llama-layout architectures extend these rules."""
 
-from gad_megatron.convert.mapping import ArchMapping, Rule
+from gad_megatron.models.mapping import ArchMapping, Rule
 
 L = "model.layers.{i}."
 

@@ -8,7 +8,7 @@ when the prompt's text contains ``[fault:k]``, or for every prompt with ``--faul
 Judge mode: when the system message asks for a reference answer or for scores (the judge prompts of
 ``gad_megatron.eval``), it answers in the judge formats, so gad-eval can be tested end to end.
 
-    python -m gad_megatron.data.fake_openai --port 8123 [--fault-first 0] [--latency-ms 0] [--max-rps 0]
+    python -m gad_megatron.testing.fake_openai --port 8123 [--fault-first 0] [--latency-ms 0] [--max-rps 0]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Qwen3 (dense): the Llama layout plus per-head RMSNorm on queries and keys (QK layernorm)."""
 
-from gad_megatron.convert.mapping import ArchMapping, Rule
-from gad_megatron.convert.mappings.llama import EMBEDDING_RULES, LAYER_RULES, L
+from gad_megatron.models.mapping import ArchMapping, Rule
+from gad_megatron.models.families.llama import EMBEDDING_RULES, LAYER_RULES, L
 
 QK_NORM = (
     Rule("decoder.layers.self_attention.q_layernorm.weight", (L + "self_attn.q_norm.weight",), (("head_dim",),)),

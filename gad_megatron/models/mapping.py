@@ -1,4 +1,5 @@
-"""The declarative HF <-> megatron-core name and layout mapping, and its registry.
+"""Per-architecture facts, declared once: the HF <-> megatron-core name and layout mapping, the config quirks
+each family refuses, and the registry of families.
 
 One mapping serves every direction (``gad-convert`` both ways, loading HF weights into a live model, weight
 sync to a rollout engine), so the directions cannot disagree. A rule relates one megatron *checkpoint* key
@@ -6,7 +7,9 @@ sync to a rollout engine), so the directions cannot disagree. A rule relates one
 or more HF tensors per layer, with a layout transform. TP/PP slicing is not described here: it is read from
 megatron's own sharding metadata (``global_offset`` / ``local_shape`` of each ShardedTensor).
 
-Each architecture is one file in ``gad_megatron/convert/mappings/`` defining ``MAPPING``.
+Each architecture family is one file in ``gad_megatron/models/families/`` defining ``MAPPING``: its weight
+rules and the config fields it cannot honour (``check_config``). Both ``models/`` (building the megatron model
+from an HF config) and ``convert/`` (moving weights) read it, so they cannot disagree.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -56,6 +59,11 @@ class ArchMapping:
     rules: tuple
     # HF tensors that may appear in checkpoints and carry nothing (e.g. rotary caches of old exports).
     ignore_suffixes: tuple = field(default=(".rotary_emb.inv_freq",))
+    # Family-specific config checks beyond the common ones: ``check_config(hf_cfg, bad)`` calls
+    # ``bad(field, value, why)`` for a field this family cannot honour.
+    check_config: Optional[Callable] = None
+    # HF's modelling code for this family derives head_dim from hidden_size / heads (ignores a head_dim field).
+    head_dim_from_hidden: bool = False
 
     def active_rules(self, tied: bool, role: str = "student") -> list:
         out = []
@@ -168,7 +176,7 @@ _REGISTRY: dict = {}
 
 def _load_registry() -> dict:
     if not _REGISTRY:
-        from gad_megatron.convert import mappings
+        from gad_megatron.models import families as mappings
 
         for mod in pkgutil.iter_modules(mappings.__path__):
             m = importlib.import_module(f"{mappings.__name__}.{mod.name}")

@@ -1,7 +1,7 @@
 """Qwen2 / Qwen2.5: the Llama layout plus biases on q, k, v (fused into megatron's linear_qkv.bias)."""
 
-from gad_megatron.convert.mapping import ArchMapping, Rule
-from gad_megatron.convert.mappings.llama import EMBEDDING_RULES, LAYER_RULES, L
+from gad_megatron.models.mapping import ArchMapping, Rule
+from gad_megatron.models.families.llama import EMBEDDING_RULES, LAYER_RULES, L
 
 QKV_BIAS = Rule(
     "decoder.layers.self_attention.linear_qkv.bias",
@@ -17,4 +17,5 @@ MAPPING = ArchMapping(
     qkv_bias=True,
     qk_layernorm=False,
     rules=EMBEDDING_RULES + LAYER_RULES + (QKV_BIAS,),
+    head_dim_from_hidden=True,
 )

@@ -1,1 +1,0 @@
-"""One file per architecture; each defines ``MAPPING`` (an ArchMapping). Adding an architecture = adding a file."""

@@ -1,0 +1,163 @@
+"""Bytes per GPU: megatron's grad-buffer layout, optimizer shards, activations, vLLM; the memory plan."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from gad_megatron.plan.params import param_list, total_params
+from gad_megatron.plan.types import DTYPE_BYTES, GIB, GPU, Assumptions, Layout, Workload
+
+# ---- memory ----------------------------------------------------------------------------------------------------
+def ddp_bucket_size(on_gpu: bool, dp: int, stage: int):
+    """Megatron DDP's bucket size as TrainEngine configures it: buckets only where the grad reduction overlaps
+    the backward (GPU), only on the first pipeline stage, max(40M, 1M x DP) parameters; otherwise one bucket."""
+    return max(40_000_000, 1_000_000 * dp) if on_gpu and stage == 0 else None
+
+
+def grad_buffer_layout(params: list, dp: int, distributed: bool, bucket_size=None):
+    """Megatron's ``_ParamAndGradBuffer`` layout: parameters in reverse order (backprop order); with the
+    distributed optimizer each parameter starts on a multiple of 64 elements, each bucket ends on a multiple of
+    lcm(DP, 128) (so it shards evenly) and a ``shared_embedding`` parameter gets a bucket of its own.
+    Returns (buffer numel, [(bucket start, end)], [(param start, end)] in ``params``' order)."""
+    pad = lambda n, d: -(-n // d) * d  # noqa: E731
+    end_pad = (lambda n: pad(n, math.lcm(dp, 128))) if distributed else (lambda n: n)
+    index = [None] * len(params)
+    buckets, start, bucket_start, in_bucket = [], 0, 0, 0
+    for i in range(len(params) - 1, -1, -1):
+        _, numel, shared = params[i]
+        own_bucket = shared and distributed
+        if distributed:
+            start = pad(start, 64)
+        if own_bucket and in_bucket:  # close the bucket before it
+            buckets.append((bucket_start, end_pad(start)))
+            start = bucket_start = buckets[-1][1]
+            in_bucket = 0
+        index[i] = (start, start + numel)
+        in_bucket += 1
+        start += numel
+        if (bucket_size is not None and start - bucket_start >= bucket_size) or own_bucket:
+            buckets.append((bucket_start, end_pad(start)))
+            start = bucket_start = buckets[-1][1]
+            in_bucket = 0
+    if in_bucket:
+        buckets.append((bucket_start, end_pad(start)))
+    return (buckets[-1][1] if buckets else 0), buckets, index
+
+
+def optimizer_shard_numels(params: list, dp: int, distributed: bool, bucket_size=None) -> list:
+    """Per DP rank, the elements of parameters whose optimizer state it holds: all of them without the
+    distributed optimizer; with it, the rank's contiguous 1/DP of every bucket intersected with the parameters
+    there."""
+    if not distributed:
+        return [sum(n for _, n, _ in params)] * dp
+    _, buckets, index = grad_buffer_layout(params, dp, True, bucket_size)
+    shards = [0] * dp
+    for b0, b1 in buckets:
+        size = (b1 - b0) // dp
+        inside = [(s, e) for s, e in index if b0 <= s < b1]
+        for r in range(dp):
+            lo, hi = b0 + r * size, b0 + (r + 1) * size
+            shards[r] += sum(max(0, min(hi, e) - max(lo, s)) for s, e in inside)
+    return shards
+
+
+def optimizer_bytes(params: list, dtype: str, dp: int, distributed: bool, dp_rank=None, bucket_size=None) -> int:
+    """Adam's fp32 exp_avg + exp_avg_sq (+ the fp32 master copy when training in bf16 / fp16) that one rank of a
+    ``param_list`` holds: DP rank ``dp_rank``, or the most loaded one."""
+    per = 8 + (4 if dtype != "fp32" else 0)
+    shards = optimizer_shard_numels(params, dp, distributed, bucket_size)
+    return per * (max(shards) if dp_rank is None else shards[dp_rank])
+
+
+def grad_bytes(params: list, dp: int, distributed: bool, bucket_size=None) -> int:
+    """DDP's fp32 main-grad buffer (``grad_reduce_in_fp32``), padding included."""
+    return 4 * grad_buffer_layout(params, dp, distributed, bucket_size)[0]
+
+
+def activation_bytes_per_token_layer(arch, lay: Layout, dtype: str, seq_len: int, flash: bool) -> float:
+    b = DTYPE_BYTES[dtype]
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * arch.kv_channels, arch.num_query_groups * arch.kv_channels
+    t = lay.tp
+    hs = h / t if lay.sp else h  # sequence-parallel regions hold 1/TP of the tokens
+    if lay.recompute == "full":
+        return b * hs  # the layer input only
+    per = b * (4 * hs + (q + 2 * kv) / t + q / t + 2 * f / t + f / t)
+    if lay.recompute == "selective" or flash:
+        per += 4 * arch.num_attention_heads / t  # softmax statistics (logsumexp) of the fused kernel
+    else:
+        # The unfused (local-spec) path: the probabilities (softmax in fp32, then a copy in the compute dtype),
+        # q/k/v transposed copies, rotary outputs, SiLU's input and output, fp32 norm statistics / upcasts.
+        per += (arch.num_attention_heads / t) * seq_len * (b + (4 if b < 4 else 0))
+        per += b * (2 * f / t + (q + 2 * kv) / t + (q + kv) / t)
+        per += 2 * hs * 4 if b < 4 else 0
+    return per
+
+
+@dataclass
+class MemoryPlan:
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    reference: float
+    vllm_weights: float
+    vllm_kv: float
+    overhead: float
+    train_phase: float = 0.0
+    rollout_phase: float = 0.0
+    peak: float = 0.0
+
+    def gib(self) -> dict:
+        return {k: round(v / GIB, 2) for k, v in asdict(self).items()}
+
+
+def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions) -> MemoryPlan:
+    dp = world // (lay.tp * lay.pp * lay.cp)
+    b = DTYPE_BYTES[wl.dtype]
+    do = lay.distributed_optimizer
+
+    def stage_state(stage: int):  # (weights, grads, optimizer, reference) bytes of one rank of this stage
+        bucket = ddp_bucket_size(gpu.name != "cpu", dp, stage)
+        roles = ["student"] + (["discriminator"] if wl.stage != "seqkd" else [])
+        lists = [param_list(arch, lay.tp, lay.pp, stage, r) for r in roles]
+        n = [sum(x for _, x, _ in pl) for pl in lists]
+        return (sum(n) * b, sum(grad_bytes(pl, dp, do, bucket) for pl in lists),
+                sum(optimizer_bytes(pl, wl.dtype, dp, do, bucket_size=bucket) for pl in lists),
+                0 if lay.offload_reference or wl.stage == "seqkd" else n[0] * b)
+
+    # the most loaded stage is the first (embeddings) or the last (output layer)
+    weights, grads, optim, reference = max((stage_state(s) for s in {0, lay.pp - 1}), key=sum)
+    seq = wl.max_prompt_tokens + wl.max_response_tokens
+    mb_tokens = wl.micro_batch_tokens // lay.cp
+    in_flight = lay.pp  # 1F1B: the first stage holds pp micro-batches
+    per_layer = activation_bytes_per_token_layer(arch, lay, wl.dtype, seq, asm.flash_attention)
+    layers_here = arch.num_layers // lay.pp
+    acts = per_layer * mb_tokens * layers_here * in_flight
+    if lay.recompute == "full":
+        acts += activation_bytes_per_token_layer(arch, replace(lay, recompute=None), wl.dtype, seq, asm.flash_attention) * mb_tokens
+    logits = mb_tokens * (arch.vocab_size / lay.tp) * 4 * 2  # fp32 logits + their softmax for the backward
+    vllm_w = total_params(arch) * b / lay.rollout_tp if wl.stage == "gad" else 0.0
+    engines = world // lay.rollout_tp
+    samples = math.ceil(wl.batch_prompts * wl.n / engines)
+    kv_per_token = 2 * arch.num_layers * arch.num_query_groups * arch.kv_channels * b / lay.rollout_tp
+    # Paged KV: the tokens the running sequences actually hold (a wave's longest answers set the need).
+    live_tokens = wl.mean_prompt_tokens + min(wl.max_response_tokens, wl.mean_response_tokens * asm.decode_tail)
+    vllm_kv = min(samples, asm.max_num_seqs) * live_tokens * kv_per_token if wl.stage == "gad" else 0.0
+    overhead = asm.overhead_gib * GIB
+    resident = weights + grads + optim + reference + overhead
+    vllm = vllm_w + vllm_kv + (asm.vllm_overhead_gib * GIB if wl.stage == "gad" else 0)
+    if lay.colocated:
+        train_phase = resident + acts + logits + (0 if lay.sleep else vllm)
+        rollout_phase = resident + vllm
+    else:
+        train_phase = resident + acts + logits
+        rollout_phase = vllm  # on the engine's own GPUs
+    mp = MemoryPlan(weights, grads, optim, acts, logits, reference, vllm_w, vllm_kv, overhead)
+    mp.train_phase, mp.rollout_phase = train_phase, rollout_phase
+    mp.peak = max(train_phase, rollout_phase)
+    return mp
+
+

@@ -1,0 +1,80 @@
+"""Seconds per GAD step: rollout decode, G / D / reference FLOPs, pipeline bubble, communication, sync."""
+
+from __future__ import annotations
+
+import math
+
+from gad_megatron.plan.params import rank_params, total_params
+from gad_megatron.plan.types import DTYPE_BYTES, GPU, Assumptions, Layout, Workload
+
+# ---- time ------------------------------------------------------------------------------------------------------
+def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions) -> dict:
+    P = total_params(arch)
+    b = DTYPE_BYTES[wl.dtype]
+    train_gpus = world  # colocated: every GPU trains and rolls out; split: the engine GPUs are extra
+    samples = wl.batch_prompts * wl.n
+    T = samples * (wl.mean_prompt_tokens + wl.mean_response_tokens)  # student sequence tokens
+    T_teacher = wl.batch_prompts * (wl.mean_prompt_tokens + wl.mean_response_tokens)
+    attn = 12 * arch.num_layers * arch.hidden_size * (wl.mean_prompt_tokens + wl.mean_response_tokens)  # per token
+    fwd = lambda tokens: (2 * P + attn / 3) * tokens  # noqa: E731
+    flops = {
+        "g_old_logprobs": fwd(T),
+        "reference": fwd(T),
+        "d_scores": fwd(T + T_teacher),
+        "d_update": 3 * fwd(T + T_teacher),
+        "g_update": 3 * fwd(T),
+    }
+    rate = train_gpus * gpu.bf16_tflops * 1e12 * asm.mfu
+    # Recomputation repeats the forward inside the backward of the updates.
+    recompute = {"full": 4 / 3, "selective": 1.03}.get(lay.recompute, 1.0)
+    flops["d_update"] *= recompute
+    flops["g_update"] *= recompute
+    # 1F1B pipeline bubble: (pp - 1) idle slots per m micro-batches on every stage.
+    dp = world // (lay.tp * lay.pp * lay.cp)
+    micro = max(1, math.ceil((T + T_teacher) / (dp * wl.micro_batch_tokens)))
+    bubble = 1 + (lay.pp - 1) / micro
+    t = {k: v / rate * bubble for k, v in flops.items()}
+    # TP: two all-reduces (or SP's all-gather + reduce-scatter) of the hidden states per layer in the forward,
+    # two more in the backward, over NVLink (megatron overlaps part of it; counted whole).
+    def tp_comm(tokens: float, passes: int) -> float:
+        if lay.tp == 1:
+            return 0.0
+        per_token_layer = 2 * arch.hidden_size * b * 2 * (lay.tp - 1) / lay.tp  # bytes, one pass
+        return passes * tokens / dp * arch.num_layers / lay.pp * per_token_layer / (gpu.intra_node_gbs * 1e9)
+
+    for k, (tokens, passes) in {"g_old_logprobs": (T, 1), "reference": (T, 1), "d_scores": (T + T_teacher, 1),
+                                "d_update": (T + T_teacher, 3), "g_update": (T, 3)}.items():
+        t[k] += tp_comm(tokens, passes)
+    # Rollout: memory-bound decode, per engine, in waves of max_num_seqs samples.
+    engines = world // lay.rollout_tp
+    per_engine = math.ceil(samples / engines)
+    waves = math.ceil(per_engine / asm.max_num_seqs)
+    steps = min(wl.max_response_tokens, wl.mean_response_tokens * asm.decode_tail)
+    weight_read = P * b / lay.rollout_tp
+    kv_read = min(per_engine, asm.max_num_seqs) * (wl.mean_prompt_tokens + wl.mean_response_tokens / 2) * \
+        2 * arch.num_layers * arch.num_query_groups * arch.kv_channels * b / lay.rollout_tp
+    step_s = (weight_read + kv_read) / (gpu.hbm_tbs * 1e12 * asm.decode_bw_efficiency)
+    prefill = 2 * P * per_engine * wl.mean_prompt_tokens / (lay.rollout_tp * gpu.bf16_tflops * 1e12 * asm.mfu)
+    t["rollout"] = waves * steps * step_s + prefill
+    # DP gradient reduction of G and D (ring all-reduce, or reduce-scatter + all-gather: the same bytes).
+    nodes_span = world > 8
+    bw = (gpu.inter_node_gbs if nodes_span else gpu.intra_node_gbs) * 1e9
+    grad_bytes = 2 * rank_params(arch, lay.tp, lay.pp, 0) * 4
+    t["dp_grad_reduce"] = 0.0 if dp == 1 else 2 * (dp - 1) / dp * grad_bytes / bw
+    # Weight sync: a device copy (CUDA IPC) or a broadcast to the engine GPUs (NCCL).
+    t["weight_sync"] = P * b / (gpu.hbm_tbs * 1e12 * 0.5) if lay.colocated else P * b / bw
+    if lay.offload_reference:  # the reference's shard comes over PCIe (~25 GB/s) for its forward
+        t["reference"] += P * b / (lay.tp * lay.pp) / 25e9
+    gad_step = sum(t.values())
+    # Warmup step: rollout (for D's student samples), D scores + update, G cross-entropy on teacher answers.
+    warm_step = t["rollout"] + t["d_scores"] + t["d_update"] + 3 * fwd(T_teacher) / rate + t["dp_grad_reduce"] + t["weight_sync"]
+    total = wl.gad_steps * gad_step + wl.warmup_steps * warm_step
+    if wl.stage == "seqkd":  # G's cross-entropy on the teacher answers, every step
+        sft = 3 * fwd(T_teacher) * recompute / rate * bubble + tp_comm(T_teacher, 3) + t["dp_grad_reduce"] / 2
+        t = {"g_sft": sft}
+        gad_step = warm_step = sft
+        total = (wl.gad_steps + wl.warmup_steps) * sft
+    return {"step_s": {k: round(v, 3) for k, v in t.items()}, "gad_step_s": gad_step, "warmup_step_s": warm_step,
+            "run_hours": total / 3600, "tokens_per_step": T}
+
+

@@ -1,0 +1,79 @@
+"""The planner's inputs: GPU types, a layout, the workload and the assumptions (MFU, bandwidths)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float
+    bf16_tflops: float  # dense peak
+    hbm_tbs: float  # HBM bandwidth, TB/s
+    intra_node_gbs: float  # NVLink per GPU, GB/s (one direction)
+    inter_node_gbs: float  # network per GPU, GB/s
+
+
+GPUS = {
+    "h100-80gb": GPU("h100-80gb", 80, 989, 3.35, 450, 50),
+    "h200": GPU("h200", 141, 989, 4.8, 450, 50),
+    "a100-80gb": GPU("a100-80gb", 80, 312, 2.0, 300, 25),
+    "cpu": GPU("cpu", 24, 0.2, 0.02, 5, 1),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sp: bool = False
+    distributed_optimizer: bool = False
+    recompute: Optional[str] = None  # None | selective | full
+    rollout_tp: int = 1
+    colocated: bool = True
+    sleep: bool = True  # vLLM releases its memory while G and D train (colocated, GPU)
+    offload_reference: bool = False
+
+    def describe(self, world: int) -> str:
+        dp = world // (self.tp * self.pp * self.cp)
+        bits = [f"TP{self.tp}", f"PP{self.pp}", f"DP{dp}"] + ([f"CP{self.cp}"] if self.cp > 1 else [])
+        bits += ["SP"] * self.sp + ["distopt"] * self.distributed_optimizer
+        bits += [f"recompute={self.recompute}"] * bool(self.recompute) + [f"rolloutTP{self.rollout_tp}"]
+        bits += ["colocated" if self.colocated else "split-engine"] + ["ref-offload"] * self.offload_reference
+        return " ".join(bits)
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch_prompts: int = 256
+    n: int = 8
+    mean_prompt_tokens: int = 100  # LMSYS prompts are short
+    mean_response_tokens: int = 400  # paper: teacher 329, GAD student 414
+    max_prompt_tokens: int = 2048
+    max_response_tokens: int = 1536
+    micro_batch_tokens: int = 16384
+    dtype: str = "bf16"
+    gad_steps: int = 1600  # paper: ~2,400 steps over 3 epochs, the first epoch (~800) warmup
+    warmup_steps: int = 800
+    stage: str = "gad"  # gad | seqkd (the baseline trains G alone: no D, no reference, no rollout engine)
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    mfu: float = 0.35  # training FLOPs utilisation (megatron, bf16, H100 class)
+    decode_bw_efficiency: float = 0.6  # fraction of HBM bandwidth a decode step achieves
+    decode_tail: float = 2.0  # longest response in a wave / mean (a wave waits for its longest sample)
+    max_num_seqs: int = 256  # vLLM's concurrent sequences per engine
+    flash_attention: bool = True  # fused attention (TE / flash) on GPU: no s x s probabilities kept
+    overhead_gib: float = 3.0  # CUDA context, allocator fragmentation, NCCL buffers
+    vllm_overhead_gib: float = 2.0  # vLLM's own context, CUDA graphs
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+

@@ -1,0 +1,199 @@
+"""Everything a run needs before its first step, gathered in one typed :class:`Trainer`: the data (checked
+first, before any process group), the parallel state, G, the reward (the discriminator D in GAD), the frozen
+reference and the rollout engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from gad_megatron.data.teacher import DataError, DataStats, read_rows, split_heldout, tokenize_rows
+from gad_megatron.trainer.rewards import DiscriminatorReward, Reward
+
+
+@dataclass
+class RunData:
+    tokenizer: object
+    train: list  # data.teacher.Example
+    held: list
+    stats: DataStats
+
+
+@dataclass
+class Schedule:
+    steps_per_epoch: int
+    total: int
+    warm: int  # steps of the warmup stage (SeqKD for G, BT for D) before GAD
+
+
+@dataclass
+class Trainer:
+    """What every stage function takes. ``engine`` is None on ranks that do not run the rollout engine."""
+
+    cfg: object
+    world: dict
+    arch: object  # models.ArchSpec
+    hf_dir: str
+    data: RunData
+    schedule: Schedule
+    g: object  # trainer.engine.TrainEngine
+    reward: Optional[Reward] = None
+    ref: Optional[list] = None  # frozen reference chunks (GAD)
+    engine: object = None  # rollout engine: rollout.vllm_engine.VLLMEngine / rollout.megatron_engine.MegatronEngine
+    sync: object = None  # rollout.weight_sync.WeightSync into a separate engine, or None
+    syncs_done: int = 0
+    last_samples: list = field(default_factory=list)
+
+    @property
+    def tokenizer(self):
+        return self.data.tokenizer
+
+    @property
+    def budget(self) -> int:
+        return self.cfg.train.micro_batch_tokens
+
+    @property
+    def pad(self) -> int:
+        """Sequence parallel splits the sequence over TP ranks: every micro-batch's width must divide."""
+        return self.world["tp"] if self.cfg.parallel.sequence_parallel else 1
+
+    @property
+    def roles(self) -> dict:
+        """The trained models a checkpoint holds, by role."""
+        return {"student": self.g, **(self.reward.engines() if self.reward is not None else {})}
+
+
+def model_hf_dir(path: str) -> str:
+    from gad_megatron.convert.api import is_checkpoint
+    from gad_megatron.convert.megatron_ckpt import hf_config_dir
+
+    return hf_config_dir(path) if is_checkpoint(path) else path
+
+
+def load_data(cfg) -> RunData:
+    """Tokenizer, train / held-out examples and their stats. Runs before any model or process group, so a
+    bad row is one error naming its file and line."""
+    from transformers import AutoTokenizer
+
+    tok_dir = cfg.data.tokenizer or model_hf_dir(cfg.model.student)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    stats = DataStats()
+    rows = read_rows(cfg.data.train, cfg.data.bad_rows, stats)
+    if cfg.data.heldout:
+        train_rows, held_rows = rows, read_rows(cfg.data.heldout, cfg.data.bad_rows, DataStats())
+    else:
+        train_rows, held_rows = split_heldout(rows, cfg.data.heldout_size, cfg.train.seed)
+    lim = (cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, cfg.data.overlong)
+    train = tokenize_rows(train_rows, tokenizer, *lim, stats=stats)
+    held = tokenize_rows(held_rows, tokenizer, *lim, stats=DataStats())
+    return RunData(tokenizer, train, held, stats)
+
+
+def plan_steps(cfg, n_train: int) -> Schedule:
+    spe = n_train // cfg.train.batch_prompts
+    if spe < 1:
+        raise DataError(f"{n_train} training examples is fewer than one batch of train.batch_prompts={cfg.train.batch_prompts}")
+    total = cfg.train.total_steps or cfg.train.epochs * spe
+    warm = 0 if cfg.train.stage == "seqkd" else (spe if cfg.train.warmup_steps is None else cfg.train.warmup_steps)
+    return Schedule(spe, total, min(warm, total))
+
+
+def model_options(cfg):
+    from gad_megatron.models import ModelOptions
+
+    return ModelOptions(dtype=cfg.model.dtype, transformer_impl=cfg.model.transformer_impl, fp8=cfg.model.fp8,
+                        fp8_recipe=cfg.model.fp8_recipe, recompute_granularity=cfg.model.recompute_granularity,
+                        sequence_parallel=cfg.parallel.sequence_parallel)
+
+
+def optim_config(section, use_dist_opt: bool, total_steps: int):
+    from gad_megatron.trainer.engine import OptimConfig
+
+    return OptimConfig(lr=section.lr, min_lr=section.min_lr, schedule=section.schedule,
+                       lr_warmup_steps=section.lr_warmup_steps, weight_decay=section.weight_decay,
+                       adam_beta1=section.adam_beta1, adam_beta2=section.adam_beta2, adam_eps=section.adam_eps,
+                       clip_grad=section.clip_grad, use_distributed_optimizer=use_dist_opt, total_steps=total_steps)
+
+
+def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
+    """Data (checked first; ``data`` when the caller already loaded it), the parallel state, G / D /
+    reference and the rollout engine."""
+    from gad_megatron.convert.api import load_model
+    from gad_megatron.models.hf_config import arch_spec_from_dir
+    from gad_megatron.runtime import ParallelConfig, initialize
+    from gad_megatron.trainer.engine import TrainEngine
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("gad_megatron").setLevel(logging.INFO)
+    data = data or load_data(cfg)
+    schedule = plan_steps(cfg, len(data.train))
+    arch0 = arch_spec_from_dir(model_hf_dir(cfg.model.student))
+    par = ParallelConfig(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
+                         cfg.parallel.virtual_pipeline_parallel, 1, cfg.parallel.sequence_parallel,
+                         cfg.parallel.device, cfg.train.seed)
+    world = initialize(par, arch0.model_dims)
+    world["tp"] = cfg.parallel.tensor_parallel
+    opts, dist_opt = model_options(cfg), cfg.parallel.use_distributed_optimizer
+    arch, g_chunks, hf_dir = load_model(cfg.model.student, "student", opts)
+    t = Trainer(cfg, world, arch, hf_dir, data, schedule,
+                TrainEngine(g_chunks, optim_config(cfg.g_optim, dist_opt, schedule.total)))
+    if cfg.train.stage == "gad":
+        torch.manual_seed(cfg.train.seed + 17)  # the fresh D head is the same at every layout
+        _, d_chunks, _ = load_model(cfg.model.discriminator or cfg.model.student, "discriminator", opts,
+                                    head_init=cfg.model.d_head_init)
+        d = TrainEngine(d_chunks, optim_config(cfg.d_optim, dist_opt, schedule.total))
+        t.reward = DiscriminatorReward(d, cfg.rollout.n, t.budget, t.pad)
+        _, t.ref, _ = load_model(cfg.model.student, "student", opts)
+        for c in t.ref:
+            c.eval()
+            c.requires_grad_(False)
+        offload_reference(t, "cpu")
+    t.engine, t.sync = make_engine(cfg, t)
+    return t
+
+
+def offload_reference(t: Trainer, where: str) -> None:
+    """The frozen reference lives in host memory between uses when ``model.offload_reference`` (GPU)."""
+    from gad_megatron.runtime import device
+
+    if t.ref is None or not (t.cfg.model.offload_reference and device().type == "cuda"):
+        return
+    for c in t.ref:
+        c.to("cpu" if where == "cpu" else device())
+
+
+def make_engine(cfg, t: Trainer) -> tuple:
+    """(rollout engine, weight sync): vLLM on global rank 0 (colocated) fed by a weight sync, or the
+    trainer's own megatron GPT (no sync: it *is* G)."""
+    import torch.distributed as dist
+
+    from gad_megatron.rollout.megatron_engine import MegatronEngine
+    from gad_megatron.rollout.weight_sync import WeightSync
+
+    if cfg.train.stage != "gad" or cfg.rollout.engine == "megatron":
+        return MegatronEngine(t.g.modules), None  # SeqKD: held-out generation only
+    engine = None
+    if dist.get_rank() == 0:
+        if cfg.rollout.in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from gad_megatron.rollout.vllm_engine import VLLMConfig, VLLMEngine
+
+        kv = cfg.rollout.kv_cache_gb
+        has_weights = any(f.endswith(".safetensors") for f in os.listdir(t.hf_dir))
+        engine = VLLMEngine(VLLMConfig(
+            model=t.hf_dir, dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype],
+            tensor_parallel_size=cfg.rollout.vllm_tensor_parallel,
+            max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            kv_cache_memory_bytes=int(kv * 1024**3) if kv is not None else None, seed=cfg.train.seed,
+            transport=cfg.rollout.transport, colocated=cfg.rollout.colocated,
+            enable_sleep_mode=cfg.rollout.colocated and cfg.rollout.sleep_between_rollouts,
+            enforce_eager=cfg.rollout.enforce_eager,
+            # A checkpoint's hf/ has config + tokenizer only: start from dummy weights, the first sync fills them.
+            load_format="auto" if has_weights else "dummy"))
+    sync = WeightSync(t.g.modules, engine, t.arch, bucket_mb=cfg.rollout.bucket_mb, stop_gap=cfg.rollout.stop_gap)
+    return engine, sync

@@ -1,0 +1,223 @@
+"""The training loop, top to bottom: build -> open the run (resume) -> for each step: stage, log, held-out
+eval, checkpoint -> final evaluation, summary. Every rank runs it; the stages are in ``gad.py``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from gad_megatron.data.teacher import EpochSampler
+from gad_megatron.trainer import checkpoint as ckpt_io
+from gad_megatron.trainer import passes
+from gad_megatron.trainer.build import build_trainer
+from gad_megatron.trainer.gad import Timer, stage_for, start_gad
+from gad_megatron.trainer.heldout import evaluate
+from gad_megatron.trainer.metrics import FailureWatch, RunLog, max_over_world, plot_curves
+
+log = logging.getLogger("gad_megatron.train")
+STOPPED_MARKER = "stopped.json"  # the sbatch scripts requeue the job while it is there
+
+
+def train(cfg, data=None) -> dict:
+    """Runs the configured training on this rank (every rank calls it). Returns the summary on rank 0."""
+    t = build_trainer(cfg, data)
+    run = open_run(t)  # run dir, resume, logs, the engine's first sync, the 'before' evaluation
+    stop = StopSignal()
+    bar = _progress(t, run.step)
+    while run.step < t.schedule.total:
+        timer, t0 = Timer(), time.perf_counter()
+        batch = [t.data.train[i] for i in run.sampler.next_batch()]
+        stage, stage_fn = stage_for(t, run.step)
+        if stage == "gad" and run.step == t.schedule.warm > 0:
+            begin_gad(t, run)
+        m = stage_fn(t, run.step, batch, timer)
+        run.step += 1
+        record_step(t, run, stage, m, timer, t0)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{m[k]:.3f}" for k in ("sft_loss", "d_loss", "d_acc", "reward_mean") if k in m})
+        last, stop_now = run.step == t.schedule.total, passes.agree(stop.signum is not None)
+        if run.step % cfg.checkpoint.save_every == 0 or last or stop_now:
+            ckpt_io.save_run(t, run)
+        if stop_now and not last:
+            return stopped(t, run, stop.signum)
+    if bar is not None:
+        bar.close()
+    return finish(t, run)
+
+
+@dataclass
+class Run:
+    """One run's state besides the models (checkpointed: ``checkpoint.save_run`` / ``resume``) and its logs."""
+
+    run_dir: str
+    sampler: EpochSampler
+    watch: FailureWatch
+    counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "consecutive_skipped": 0, "tokens_seen": 0})
+    evals: dict = field(default_factory=dict)
+    step: int = 0
+    log: RunLog = None
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.run_dir, "checkpoints")
+
+
+class StopSignal:
+    """SIGUSR1 (Slurm ``--signal=USR1@120``): finish the step, save, exit cleanly. SIGUSR1 only: SIGTERM is how
+    torchrun / srun stop the other ranks when one fails, and must still kill."""
+
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, signum, _frame):
+        self.signum = signum
+
+
+def open_run(t) -> Run:
+    cfg, rank = t.cfg, t.world["rank"]
+    run = Run(os.path.abspath(cfg.log.run_dir),
+              EpochSampler(len(t.data.train), cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle),
+              FailureWatch(cfg))
+    if rank == 0:
+        os.makedirs(run.run_dir, exist_ok=True)
+        if os.path.exists(os.path.join(run.run_dir, STOPPED_MARKER)):
+            os.remove(os.path.join(run.run_dir, STOPPED_MARKER))  # this start is the resume it asked for
+        from gad_megatron.trainer.config import to_yaml
+
+        with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+    ckpt_io.clean_leftovers(run.ckpt_root)
+    ckpt_io.resume(t, run)
+    run.log = RunLog(cfg, run.run_dir, rank, resumed_step=run.step)
+    if rank == 0 and run.step == 0:
+        s = t.schedule
+        with open(os.path.join(run.run_dir, "data_stats.json"), "w") as f:
+            json.dump({"train_examples": len(t.data.train), "heldout_examples": len(t.data.held),
+                       "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total, "warmup_steps": s.warm,
+                       **t.data.stats.summary()}, f, indent=1)
+    if t.sync is not None:
+        passes.sync_weights(t, run.step)  # the engine starts from the HF files (or dummy weights): give it G's
+    if run.step == 0:
+        log_eval(t, run, "before")
+    return run
+
+
+def begin_gad(t, run: Run) -> None:
+    """End of warmup: the reference becomes the warmed-up student, saved for resumes; evaluated."""
+    start_gad(t)
+    ckpt_io.save_reference(t, run.ckpt_root, run.step)
+    log_eval(t, run, "after_warmup")
+
+
+def log_eval(t, run: Run, name: str) -> None:
+    run.evals[name] = res = evaluate(t, t.data.held)
+    if res:
+        run.log.step(run.step, {"eval": name, **{k: v for k, v in res.items() if k != "heldout_examples"}}, {})
+
+
+def record_step(t, run: Run, stage: str, m: dict, timer: Timer, t0: float) -> None:
+    """Counters, the periodic held-out evaluation, timings, monitors; one line each in metrics / timings."""
+    cfg, c = t.cfg, run.counters
+    skipped = m.get("g_skipped", 0) or m.get("d_skipped", 0)
+    c["skipped_steps"] += int(bool(skipped))
+    c["consecutive_skipped"] = c["consecutive_skipped"] + 1 if skipped else 0
+    if c["consecutive_skipped"] > cfg.train.max_skipped_steps:
+        raise FloatingPointError(f"{c['consecutive_skipped']} steps in a row had non-finite losses or gradients "
+                                 f"(train.max_skipped_steps={cfg.train.max_skipped_steps}); stopping")
+    step_tokens = m.pop("tokens")
+    c["tokens_seen"] += step_tokens
+    m.update(stage=stage, epoch=run.sampler.epoch, skipped_steps=c["skipped_steps"], tokens_seen=c["tokens_seen"])
+    if cfg.eval.heldout_every and run.step % cfg.eval.heldout_every == 0 and run.step < t.schedule.total:
+        m.update({k: v for k, v in evaluate(t, t.data.held).items() if k != "heldout_examples"})
+    elapsed = time.perf_counter() - t0
+    timings = {k: round(v, 4) for k, v in timer.t.items()}
+    timings.update(step_seconds=round(elapsed, 4), other=round(elapsed - sum(timer.t.values()), 4),
+                   tokens_per_second=round(step_tokens / max(elapsed, 1e-9), 1), peak_mem_gib=_peak_memory_gib())
+    for w in run.watch.check(m):
+        if t.world["rank"] == 0:
+            log.warning("step %d: %s", run.step, w)
+    run.log.step(run.step, m, timings)
+    if t.last_samples and cfg.log.dump_samples_every and run.step % cfg.log.dump_samples_every == 0:
+        run.log.samples(run.step, t.last_samples)
+
+
+def stopped(t, run: Run, signum: int) -> dict:
+    if t.world["rank"] == 0:
+        log.warning("signal received: checkpoint at step %d written, exiting", run.step)
+        with open(os.path.join(run.run_dir, STOPPED_MARKER), "w") as f:
+            json.dump({"step": run.step, "signal": int(signum)}, f)
+    run.log.close()
+    return {"stopped_at": run.step}
+
+
+def finish(t, run: Run) -> dict:
+    """The 'after' evaluation, the summary (curves, HF export of G, summary.json) and the engine's shutdown."""
+    import torch.distributed as dist
+
+    log_eval(t, run, "after")
+    run.log.close()
+    cfg = t.cfg
+    summary = {"steps": run.step, "evals": run.evals, "data": t.data.stats.summary()}
+    if dist.get_rank() == 0:
+        if cfg.log.plot:
+            summary["curves"] = plot_curves(run.run_dir)
+        if cfg.checkpoint.export_hf_at_end:
+            from gad_megatron.convert.api import mcore_to_hf
+
+            out = os.path.join(run.run_dir, "hf_student")
+            mcore_to_hf(os.path.join(run.ckpt_root, "student"), out, overwrite=True)
+            summary["hf_student"] = out
+        with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(format_summary(summary), flush=True)
+    if t.engine is not None and hasattr(t.engine, "shutdown"):
+        t.engine.shutdown()
+    dist.barrier()
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    ev = summary["evals"]
+    cols = [c for c in ("before", "after_warmup", "after") if ev.get(c)]
+    names = {"before": "before", "after_warmup": "SeqKD warmup", "after": "after"}
+    lines = ["", "held-out split            " + "".join(f"{names[c]:>16}" for c in cols)]
+    for key, label in (("heldout_score", "scorer (higher = better)"), ("heldout_ce", "CE on teacher answers")):
+        if any(key in ev[c] for c in cols):
+            lines.append(f"{label:<26}" + "".join(f"{ev[c].get(key, math.nan):>16.4f}" for c in cols))
+    lines.append(f"steps: {summary['steps']}")
+    if summary.get("curves"):
+        lines.append(f"curves: {summary['curves']}")
+    if summary.get("hf_student"):
+        lines.append(f"student (HF): {summary['hf_student']}")
+    return "\n".join(lines)
+
+
+def _peak_memory_gib() -> float:
+    """Peak memory of this process so far: the CUDA allocator's peak on GPU, the peak resident set on CPU
+    (the largest over ranks is what a layout must fit)."""
+    from gad_megatron.runtime import device
+
+    if device().type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 1024**3
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    return round(max_over_world(peak), 3)
+
+
+def _progress(t, start: int):
+    if t.world["rank"] != 0 or not t.cfg.log.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=t.schedule.total, initial=start, desc=f"gad-train ({t.cfg.train.stage})", dynamic_ncols=True)

@@ -1,0 +1,169 @@
+"""The shape of the package (#14): imports run downwards only, no package cycle, small files and functions, the
+GAD stages on one screen; the tests and benchmarks load models and read JSONL through the one call each."""
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "gad_megatron")
+# Lower packages first: a package may import only those before it (and itself).
+ORDER = ["runtime", "algo", "models", "convert", "rollout", "data", "eval", "trainer", "plan", "testing"]
+
+
+def _sources(root):
+    for d, _, names in os.walk(root):
+        for n in sorted(names):
+            if n.endswith(".py"):
+                p = os.path.join(d, n)
+                yield p, open(p, encoding="utf-8").read()
+
+
+def _imports(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+            yield from (f"{node.module}.{a.name}" for a in node.names)
+
+
+def package_edges() -> dict:
+    edges = {}
+    for path, src in _sources(PKG):
+        sub = os.path.relpath(path, PKG).split(os.sep)[0]
+        if sub.endswith(".py"):
+            continue
+        for mod in _imports(ast.parse(src)):
+            parts = mod.split(".")
+            if parts[0] == "gad_megatron" and len(parts) > 1 and parts[1] != sub and parts[1] in ORDER:
+                edges.setdefault(sub, {}).setdefault(parts[1], os.path.relpath(path, ROOT))
+    return edges
+
+
+def test_every_package_is_placed_in_the_order():
+    pkgs = {d for d in os.listdir(PKG) if os.path.isfile(os.path.join(PKG, d, "__init__.py"))}
+    assert pkgs == set(ORDER), f"packages not in ORDER (or gone): {pkgs ^ set(ORDER)}"
+
+
+def test_imports_only_run_downwards_and_never_cycle():
+    up = [f"{where}: {a} imports {b}" for a, targets in package_edges().items() for b, where in targets.items()
+          if ORDER.index(b) > ORDER.index(a)]
+    assert not up, "imports from a lower package to a higher one:\n" + "\n".join(up)
+
+
+def test_algo_is_pure_tensor_math():
+    for path, src in _sources(os.path.join(PKG, "algo")):
+        bad = [m for m in _imports(ast.parse(src)) if m.split(".")[0] in ("megatron", "gad_megatron")]
+        assert not bad, f"{path} imports {bad}"
+
+
+@pytest.mark.parametrize("limit_file, limit_fn", [(500, 80)])
+def test_files_and_functions_stay_small(limit_file, limit_fn):
+    big = []
+    for path, src in _sources(PKG):
+        rel = os.path.relpath(path, ROOT)
+        if src.count("\n") + 1 > limit_file:
+            big.append(f"{rel}: {src.count(chr(10)) + 1} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit_fn:
+                    big.append(f"{rel}:{node.name}: {n} lines")
+    gad = open(os.path.join(PKG, "trainer", "gad.py")).read()
+    if gad.count("\n") + 1 > 300:
+        big.append(f"trainer/gad.py: {gad.count(chr(10)) + 1} lines (the stages must read in one screen: <= 300)")
+    loop = next(n for n in ast.walk(ast.parse(open(os.path.join(PKG, "trainer", "run.py")).read()))
+                if isinstance(n, ast.FunctionDef) and n.name == "train")
+    if loop.end_lineno - loop.lineno + 1 > 60:
+        big.append(f"trainer/run.py:train: {loop.end_lineno - loop.lineno + 1} lines (the loop: <= 60)")
+    assert not big, "\n".join(big)
+
+
+def _calls(root, names):
+    found = []
+    for path, src in _sources(root):
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+                if name in names:
+                    found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {name}")
+    return found
+
+
+def test_models_are_built_and_loaded_from_hf_through_one_call():
+    """Tests and benchmarks use ``convert.api.load_from_hf`` (or ``load_model``), not their own
+    build-then-fill copies."""
+    found = [c for d in ("tests", "benchmarks", "tools") for c in _calls(os.path.join(ROOT, d),
+                                                                        {"load_hf_into_model", "HFWeightSource"})]
+    assert not found, "build-and-load written out again:\n" + "\n".join(found)
+
+
+def test_jsonl_is_parsed_in_one_place():
+    """Every JSONL file the package reads goes through ``data/jsonl.py``: a parse of a line anywhere else is a
+    second reader (with its own idea of bad lines and encodings)."""
+    found = []
+    for path, src in _sources(PKG):
+        if path.endswith(os.path.join("data", "jsonl.py")):
+            continue
+        for node in ast.walk(ast.parse(src)):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "loads"
+                    and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in ("line", "raw", "l")):
+                found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not found, "JSONL lines parsed outside data/jsonl.py:\n" + "\n".join(found)
+
+
+def test_device_questions_go_through_runtime_device():
+    """``torch.cuda.is_available()`` ignores ``parallel.device``: only the runtime's one decision may ask it."""
+    allowed = {os.path.join("runtime", "parallel.py"), os.path.join("runtime", "cpu_shim.py")}
+    found = []
+    for path, src in _sources(PKG):
+        if os.path.relpath(path, PKG) in allowed:
+            continue
+        if "cuda.is_available()" in src:
+            found.append(os.path.relpath(path, ROOT))
+    assert not found, f"device decided outside runtime.device(): {found}"
+
+
+def test_transport_choices_come_from_the_registry():
+    from gad_megatron.rollout import transport as T
+    from gad_megatron.trainer.config import _CHOICES, ConfigError, load_config
+
+    assert _CHOICES["rollout.transport"] == T.transport_choices() == ("auto",) + tuple(T.TRANSPORTS)
+    assert all(issubclass(c, T.Transport) and c.name == n for n, c in T.TRANSPORTS.items())
+
+    @T.register
+    class Pigeon(T.Transport):
+        name = "pigeon"
+
+    try:
+        assert isinstance(T.make_transport("pigeon"), Pigeon)
+        assert "pigeon" in T.transport_choices()
+    finally:
+        del T.TRANSPORTS["pigeon"]
+    with pytest.raises(ValueError, match="pigeon"):
+        T.make_transport("pigeon")
+    with pytest.raises(ConfigError, match="rollout.transport"):
+        load_config(base={"model": {"student": "x"}, "data": {"train": "y"}, "rollout": {"transport": "pigeon"}})
+
+
+def test_runtime_device_follows_the_configured_device(monkeypatch):
+    import torch
+
+    from gad_megatron.runtime import device, parallel
+
+    monkeypatch.setattr(parallel, "_DEVICE", "cpu")
+    assert device() == torch.device("cpu")
+    monkeypatch.setattr(parallel, "_DEVICE", None)
+    assert device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_vllm_eager_default_follows_the_device():
+    from gad_megatron.trainer.config import load_config
+
+    cfg = load_config(base={"model": {"student": "x"}, "data": {"train": "y"}})
+    assert cfg.rollout.enforce_eager is None  # decided by the engine: eager on CPU, CUDA graphs on GPU
+    cfg = load_config(base={"model": {"student": "x"}, "data": {"train": "y"}}, overrides=["rollout.enforce_eager=true"])
+    assert cfg.rollout.enforce_eager is True
