@@ -222,3 +222,58 @@ def test_outputs_follow_the_umask(hf_models, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for d in (ck, ex):
         assert os.stat(d).st_mode & 0o777 == 0o755, oct(os.stat(d).st_mode)
+
+
+def _plant_byte_item(ckpt, marker) -> tuple:
+    """#17 item 1: a checkpoint whose .metadata passes the allow-list but one of whose byte items (an
+    ``_extra_state``, ``torch.save`` payload in a .distcp shard) is a pickle that writes ``marker``. The payload is
+    appended to its shard and the item's storage entry re-pointed at it. Returns (shard, item key, payload)."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    d = iter_dir(str(ckpt), read_iteration(str(ckpt)))
+    with open(os.path.join(d, ".metadata"), "rb") as f:
+        md = pickle.load(f)  # our own test checkpoint: trusted here
+    key = next(k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    index = next(i for i in md.storage_data if i.fqn == key)
+    buf = io.BytesIO()
+    torch.save(_Pwn(str(marker)), buf)
+    payload = buf.getvalue()
+    shard = os.path.join(d, md.storage_data[index].relative_path)
+    offset = os.path.getsize(shard)
+    with open(shard, "ab") as f:
+        f.write(payload)
+    md.storage_data[index] = _StorageInfo(md.storage_data[index].relative_path, offset, len(payload))
+    with open(os.path.join(d, ".metadata"), "wb") as f:
+        pickle.dump(md, f)
+    return shard, key, payload
+
+
+def test_crafted_byte_item_in_a_shard_is_refused_everywhere(ckpt, hf_models, tmp_path):
+    """#17 item 1: torch's load planner unpickles byte items with weights_only=False; every entry point checks
+    them first (weights_only) and refuses naming the shard and the item; nothing runs."""
+    marker = tmp_path / "pwned"
+    shard, key, payload = _plant_byte_item(ckpt, marker)
+    # the payload is a real exploit: loaded the way torch's load planner loads byte items, it runs
+    (tmp_path / "payload").write_bytes(payload)
+    subprocess.run([sys.executable, "-c", "import io, sys, torch; torch.load(io.BytesIO(open(sys.argv[1], 'rb')"
+                    ".read()), weights_only=False)", str(tmp_path / "payload")], capture_output=True, timeout=120)
+    assert marker.exists(), "the crafted payload does not run code: this test would show nothing"
+    marker.unlink()
+    r = _cli("mcore-to-hf", "--ckpt", ckpt, "--out", tmp_path / "export")
+    line = _one_line_error(r, "refused to load item", key)
+    assert os.path.basename(shard) in line
+    r = _cli("verify", "--hf", hf_models["qwen2_tied"], "--ckpt", ckpt)
+    _one_line_error(r, "refused to load item")
+    with pytest.raises(ValueError, match="refused to load item"):
+        load_checkpoint([], str(ckpt))  # gad-eval's megatron engine, model.student=<ckpt>
+    from gad_megatron.trainer.checkpoint import load as load_training_checkpoint
+
+    root = tmp_path / "run_checkpoints"
+    shutil.copytree(ckpt, root / "student")
+    with pytest.raises(ValueError, match="refused to load item"):
+        load_training_checkpoint(str(root), 0, {"student": object()})  # gad-train's checkpoint.resume
+    assert not marker.exists() and not (tmp_path / "export").exists()

@@ -10,24 +10,35 @@ from __future__ import annotations
 import torch
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
+ADV_STD_MODES = ("group", "batch", "none")
 
 
-def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
-    """GRPO's group-normalised advantage per sample: ``(r - mean_g) / (std_g + eps)``.
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: bool = True,
+                    std_mode: str = "group", std_floor: float = 0.0) -> torch.Tensor:
+    """GRPO's advantage per sample: ``(r - mean_g) / (max(std, std_floor) + eps)``.
 
     ``rewards`` is ``[groups * group_size]``, grouped by prompt (sample ``j`` of prompt ``i`` at
-    ``i * group_size + j``). std is the unbiased sample std, as verl's GRPO estimator uses; a group of equal
-    rewards gets advantage exactly 0 (and no NaN, also for ``group_size == 1``).
+    ``i * group_size + j``); the mean is always the group's. ``std_mode``: ``group`` (the paper / verl: the
+    group's unbiased std), ``batch`` (one std over all rewards of the batch, so a group whose rewards barely
+    differ keeps small advantages), ``none`` (centred only; ``scale=False`` is the same). ``std_floor``: a
+    spread below it divides by the floor instead, so noise between near-equal rewards is not blown up to +-1.
+    A group of equal rewards gets advantage exactly 0 (and no NaN, also for ``group_size == 1``).
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards: expected [groups * {group_size}], got shape {tuple(rewards.shape)}")
+    if std_mode not in ADV_STD_MODES:
+        raise ValueError(f"std_mode={std_mode!r}: use one of {ADV_STD_MODES}")
     r = rewards.double().view(-1, group_size)
     centred = r - r.mean(dim=1, keepdim=True)
-    if not scale:
+    if not scale or std_mode == "none":
         return centred.view(-1).to(rewards.dtype)
-    std = r.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    if std_mode == "batch":
+        std = (r.reshape(-1).std(unbiased=True) if r.numel() > 1 else torch.zeros((), dtype=r.dtype)).expand(r.shape[0], 1)
+    else:
+        std = r.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(r[:, :1])
     # A group whose rewards are all equal carries no signal: exactly 0 (also with eps=0, where 0/0 is NaN).
-    adv = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+    flat = (centred == 0).all(dim=1, keepdim=True)
+    adv = torch.where(flat | (std <= 0), torch.zeros_like(centred), centred / (std.clamp(min=std_floor) + eps))
     return adv.view(-1).to(rewards.dtype)
 
 
@@ -95,3 +106,17 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-me
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def truncated_rewards(rewards: torch.Tensor, truncated: torch.Tensor, group_size: int, mode: str = "min") -> torch.Tensor:
+    """Rewards with each truncated sample's (no end token) replaced: ``min`` -> the lowest reward of its group,
+    ``score`` -> unchanged, a number (as text or float) -> that value. ``rewards`` / ``truncated``:
+    ``[groups * group_size]``."""
+    if mode == "score" or not bool(truncated.any()):
+        return rewards
+    r = rewards.view(-1, group_size)
+    if mode == "min":
+        fill = r.min(dim=1, keepdim=True).values.expand_as(r)
+    else:
+        fill = torch.full_like(r, float(mode))
+    return torch.where(truncated.view_as(r), fill, r).reshape(-1)

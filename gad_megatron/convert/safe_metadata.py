@@ -3,8 +3,11 @@
 torch's distributed-checkpoint reader ``pickle.load``s ``iter_*/.metadata``: a crafted checkpoint could run
 anything on load. We unpickle it here with an allow-list of the classes torch writes into it (the metadata
 dataclasses, torch.Size, dtypes, layouts) before torch or megatron-core reads the directory, and our own
-tensor reader uses only this loader. ``common.pt`` and per-object ``*.pt`` files are read by megatron-core
-with ``torch.load``'s default ``weights_only=True`` unpickler (also restricted).
+tensor reader uses only this loader. The byte items inside the ``.distcp`` shards (megatron's ``_extra_state``
+objects, ``torch.save`` payloads) are unpickled by torch with ``weights_only=False`` when megatron loads the
+checkpoint: :func:`load_metadata` opens each one first with ``weights_only=True`` (tensors and plain data
+only) and refuses the directory, naming the shard and the item, if one asks for anything else. ``common.pt``
+and per-object ``*.pt`` files are read by megatron-core with ``torch.load``'s default ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -63,7 +66,31 @@ def load_metadata(ckpt_dir: str):
     except Exception as e:  # noqa: BLE001  (truncated / garbage metadata: one clear line)
         raise ValueError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
     _check_shard_sizes(ckpt_dir, md)
+    _check_byte_items(ckpt_dir, md)
     return md
+
+
+def _check_byte_items(ckpt_dir: str, md) -> None:
+    """Every byte item must be plain data (see the module's docstring); nothing in it is run here."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    byte_keys = {k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        if index.fqn not in byte_keys:
+            continue
+        path = os.path.join(ckpt_dir, info.relative_path)
+        if getattr(info, "transform_descriptors", None):
+            raise UntrustedCheckpointError(f"{path}: item {index.fqn!r} is stored transformed "
+                                           f"({info.transform_descriptors}); refused to load")
+        with open(path, "rb") as f:
+            f.seek(int(info.offset))
+            data = f.read(int(info.length))
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (any refusal or damage: one line, nothing run)
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UntrustedCheckpointError(f"{path}: refused to load item {index.fqn!r}: not plain data ({why}); a "
+                                           f"crafted or foreign checkpoint, nothing from it was run") from None
 
 
 def _check_shard_sizes(ckpt_dir: str, md) -> None:

@@ -19,6 +19,17 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list:
     return list(ids)
 
 
+def d_view(tokenizer, token_ids: Sequence[int], finished: bool) -> list:
+    """A student sample as the discriminator sees it: its text re-encoded exactly as the teacher's answers are
+    (:func:`response_ids`), closed by the one end token when it finished and left open when it was cut off.
+    A sampled tokenisation the canonical encoder would not produce, or an end token written differently,
+    would let D tell student from teacher without reading the content."""
+    text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    return ids + ([eos] if finished and eos is not None else [])
+
+
 def response_ids(tokenizer, text: str) -> list:
     """A teacher answer as the student's tokens, closed by the end-of-turn token (what SeqKD trains on)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

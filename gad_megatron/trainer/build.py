@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from gad_megatron.data.teacher import DataError, DataStats, read_rows, split_heldout, tokenize_rows
-from gad_megatron.trainer.rewards import DiscriminatorReward, Reward
+from gad_megatron.trainer.rewards import Reward, make_reward
 
 
 @dataclass
@@ -142,11 +142,13 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
     t = Trainer(cfg, world, arch, hf_dir, data, schedule,
                 TrainEngine(g_chunks, optim_config(cfg.g_optim, dist_opt, schedule.total)))
     if cfg.train.stage == "gad":
-        torch.manual_seed(cfg.train.seed + 17)  # the fresh D head is the same at every layout
-        _, d_chunks, _ = load_model(cfg.model.discriminator or cfg.model.student, "discriminator", opts,
-                                    head_init=cfg.model.d_head_init)
-        d = TrainEngine(d_chunks, optim_config(cfg.d_optim, dist_opt, schedule.total))
-        t.reward = DiscriminatorReward(d, cfg.rollout.n, t.budget, t.pad)
+        d = None
+        if cfg.reward.source != "scorer":  # a fixed scorer needs no D: none is built or saved
+            torch.manual_seed(cfg.train.seed + 17)  # the fresh D head is the same at every layout
+            _, d_chunks, _ = load_model(cfg.model.discriminator or cfg.model.student, "discriminator", opts,
+                                        head_init=cfg.model.d_head_init)
+            d = TrainEngine(d_chunks, optim_config(cfg.d_optim, dist_opt, schedule.total))
+        t.reward = make_reward(cfg, d, data.tokenizer, t.budget, t.pad, world)
         _, t.ref, _ = load_model(cfg.model.student, "student", opts)
         for c in t.ref:
             c.eval()

@@ -61,12 +61,14 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _state(engine, is_loading: bool = False, metadata: Optional[dict] = None) -> dict:
+def _state(engine, is_loading: bool = False, metadata: Optional[dict] = None, with_optimizer: bool = True) -> dict:
     chunks = engine.modules
     if len(chunks) == 1:
         model = {"model": chunks[0].sharded_state_dict()}
     else:
         model = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    if not with_optimizer:
+        return model
     optim = engine.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)
     return {**model, "optimizer": optim}
 
@@ -94,9 +96,9 @@ def clean_leftovers(ckpt_root: str) -> list:
     return removed
 
 
-def latest_step(ckpt_root: str, step: Optional[int] = None) -> Optional[int]:
-    """The step ``latest`` points to (or ``step``, when given), if that checkpoint is whole (every part
-    present); None when nothing was saved yet."""
+def latest_step(ckpt_root: str, step: Optional[int] = None, roles=ROLES) -> Optional[int]:
+    """The step ``latest`` points to (or ``step``, when given), if that checkpoint is whole (every part the run
+    trains, ``roles``, present); None when nothing was saved yet."""
     path = os.path.join(ckpt_root, LATEST)
     if not os.path.isfile(path):
         if step is not None:
@@ -108,7 +110,7 @@ def latest_step(ckpt_root: str, step: Optional[int] = None) -> Optional[int]:
     if step is not None and step > int(text):
         raise FileNotFoundError(f"{ckpt_root}: step {step} is after the last completed checkpoint ({text})")
     step = int(text) if step is None else step
-    parts = [iter_dir(os.path.join(ckpt_root, r), step) for r in ROLES] + [iter_dir(os.path.join(ckpt_root, "trainer"), step)]
+    parts = [iter_dir(os.path.join(ckpt_root, r), step) for r in roles] + [iter_dir(os.path.join(ckpt_root, "trainer"), step)]
     missing = [p for p in parts if not os.path.isdir(p)]
     if missing:
         raise FileNotFoundError(f"{path} names step {step} but {missing[0]} is missing: the checkpoint was damaged "
@@ -188,14 +190,17 @@ def load(ckpt_root: str, step: int, engines: dict) -> dict:
 
     for role, engine in engines.items():
         d = iter_dir(os.path.join(ckpt_root, role), step)
-        load_metadata(d)  # refuses a crafted .metadata before megatron unpickles it
-        meta = _optim_metadata(engine)
-        state = _state(engine, is_loading=True, metadata=meta)
+        md = load_metadata(d)  # refuses a crafted .metadata / byte item before megatron unpickles anything
+        # A model saved before its first optimizer step (G during critic warmup) has no Adam state to load:
+        # its optimizer stays fresh (not even allocated: Adam allocates at its first step), as it was saved.
+        stepped = any(k.startswith("optimizer.") for k in md.state_dict_metadata)
+        state = _state(engine, is_loading=True, metadata=_optim_metadata(engine), with_optimizer=stepped)
         loaded = dist_checkpointing.load(state, d)
         chunks = engine.modules
         for i, c in enumerate(chunks):
             c.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"], strict=True)
-        engine.optimizer.load_state_dict(loaded["optimizer"])
+        if stepped:
+            engine.optimizer.load_state_dict(loaded["optimizer"])
     t_dir = iter_dir(os.path.join(ckpt_root, "trainer"), step)
     with open(os.path.join(t_dir, "state.json")) as f:
         state = json.load(f)
@@ -245,7 +250,7 @@ def save_run(t, run) -> None:
     cfg, roles = t.cfg, t.roles
     metas = {r: {"role": r, "model_type": t.arch.model_type, "dtype": cfg.model.dtype, "step": run.step} for r in roles}
     state = {"sampler": run.sampler.state_dict(), "schedulers": {r: e.scheduler.state_dict() for r, e in roles.items()},
-             "watch": run.watch.state_dict(), "counters": run.counters, "evals": run.evals}
+             "watch": run.watch.state_dict(), "counters": run.counters, "evals": run.evals, "best": run.best}
     if t.reward is not None:
         state["reward"] = t.reward.state_dict()
     save(run.ckpt_root, run.step, roles, {r: t.hf_dir for r in roles}, metas, json.loads(json.dumps(state)),
@@ -264,17 +269,21 @@ def resume_root(cfg, ckpt_root: str) -> Optional[str]:
 def resume(t, run) -> None:
     """Collective: loads the newest whole checkpoint (``checkpoint.resume``) into the models and ``run``."""
     root = resume_root(t.cfg, run.ckpt_root)
-    step = latest_step(root, t.cfg.checkpoint.resume_step) if root else None
+    step = latest_step(root, t.cfg.checkpoint.resume_step, tuple(t.roles)) if root else None
     if step is None:
         return
     st = load(root, step, t.roles)
+    if t.cfg.train.stage == "gad" and st["step"] > t.schedule.warm:  # (at == warm the loop enters it)
+        from gad_megatron.trainer.gad import enter_gad_stage
+
+        enter_gad_stage(t, run.sampler)  # its schedule and batch size, before their saved states are read
     run.sampler.load_state_dict(st["sampler"])
     for role, e in t.roles.items():
         e.scheduler.load_state_dict(st["schedulers"][role])
     run.watch.load_state_dict(st["watch"])
     if t.reward is not None:
         t.reward.load_state_dict(st.get("reward", {}))
-    run.counters, run.evals, run.step = st["counters"], st["evals"], st["step"]
+    run.counters, run.evals, run.step, run.best = st["counters"], st["evals"], st["step"], st.get("best", {})
     warm = t.schedule.warm
     if t.ref is not None and run.step > warm > 0:  # at step == warm the loop makes the reference itself
         from gad_megatron.convert.megatron_ckpt import load_checkpoint

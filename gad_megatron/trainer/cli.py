@@ -36,6 +36,17 @@ def _prepare_demo() -> str:
     return os.path.join(os.path.dirname(demo.ASSET), "demo.yaml")
 
 
+def _print_demo_result() -> None:
+    """The line of docs/results.md that says how GAD compared with SeqKD continued on the demo task."""
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "results.md")
+    if os.path.isfile(path):
+        line = next((ln.strip() for ln in open(path, encoding="utf-8") if ln.startswith("**Verdict")), None)
+        if line:
+            print(f"{line}  (docs/results.md)")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -61,7 +72,10 @@ def main(argv=None) -> int:
     from gad_megatron.runtime.launch import relaunch, under_launcher
 
     if cfg.parallel.nproc > 1 and not under_launcher():
-        return relaunch("gad_megatron.trainer.cli", argv, cfg.parallel.nproc)
+        rc = relaunch("gad_megatron.trainer.cli", argv, cfg.parallel.nproc)
+        if args.demo and rc == 0:
+            _print_demo_result()
+        return rc
     if under_launcher():
         from gad_megatron.runtime.launch import die_with_parent
 

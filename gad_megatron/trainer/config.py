@@ -16,7 +16,7 @@ from typing import List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gad_megatron.algo.policy import LOSS_AGG_MODES
+from gad_megatron.algo.policy import ADV_STD_MODES, LOSS_AGG_MODES
 from gad_megatron.rollout.transport import transport_choices
 
 
@@ -92,7 +92,7 @@ class OptimSection:
     min_lr: float = 0.0
     schedule: str = "constant"  # constant | cosine
     lr_warmup_steps: int = 0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01  # AdamW's decay in the reference code (verl's optim default)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -111,6 +111,13 @@ class AlgoConfig:
     tis_cap: float = 2.0
     loss_agg_mode: str = "token-mean"
     adv_eps: float = 1e-6
+    # GRPO's divisor (algo/policy.py): group (paper) | batch | none, and a floor under it (0: none). With a
+    # reward model's scores, a group whose spread is noise would otherwise get full-size +-1 advantages.
+    adv_std: str = "group"
+    adv_std_floor: float = 0.0
+    # Reward of a truncated sample (no end token; it is also kept out of D's loss): min (the lowest score of
+    # its group), score (D's score as is) or a number. An unfinished answer must not win by being cut off.
+    truncated_reward: str = "min"
     ppo_mini_batches: int = 1  # optimizer steps per batch (paper: mini-batch = batch)
     ppo_epochs: int = 1
 
@@ -120,12 +127,41 @@ class TrainSection:
     stage: str = "gad"  # gad (warmup then GAD) | seqkd (the SFT baseline)
     batch_prompts: int = 256
     warmup_steps: Optional[int] = None  # None: one epoch (paper)
-    critic_warmup: int = 10  # steps where only D learns
+    # G learns from the step verl's `critic_warmup <= global_step` allows (verl counts steps from 1): with 10,
+    # D alone for the first 9 steps, as in the reference run.
+    critic_warmup: int = 10
+    # D's warmup: its rollout + BT step every k warmup steps (1: every step, as the paper), and/or only in the
+    # last K warmup steps (null: all); the other warmup steps are plain SFT (a rollout costs ~30x an SFT step).
+    d_warmup_every: int = 1
+    d_warmup_last: Optional[int] = None
     total_steps: Optional[int] = None  # None: epochs x steps per epoch
+    stop_after: Optional[int] = None  # end this job after this step (checkpointed); schedules still span total_steps
     epochs: int = 3
     micro_batch_tokens: int = 16384  # dynamic micro-batches: rows x padded length <= this
     seed: int = 1234
     max_skipped_steps: int = 10  # non-finite steps tolerated in a row before stopping
+
+
+@dataclass
+class GadStageSection:
+    """The GAD stage's own settings (the paper runs GAD as a second job from the warmed-up checkpoint); each
+    null key keeps the warmup's value (g_optim / train.batch_prompts) and its schedule runs on."""
+
+    g_lr: Optional[float] = None  # set: G gets a fresh schedule at the first GAD step (Adam moments kept)
+    g_min_lr: Optional[float] = None
+    g_schedule: Optional[str] = None  # constant | cosine
+    g_lr_warmup_steps: int = 0
+    batch_prompts: Optional[int] = None
+
+
+@dataclass
+class GuardSection:
+    """Monitors that act (off by default): each stops the run with a checkpoint and says why in the log,
+    summary.json and stopped.json. Checked at every held-out evaluation (eval.heldout_every) / every step."""
+
+    heldout_margin: Optional[float] = None  # stop when the held-out score falls below the warm start's - this
+    kl_max: Optional[float] = None  # stop when G's KL to the reference (training batch) exceeds this
+    stop_on_d_saturation: bool = False  # stop when D stays saturated (log.d_saturation_acc / _steps)
 
 
 @dataclass
@@ -135,6 +171,7 @@ class CheckpointSection:
     resume: str = "auto"  # auto (this run's latest whole checkpoint, if any) | none | another run's checkpoints dir
     resume_step: Optional[int] = None  # a specific saved step instead of the latest
     export_hf_at_end: bool = True
+    keep_best: bool = False  # G at its best held-out score (sampled, else greedy) in checkpoints/best
 
 
 @dataclass
@@ -156,6 +193,31 @@ class EvalSection:
     heldout_every: int = 0  # 0: only at the start and the end
     scorer: Optional[str] = None  # "module:function(prompt_messages, response_text) -> float"
     max_tokens: int = 64
+    samples: int = 4  # answers per held-out prompt at the rollout temperature (0: greedy only)
+    seed: int = 7  # of the sampled held-out answers: the same draws at every evaluation and in every run
+
+
+@dataclass
+class RewardSection:
+    # Where GRPO's rewards come from (trainer/rewards.py): discriminator (GAD's D, trained by BT) | scorer (a
+    # fixed module:function(messages, response_text) -> float: a rule, an oracle, a reward model's client; no
+    # D is built) | mixed (weight_discriminator x D + weight_scorer x scorer, both logged).
+    source: str = "discriminator"
+    scorer: Optional[str] = None
+    weight_discriminator: float = 1.0
+    weight_scorer: float = 1.0
+    # D reads student samples re-encoded from their text like the teacher's answers (no tokenisation or end-token
+    # tell); false: D reads the sampled tokens as they are. G always trains on the sampled tokens.
+    canonical_text: bool = True
+    # D stabilisers (none in the paper; each off by default):
+    # replay: D also trains on student samples of the last K steps (a FIFO, checkpointed), replay_ratio x the
+    # batch's prompts of them per step (a D that only sees the current G forgets what G did before).
+    replay_steps: int = 0
+    replay_ratio: float = 0.5
+    # balance band [lo, hi]: skip D's step while its last d_acc > hi (G gets a signal back), take a second D
+    # step while it is < lo (D at chance gives G noise). null: off.
+    d_acc_band: Optional[List[float]] = None
+    d_update_every: int = 1  # D learns every k steps
 
 
 @dataclass
@@ -171,6 +233,9 @@ class GADConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    gad_stage: GadStageSection = field(default_factory=GadStageSection)
+    guard: GuardSection = field(default_factory=GuardSection)
 
 
 _CHOICES = {
@@ -188,7 +253,10 @@ _CHOICES = {
     "g_optim.schedule": ("constant", "cosine"),
     "d_optim.schedule": ("constant", "cosine"),
     "algo.loss_agg_mode": LOSS_AGG_MODES,
+    "algo.adv_std": ADV_STD_MODES,
     "train.stage": ("gad", "seqkd"),
+    "reward.source": ("discriminator", "scorer", "mixed"),
+    "gad_stage.g_schedule": (None, "constant", "cosine"),
 }
 
 
@@ -254,10 +322,7 @@ def validate(cfg) -> None:
     for p in ("g_optim", "d_optim"):
         if _get(cfg, f"{p}.min_lr") > _get(cfg, f"{p}.lr"):
             bad(f"{p}.min_lr", f"must be <= {p}.lr")
-    if cfg.algo.tis_cap < 1.0:
-        bad("algo.tis_cap", "must be >= 1 (a cap below 1 scales every token down)")
-    if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1.0:
-        bad("algo.dual_clip", "must be > 1")
+    _validate_algo(cfg, bad)
     if not 0 < cfg.rollout.top_p <= 1:
         bad("rollout.top_p", "must be in (0, 1]")
     if cfg.train.stage == "gad" and cfg.rollout.n < 2:
@@ -301,6 +366,45 @@ def validate(cfg) -> None:
         bad("rollout.in_process", f"only for a single-rank run (world size here: {world})")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _validate_algo(cfg, bad) -> None:
+    if cfg.reward.source != "discriminator" and (not cfg.reward.scorer or ":" not in cfg.reward.scorer):
+        bad("reward.scorer", f"reward.source={cfg.reward.source} needs a scorer: module:function")
+    if cfg.algo.truncated_reward not in ("min", "score") and not _is_number(cfg.algo.truncated_reward):
+        bad("algo.truncated_reward", "use min, score or a number")
+    if not cfg.algo.adv_std_floor >= 0:
+        bad("algo.adv_std_floor", "must be >= 0")
+    if cfg.algo.tis_cap < 1.0:
+        bad("algo.tis_cap", "must be >= 1 (a cap below 1 scales every token down)")
+    if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1.0:
+        bad("algo.dual_clip", "must be > 1")
+    for key in ("train.d_warmup_every", "reward.d_update_every"):
+        if _get(cfg, key) < 1:
+            bad(key, "must be >= 1")
+    for key in ("reward.replay_steps", "gad_stage.g_lr_warmup_steps"):
+        if _get(cfg, key) < 0:
+            bad(key, "must be >= 0")
+    if not cfg.reward.replay_ratio > 0:
+        bad("reward.replay_ratio", "must be > 0")
+    band = cfg.reward.d_acc_band
+    if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
+        bad("reward.d_acc_band", "expected [lo, hi] with 0 <= lo <= hi <= 1")
+    for key in ("gad_stage.g_lr", "gad_stage.batch_prompts", "guard.kl_max", "train.d_warmup_last", "train.stop_after"):
+        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
+            bad(key, "must be > 0 (or null)")
+    if cfg.guard.heldout_margin is not None and (cfg.guard.heldout_margin < 0 or not cfg.eval.scorer):
+        bad("guard.heldout_margin", "must be >= 0 and needs eval.scorer (the held-out score it watches)")
+    gb = cfg.gad_stage.batch_prompts
+    if gb is not None and gb > 0 and gb % cfg.algo.ppo_mini_batches:
+        bad("gad_stage.batch_prompts", "must be divisible by algo.ppo_mini_batches")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) == float(text)  # not NaN
+    except ValueError:
+        return False
 
 
 def to_yaml(cfg) -> str:

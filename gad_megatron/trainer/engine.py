@@ -88,10 +88,17 @@ class TrainEngine:
             self.chunks,
         )
         self.scheduler = None
-        if optim.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule={optim.schedule!r}: use constant or cosine")
+        self.reschedule(optim)
+
+    def reschedule(self, optim: OptimConfig) -> None:
+        """A learning-rate schedule of its own from here on (a new training stage); the Adam moments stay."""
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        if optim.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={optim.schedule!r}: use constant or cosine")
+        for group in self.optimizer.param_groups:  # the scheduler reads each group's min_lr / max_lr
+            group["max_lr"] = optim.lr
+            group["min_lr"] = optim.min_lr if optim.schedule == "cosine" else optim.lr
         total = max(optim.total_steps, optim.lr_warmup_steps + 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr,

@@ -2,8 +2,8 @@
 global batch of examples and a timer, and returns the step's metrics (``tokens`` included).
 
 - ``warmup``  G learns the teacher's answers by cross-entropy (SeqKD) while the reward (D) learns
-  Bradley-Terry on (teacher answer, current student samples). For the first ``train.critic_warmup`` steps only
-  D learns.
+  Bradley-Terry on (teacher answer, current student samples), every ``train.d_warmup_every`` steps (or in the
+  last ``train.d_warmup_last``); G learns from step ``train.critic_warmup`` counted from 1 as verl counts.
 - ``gad``     rollout n samples per prompt -> old logprobs (G), reference logprobs, reward scores of the
   student samples (taken *before* the reward's update, as the reference code does) -> reward update (D: BT)
   -> G update (GRPO) -> weight sync into the rollout engine.
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gad_megatron.algo.policy import grpo_advantages
+from gad_megatron.algo.policy import grpo_advantages, truncated_rewards
+from gad_megatron.data.chat import d_view
 from gad_megatron.data.teacher import EpochSampler
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.batching import Seq, fill_per_token
@@ -34,13 +35,19 @@ from gad_megatron.trainer.steps import logprob_step
 class RolloutBatch:
     """One step's rollout: the global batch's samples and this DP rank's share as trainer sequences."""
 
+    step: int
     examples: list  # the global batch (data.teacher.Example)
     groups: list  # per prompt of the global batch: n x (token_ids, logprobs, finish_reason)
     mine: list  # this DP rank's examples: a contiguous share of whole prompt groups
     first: int  # index of this rank's first prompt in the global batch
     students: list = field(default_factory=list)  # this rank's student samples (Seq, rollout logprobs filled)
-    d_units: list = field(default_factory=list)  # per prompt of this rank: [teacher Seq, n student Seqs]
+    d_units: list = field(default_factory=list)  # per prompt of this rank: [teacher Seq, n samples as D sees them]
     metrics: dict = field(default_factory=dict)  # response lengths and truncation of the global batch
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """``[P*n]`` bool over the global batch: the sample hit max_tokens without its end token."""
+        return torch.tensor([s[2] == "length" for g in self.groups for s in g], dtype=torch.bool)
 
     @property
     def tokens(self) -> int:
@@ -77,12 +84,16 @@ def rollout(t, step: int, examples: list) -> RolloutBatch:
     groups = passes.generate(t.engine, [e.prompt for e in examples], passes.sampling_for(t.cfg, step, t.tokenizer))
     mine = dp_share(t, examples)
     first = t.world["dp_rank"] * len(mine)
-    b = RolloutBatch(examples, groups, mine, first)
+    b = RolloutBatch(step, examples, groups, mine, first)
+    canonical = t.cfg.reward.canonical_text
     for e, g in zip(mine, groups[first : first + len(mine)]):
         group = [Seq(e.prompt, toks, per_token={"rollout_logp": torch.tensor(lps, dtype=torch.float32)})
                  for toks, lps, _ in g]
         b.students += group
-        b.d_units.append([passes.teacher_seq(e)] + group)
+        # A truncated sample has no end: D does not learn from it (its reward is algo.truncated_reward).
+        d_group = [Seq(e.prompt, d_view(t.tokenizer, toks, finish != "length") if canonical else toks,
+                       in_d_loss=finish != "length") for toks, _, finish in g]
+        b.d_units.append([passes.teacher_seq(e)] + d_group)
     lengths = torch.tensor([len(s[0]) for g in groups for s in g], dtype=torch.float64)
     truncated = sum(s[2] == "length" for g in groups for s in g) / max(1, len(lengths))
     b.metrics = {"response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
@@ -102,13 +113,31 @@ def stage_seqkd(t, step: int, examples: list, timer) -> dict:
     return m
 
 
+def g_learns(t, step: int) -> bool:
+    """verl's ``critic_warmup <= global_step`` with its steps counted from 1: D alone before."""
+    return step + 1 >= t.cfg.train.critic_warmup
+
+
+def d_learns_in_warmup(t, step: int) -> bool:
+    c = t.cfg.train
+    if not t.reward.engines():  # a fixed reward learns nothing from samples
+        return False
+    if not g_learns(t, step):
+        return True
+    if c.d_warmup_last is not None and step < t.schedule.warm - c.d_warmup_last:
+        return False
+    return step % c.d_warmup_every == 0
+
+
 def stage_warmup(t, step: int, examples: list, timer) -> dict:
+    if not d_learns_in_warmup(t, step):  # this warmup step is plain SeqKD
+        return stage_seqkd(t, step, examples, timer)
     with timer("rollout"):
         b = rollout(t, step, examples)
     m = dict(b.metrics)
     with timer("d_update"):
         m.update(t.reward.update(b))
-    if step >= t.cfg.train.critic_warmup:
+    if g_learns(t, step):
         with timer("g_update"):
             m.update(passes.g_sft_update(t, [u[0] for u in b.d_units]))
         with timer("sync"):
@@ -129,8 +158,10 @@ def stage_gad(t, step: int, examples: list, timer) -> dict:
         policy_logprobs(t, t.ref, b.students, "ref_logp")
         offload_reference(t, "cpu")
     with timer("d_scores"):
-        rewards, teacher_scores = t.reward.score(b)
-    adv = grpo_advantages(rewards, n, cfg.algo.adv_eps)
+        rewards, teacher_scores, reward_metrics = t.reward.score(b)
+    m.update(reward_metrics)
+    rewards = truncated_rewards(rewards, b.truncated, n, cfg.algo.truncated_reward)
+    adv = grpo_advantages(rewards, n, cfg.algo.adv_eps, std_mode=cfg.algo.adv_std, std_floor=cfg.algo.adv_std_floor)
     for j, s in enumerate(b.students):
         s.advantage = float(adv[b.first * n + j])
     m.update(logprob_gap(b.students))
@@ -138,7 +169,7 @@ def stage_gad(t, step: int, examples: list, timer) -> dict:
              reward_teacher_mean=teacher_scores.mean().item())
     with timer("d_update"):
         m.update(t.reward.update(b))
-    if step >= cfg.train.critic_warmup:
+    if g_learns(t, step):
         with timer("g_update"):
             m.update(passes.g_grpo_update(t, b.students))
         with timer("sync"):
@@ -183,3 +214,18 @@ def stage_for(t, step: int) -> tuple:
     if t.cfg.train.stage == "seqkd":
         return "seqkd", stage_seqkd
     return ("warmup", stage_warmup) if step < t.schedule.warm else ("gad", stage_gad)
+
+
+def enter_gad_stage(t, sampler) -> None:
+    """The GAD stage's own settings (``gad_stage.*``, each null one keeps the warmup's): G's fresh learning-rate
+    schedule over the GAD steps (its Adam moments stay), the batch size."""
+    gs, g = t.cfg.gad_stage, t.cfg.g_optim
+    if gs.batch_prompts:
+        sampler.batch = gs.batch_prompts
+    if gs.g_lr is not None:
+        from gad_megatron.trainer.engine import OptimConfig
+
+        t.g.reschedule(OptimConfig(
+            lr=gs.g_lr, min_lr=g.min_lr if gs.g_min_lr is None else gs.g_min_lr, schedule=gs.g_schedule or g.schedule,
+            lr_warmup_steps=gs.g_lr_warmup_steps, weight_decay=g.weight_decay,
+            total_steps=max(1, t.schedule.total - t.schedule.warm)))

@@ -1,13 +1,25 @@
-"""Held-out evaluation during training: G's cross-entropy on the teacher's answers and, with ``eval.scorer``
-(a ``module:function`` taking ``(messages, response_text) -> float``), the scorer's mean over G's greedy
-answers from the rollout engine."""
+"""Held-out evaluation during training, made to see what GAD changes:
+
+- ``heldout_ce``: G's cross-entropy on the teacher's held-out answers (what SeqKD optimises);
+- with ``eval.scorer`` (a ``module:function`` taking ``(messages, response_text) -> float``):
+  ``heldout_score`` over G's greedy answers and ``heldout_score_sampled`` over ``eval.samples`` answers per
+  prompt at the rollout temperature (GAD trains the sampling distribution; greedy decoding can hide a change);
+- ``heldout_length`` (greedy answer tokens) and ``heldout_length_sampled``;
+- ``heldout_kl``: KL(G || reference) on G's sampled held-out answers at the rollout temperature, per token, by
+  the same low-variance (k3, never negative) estimator as the training loss's KL, when there is a reference.
+The rollout engine generates; every function is collective.
+"""
 
 from __future__ import annotations
 
 import importlib
 
+import torch
+
+from gad_megatron.algo.policy import low_var_kl
 from gad_megatron.rollout.base import SamplingConfig
 from gad_megatron.trainer import passes
+from gad_megatron.trainer.batching import Seq
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
 from gad_megatron.trainer.steps import sft_step
 
@@ -20,18 +32,57 @@ def load_scorer(spec):
 
 
 def evaluate(t, held: list) -> dict:
-    """Collective: ``heldout_ce`` and, with a scorer, ``heldout_score`` and three example answers."""
+    """Collective: the metrics above, and three greedy example answers (``heldout_examples``)."""
     if not held:
         return {}
+    cfg = t.cfg
     out, _ = passes.forward(t.g, [[passes.teacher_seq(e)] for e in held], sft_step, t.budget, t.pad)
-    m = reduce_pairs(sum_outputs(out) or zero_pairs(["sft_loss"]))
-    res = {"heldout_ce": m["sft_loss"]}
-    scorer = load_scorer(t.cfg.eval.scorer)
+    res = {"heldout_ce": reduce_pairs(sum_outputs(out) or zero_pairs(["sft_loss"]))["sft_loss"]}
+    scorer = load_scorer(cfg.eval.scorer)
+    stop = [t.tokenizer.eos_token_id]
+    greedy = passes.generate(t.engine, [e.prompt for e in held], SamplingConfig(
+        n=1, temperature=0.0, max_tokens=cfg.eval.max_tokens, stop_token_ids=stop, seed=0))
+    texts = [t.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in greedy]
+    res["heldout_length"] = sum(len(g[0][0]) for g in greedy) / len(held)
     if scorer is not None:
-        greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=t.cfg.eval.max_tokens,
-                                stop_token_ids=[t.tokenizer.eos_token_id], seed=0)
-        groups = passes.generate(t.engine, [e.prompt for e in held], greedy)
-        texts = [t.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
         res["heldout_score"] = sum(scorer(e.messages, txt) for e, txt in zip(held, texts)) / len(held)
+    if cfg.eval.samples:
+        res.update(_sampled(t, held, scorer, stop))
+    if scorer is not None:
         res["heldout_examples"] = [{"id": e.id, "answer": txt} for e, txt in list(zip(held, texts))[:3]]
     return res
+
+
+def _sampled(t, held: list, scorer, stop: list) -> dict:
+    cfg, n = t.cfg, t.cfg.eval.samples
+    groups = passes.generate(t.engine, [e.prompt for e in held], SamplingConfig(
+        n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+        max_tokens=cfg.eval.max_tokens, stop_token_ids=stop, seed=cfg.eval.seed))
+    res = {"heldout_length_sampled": sum(len(s[0]) for g in groups for s in g) / (n * len(held))}
+    if scorer is not None:
+        dec = t.tokenizer.decode
+        res["heldout_score_sampled"] = sum(scorer(e.messages, dec(s[0], skip_special_tokens=True))
+                                           for e, g in zip(held, groups) for s in g) / (n * len(held))
+    if t.ref is not None:
+        res["heldout_kl"] = _kl_to_reference(t, held, groups)
+    return res
+
+
+def _kl_to_reference(t, held: list, groups: list) -> float:
+    from gad_megatron.trainer.build import offload_reference
+    from gad_megatron.trainer.gad import dp_share, policy_logprobs
+
+    mine = dp_share(t, held)
+    first = t.world["dp_rank"] * len(mine)
+    seqs = [Seq(e.prompt, s[0]) for e, g in zip(mine, groups[first : first + len(mine)]) for s in g if s[0]]
+    policy_logprobs(t, t.g, seqs, "old_logp")
+    offload_reference(t, "device")
+    policy_logprobs(t, t.ref, seqs, "ref_logp")
+    offload_reference(t, "cpu")
+    pair = torch.zeros(2, dtype=torch.float64)
+    if passes.last_stage_writer() and seqs:
+        logp = torch.cat([s.per_token["old_logp"] for s in seqs]).double()
+        ref = torch.cat([s.per_token["ref_logp"] for s in seqs]).double()
+        kl = low_var_kl(logp, ref, t.cfg.algo.kl_clamp)
+        pair = torch.stack([kl.sum(), torch.tensor(float(kl.numel()), dtype=torch.float64)])
+    return reduce_pairs({"heldout_kl": pair})["heldout_kl"]

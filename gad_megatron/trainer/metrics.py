@@ -204,7 +204,8 @@ def plot_curves(run_dir: str, out: Optional[str] = None) -> Optional[str]:
     panels = [("sft_loss", "G cross-entropy (warmup / SeqKD)"), ("g_loss", "G GRPO loss"), ("d_loss", "D Bradley-Terry loss"),
               ("d_acc", "D pairwise accuracy"), ("reward_mean", "reward = D(student)"),
               ("teacher_score", "D(teacher) vs D(student)"), ("kl", "KL to reference"),
-              ("response_length_mean", "response length"), ("heldout_score", "held-out score")]
+              ("response_length_mean", "response length"), ("heldout_score", "held-out score (greedy)"),
+              ("heldout_score_sampled", "held-out score (sampled)"), ("heldout_kl", "held-out KL to reference")]
     panels = [p for p in panels if any(p[0] in r for r in rows)]
     fig, axes = plt.subplots(math.ceil(len(panels) / 3), 3, figsize=(13, 3.2 * math.ceil(len(panels) / 3)), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from gad_megatron.trainer import passes
+from gad_megatron.trainer.batching import Seq
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
 from gad_megatron.trainer.steps import bt_step, score_step
 
@@ -22,8 +23,8 @@ class Reward:
     """Interface. ``batch`` is a :class:`gad_megatron.trainer.gad.RolloutBatch`; every method is collective."""
 
     def score(self, batch) -> tuple:
-        """(rewards ``[P*n]`` of the global batch's student samples, teacher scores ``[P]``), float64, the
-        same on every rank."""
+        """(rewards ``[P*n]`` of the global batch's student samples, teacher scores ``[P]``, metrics), float64,
+        the same on every rank."""
         raise NotImplementedError
 
     def update(self, batch) -> dict:
@@ -42,9 +43,50 @@ class Reward:
         pass
 
 
+class ReplayBuffer:
+    """D's memory of past student samples: every group ``[prompt, teacher answer, n x (tokens D saw, in its
+    loss)]`` of the global batches of the last ``steps`` steps, oldest first (a FIFO; JSON state in the
+    checkpoint). Each step D also trains on ``ratio x P`` groups drawn from it, seeded by the step, so the
+    draws are the same at every layout and after a resume; each DP rank takes its contiguous share."""
+
+    def __init__(self, steps: int, ratio: float, seed: int):
+        self.steps, self.ratio, self.seed = steps, ratio, seed
+        self.fifo: list = []  # per step: [[prompt, teacher, [[tokens, in_d_loss], ...]], ...]
+
+    def push(self, groups: list) -> None:
+        self.fifo = (self.fifo + [groups])[-self.steps :]
+
+    def draw(self, step: int, n_prompts: int, dp_rank: int, dp: int) -> list:
+        pool = [g for groups in self.fifo for g in groups]
+        m = min(len(pool), int(round(self.ratio * n_prompts))) // dp * dp
+        if m == 0:
+            return []
+        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed * 7919 + step))[:m]
+        per = m // dp
+        mine = [pool[int(i)] for i in pick[dp_rank * per : (dp_rank + 1) * per]]
+        return [[Seq(p, teacher, is_teacher=True)] + [Seq(p, toks, in_d_loss=bool(k)) for toks, k in samples]
+                for p, teacher, samples in mine]
+
+    def state_dict(self) -> dict:
+        return {"fifo": self.fifo}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fifo = state.get("fifo", [])
+
+
 class DiscriminatorReward(Reward):
-    def __init__(self, engine, group_size: int, budget: int, pad: int):
+    """D: scores before its update; learns by BT every ``reward.d_update_every`` steps, with the optional
+    replay buffer and balance band (config.RewardSection says why each exists)."""
+
+    def __init__(self, engine, group_size: int, budget: int, pad: int, cfg=None, world=None, tokenizer=None):
         self.d, self.n, self.budget, self.pad = engine, group_size, budget, pad
+        rc = cfg.reward if cfg is not None else None
+        self.every = rc.d_update_every if rc else 1
+        self.band = list(rc.d_acc_band) if rc and rc.d_acc_band is not None else None
+        self.replay = ReplayBuffer(rc.replay_steps, rc.replay_ratio, cfg.train.seed) if rc and rc.replay_steps else None
+        self.canonical = rc.canonical_text if rc else True
+        self.world, self.tokenizer = world, tokenizer
+        self.last_acc = None
 
     def engines(self) -> dict:
         return {"discriminator": self.d}
@@ -67,11 +109,105 @@ class DiscriminatorReward(Reward):
         both = torch.cat([rewards, teacher]).to(comm_device())
         dist.all_reduce(both)
         both = both.cpu()
-        return both[: n_prompts * n], both[n_prompts * n :]
+        return both[: n_prompts * n], both[n_prompts * n :], {}
 
     def update(self, batch) -> dict:
-        res = passes.update(self.d, batch.d_units, bt_step(self.n), self.budget, self.pad)
-        pairs = sum_outputs(res["outputs"]) or zero_pairs(["d_loss", "d_acc", "teacher_score", "student_score"])
-        m = dict(reduce_pairs(pairs))
+        if batch.step % self.every:
+            return {}
+        if self.band is not None and self.last_acc is not None and self.last_acc > self.band[1]:
+            return {"d_band_skipped": 1}  # D is ahead: G gets this step to catch up
+        units = batch.d_units
+        if self.replay is not None:
+            units = units + self.replay.draw(batch.step, len(batch.examples), self.world["dp_rank"],
+                                             self.world["data_parallel"])
+        m = self._step(units)
+        if self.band is not None and m["d_acc"] < self.band[0]:
+            m = {**self._step(units), "d_band_extra_step": 1}  # D at chance: one more step before G reads it
+        self.last_acc = m["d_acc"]
+        if self.replay is not None:
+            self.replay.push(self._global_groups(batch))
+        return m
+
+    def _step(self, units: list) -> dict:
+        res = passes.update(self.d, units, bt_step(self.n), self.budget, self.pad)
+        names = ["d_loss", "d_acc", "d_tie_share", "teacher_score", "student_score"]
+        m = dict(reduce_pairs(sum_outputs(res["outputs"]) or zero_pairs(names)))
         m.update(d_grad_norm=res["grad_norm"], d_lr=res["lr"], d_skipped=int(res["skipped"]))
         return m
+
+    def _global_groups(self, batch) -> list:
+        from gad_megatron.data.chat import d_view
+
+        def seen(toks, finish):
+            return d_view(self.tokenizer, toks, finish != "length") if self.canonical else list(toks)
+
+        return [[list(e.prompt), list(e.response), [[seen(s[0], s[2]), int(s[2] != "length")] for s in g]]
+                for e, g in zip(batch.examples, batch.groups)]
+
+    def state_dict(self) -> dict:
+        return {"last_acc": self.last_acc, **({"replay": self.replay.state_dict()} if self.replay else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_acc = state.get("last_acc")
+        if self.replay is not None:
+            self.replay.load_state_dict(state.get("replay", {}))
+
+
+class ScorerReward(Reward):
+    """A fixed scorer ``fn(messages, response_text) -> float`` (``reward.scorer``): a rule, an oracle, a
+    reward model's client. Called on rank 0 (a remote scorer is asked once), broadcast to every rank."""
+
+    def __init__(self, fn, tokenizer):
+        self.fn, self.tokenizer = fn, tokenizer
+
+    def score(self, batch) -> tuple:
+        import torch.distributed as dist
+
+        box = [None]
+        if dist.get_rank() == 0:
+            dec = self.tokenizer.decode
+            students = [float(self.fn(e.messages, dec(s[0], skip_special_tokens=True)))
+                        for e, g in zip(batch.examples, batch.groups) for s in g]
+            teacher = [float(self.fn(e.messages, dec(e.response, skip_special_tokens=True))) for e in batch.examples]
+            box = [(students, teacher)]
+        dist.broadcast_object_list(box, src=0)
+        students, teacher = box[0]
+        return torch.tensor(students, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64), {}
+
+
+class MixedReward(Reward):
+    """``w_d x D + w_s x scorer``; D learns as in GAD; both parts are logged."""
+
+    def __init__(self, d: DiscriminatorReward, scorer: ScorerReward, w_d: float, w_s: float):
+        self.d, self.scorer, self.w_d, self.w_s = d, scorer, w_d, w_s
+
+    def engines(self) -> dict:
+        return self.d.engines()
+
+    def score(self, batch) -> tuple:
+        rd, td, _ = self.d.score(batch)
+        rs, ts, _ = self.scorer.score(batch)
+        m = {"reward_d_mean": rd.mean().item(), "reward_scorer_mean": rs.mean().item()}
+        return self.w_d * rd + self.w_s * rs, self.w_d * td + self.w_s * ts, m
+
+    def update(self, batch) -> dict:
+        return self.d.update(batch)
+
+    def state_dict(self) -> dict:
+        return self.d.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.d.load_state_dict(state)
+
+
+def make_reward(cfg, d_engine, tokenizer, budget: int, pad: int, world: dict) -> Reward:
+    """The reward ``reward.source`` names (``d_engine``: D's TrainEngine, None when no D is built)."""
+    from gad_megatron.trainer.heldout import load_scorer
+
+    source = cfg.reward.source
+    d = DiscriminatorReward(d_engine, cfg.rollout.n, budget, pad, cfg, world, tokenizer) if d_engine else None
+    if source == "discriminator":
+        return d
+    scorer = ScorerReward(load_scorer(cfg.reward.scorer), tokenizer)
+    return scorer if source == "scorer" else MixedReward(d, scorer, cfg.reward.weight_discriminator,
+                                                         cfg.reward.weight_scorer)

@@ -17,9 +17,10 @@ from gad_megatron.data.teacher import EpochSampler
 from gad_megatron.trainer import checkpoint as ckpt_io
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.build import build_trainer
-from gad_megatron.trainer.gad import Timer, stage_for, start_gad
+from gad_megatron.trainer.gad import Timer, enter_gad_stage, stage_for, start_gad
 from gad_megatron.trainer.heldout import evaluate
 from gad_megatron.trainer.metrics import FailureWatch, RunLog, max_over_world, plot_curves
+from gad_megatron.trainer.monitors import guard_stop, keep_best
 
 log = logging.getLogger("gad_megatron.train")
 STOPPED_MARKER = "stopped.json"  # the sbatch scripts requeue the job while it is there
@@ -31,21 +32,25 @@ def train(cfg, data=None) -> dict:
     run = open_run(t)  # run dir, resume, logs, the engine's first sync, the 'before' evaluation
     stop = StopSignal()
     bar = _progress(t, run.step)
-    while run.step < t.schedule.total:
+    end = min(t.schedule.total, cfg.train.stop_after or t.schedule.total)
+    while run.step < end:
         timer, t0 = Timer(), time.perf_counter()
         batch = [t.data.train[i] for i in run.sampler.next_batch()]
         stage, stage_fn = stage_for(t, run.step)
-        if stage == "gad" and run.step == t.schedule.warm > 0:
+        if stage == "gad" and run.step == t.schedule.warm:
             begin_gad(t, run)
         m = stage_fn(t, run.step, batch, timer)
         run.step += 1
         record_step(t, run, stage, m, timer, t0)
+        guard = guard_stop(t, run, m)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{m[k]:.3f}" for k in ("sft_loss", "d_loss", "d_acc", "reward_mean") if k in m})
-        last, stop_now = run.step == t.schedule.total, passes.agree(stop.signum is not None)
-        if run.step % cfg.checkpoint.save_every == 0 or last or stop_now:
+        last, stop_now = run.step == end, passes.agree(stop.signum is not None)
+        if run.step % cfg.checkpoint.save_every == 0 or last or stop_now or guard:
             ckpt_io.save_run(t, run)
+        if guard:
+            return finish(t, run, guard)
         if stop_now and not last:
             return stopped(t, run, stop.signum)
     if bar is not None:
@@ -63,6 +68,7 @@ class Run:
     counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "consecutive_skipped": 0, "tokens_seen": 0})
     evals: dict = field(default_factory=dict)
     step: int = 0
+    best: dict = field(default_factory=dict)  # checkpoint.keep_best: {"key", "score", "step"}
     log: RunLog = None
 
     @property
@@ -112,16 +118,20 @@ def open_run(t) -> Run:
 
 
 def begin_gad(t, run: Run) -> None:
-    """End of warmup: the reference becomes the warmed-up student, saved for resumes; evaluated."""
-    start_gad(t)
-    ckpt_io.save_reference(t, run.ckpt_root, run.step)
-    log_eval(t, run, "after_warmup")
+    """The first GAD step. After a warmup: the reference becomes the warmed-up student (saved for resumes), and
+    it is evaluated (the warm start). Then the GAD stage's own settings."""
+    if t.schedule.warm > 0:
+        start_gad(t)
+        ckpt_io.save_reference(t, run.ckpt_root, run.step)
+        log_eval(t, run, "after_warmup")
+    enter_gad_stage(t, run.sampler)
 
 
 def log_eval(t, run: Run, name: str) -> None:
     run.evals[name] = res = evaluate(t, t.data.held)
     if res:
         run.log.step(run.step, {"eval": name, **{k: v for k, v in res.items() if k != "heldout_examples"}}, {})
+    keep_best(t, run, res)
 
 
 def record_step(t, run: Run, stage: str, m: dict, timer: Timer, t0: float) -> None:
@@ -138,6 +148,7 @@ def record_step(t, run: Run, stage: str, m: dict, timer: Timer, t0: float) -> No
     m.update(stage=stage, epoch=run.sampler.epoch, skipped_steps=c["skipped_steps"], tokens_seen=c["tokens_seen"])
     if cfg.eval.heldout_every and run.step % cfg.eval.heldout_every == 0 and run.step < t.schedule.total:
         m.update({k: v for k, v in evaluate(t, t.data.held).items() if k != "heldout_examples"})
+        keep_best(t, run, m)
     elapsed = time.perf_counter() - t0
     timings = {k: round(v, 4) for k, v in timer.t.items()}
     timings.update(step_seconds=round(elapsed, 4), other=round(elapsed - sum(timer.t.values()), 4),
@@ -159,14 +170,18 @@ def stopped(t, run: Run, signum: int) -> dict:
     return {"stopped_at": run.step}
 
 
-def finish(t, run: Run) -> dict:
-    """The 'after' evaluation, the summary (curves, HF export of G, summary.json) and the engine's shutdown."""
+def finish(t, run: Run, guard: str = None) -> dict:
+    """The 'after' evaluation, the summary (curves, HF export of G, summary.json) and the engine's shutdown.
+    ``guard``: why a guard stopped the run early (also in summary.json)."""
     import torch.distributed as dist
 
+    if guard and t.world["rank"] == 0:
+        log.warning("step %d: stopping: %s", run.step, guard)
     log_eval(t, run, "after")
     run.log.close()
     cfg = t.cfg
-    summary = {"steps": run.step, "evals": run.evals, "data": t.data.stats.summary()}
+    summary = {"steps": run.step, "evals": run.evals, "data": t.data.stats.summary(), "rollout_engine": cfg.rollout.engine,
+               **({"stopped_by_guard": guard} if guard else {}), **({"best": run.best} if run.best else {})}
     if dist.get_rank() == 0:
         if cfg.log.plot:
             summary["curves"] = plot_curves(run.run_dir)
@@ -190,10 +205,14 @@ def format_summary(summary: dict) -> str:
     cols = [c for c in ("before", "after_warmup", "after") if ev.get(c)]
     names = {"before": "before", "after_warmup": "SeqKD warmup", "after": "after"}
     lines = ["", "held-out split            " + "".join(f"{names[c]:>16}" for c in cols)]
-    for key, label in (("heldout_score", "scorer (higher = better)"), ("heldout_ce", "CE on teacher answers")):
+    for key, label in (("heldout_score", "scorer, greedy"), ("heldout_score_sampled", "scorer, sampled"),
+                       ("heldout_ce", "CE on teacher answers"), ("heldout_length", "answer length, greedy"),
+                       ("heldout_kl", "KL to reference")):
         if any(key in ev[c] for c in cols):
             lines.append(f"{label:<26}" + "".join(f"{ev[c].get(key, math.nan):>16.4f}" for c in cols))
     lines.append(f"steps: {summary['steps']}")
+    if summary.get("stopped_by_guard"):
+        lines.append(f"stopped by a guard: {summary['stopped_by_guard']}")
     if summary.get("curves"):
         lines.append(f"curves: {summary['curves']}")
     if summary.get("hf_student"):

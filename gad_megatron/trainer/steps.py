@@ -66,7 +66,9 @@ def score_step(model, batch):
 def bt_step(group_size: int):
     """Bradley-Terry on micro-batches made of whole groups ``[teacher, student_1..student_n]``: each student
     sample is paired with its prompt's teacher answer; loss ``-log sigmoid(D(y_t) - D(y_s))`` summed over
-    pairs, the count is the number of pairs."""
+    pairs, the count is the number of pairs. Student rows with ``in_d_loss`` False (truncated samples) make
+    no pair. Scores are fp32 (the head is); ``d_acc`` counts a tie as 0.5 and ``d_tie_share`` logs how many
+    pairs tied (a D whose scores tie is not ranking anything)."""
 
     def step(model, batch):
         per_token = model_call(model, batch)
@@ -75,12 +77,15 @@ def bt_step(group_size: int):
             scores = sequence_scores(per_token, batch["attention_mask"].to(per_token.device)).float()
             g = scores.view(-1, group_size + 1)
             teacher, student = g[:, :1], g[:, 1:]
+            keep = batch["in_d_loss"].to(scores.device).view(-1, group_size + 1)[:, 1:].float()
             margin = teacher - student
-            total = -F.logsigmoid(margin).sum()
-            n = torch.tensor(margin.numel(), dtype=torch.int, device=total.device)
+            total = -(F.logsigmoid(margin) * keep).sum()
+            n = keep.sum().to(torch.int)
+            won = (margin > 0).double() + 0.5 * (margin == 0).double()
             logs = {
                 "d_loss": _pair(total, n),
-                "d_acc": _pair((margin > 0).double().sum(), n),
+                "d_acc": _pair((won * keep).sum(), n),
+                "d_tie_share": _pair(((margin == 0).double() * keep).sum(), n),
                 "teacher_score": _pair(teacher.sum(), teacher.numel()),
                 "student_score": _pair(student.sum(), student.numel()),
             }

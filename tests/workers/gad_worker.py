@@ -157,7 +157,7 @@ def mode_direction(cfg, out_prefix):
     def mean_reward():
         total = 0.0
         for seed in (7001, 7002):
-            rewards, _ = t.reward.score(gad.rollout(t, seed, probe))
+            rewards, _, _ = t.reward.score(gad.rollout(t, seed, probe))
             total += rewards.mean().item() / 2
         return total
 
@@ -171,7 +171,7 @@ def mode_direction(cfg, out_prefix):
         students = b.students
         gad.policy_logprobs(t, t.g, students, "old_logp")
         gad.policy_logprobs(t, t.ref, students, "ref_logp")
-        rewards, _ = t.reward.score(b)
+        rewards, _, _ = t.reward.score(b)
         from gad_megatron.algo.policy import grpo_advantages
 
         adv = grpo_advantages(rewards, cfg.rollout.n, cfg.algo.adv_eps)

@@ -1,0 +1,231 @@
+"""Ablation: named variants of one config from the same warm start, data and seeds; held-out scores per variant
+(mean +- std over seeds) in ablation.md / ablation.json / ablation.png.
+
+Per seed, one warmup run (SeqKD for G, BT for D: ``--warmup-steps``) is the shared start; every variant then
+continues from its checkpoint for ``--steps`` more steps (``checkpoint.resume=<warm start>``), so the variants
+differ in nothing but their settings. Locally (the demo task unless --config says otherwise):
+
+    python tools/ablate.py local --out runs/ablation --seeds 1 2 3 --warmup-steps 120 --steps 40
+    python tools/ablate.py local --variants seqkd gad --seeds 1 2 --warmup-steps 4 --steps 2 --out /tmp/abl
+
+On a cluster: one ``sbatch --array`` job per stage (warm starts, then the variants), then the same report:
+
+    python tools/ablate.py slurm --config examples/configs/gad_qwen2.5_7b.yaml --seeds 1 2 3 --out runs/ablation
+    python tools/ablate.py report --out runs/ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (what it is, its overrides on top of the config). `seqkd` continues the warmup's SFT instead of GAD.
+VARIANTS = {
+    "seqkd": ("SeqKD continued for the same steps", ["train.stage=seqkd"]),
+    "gad": ("GAD as the paper: sampled tokens to D, truncated samples scored by D",
+            ["reward.canonical_text=false", "algo.truncated_reward=score"]),
+    "gad+fixes": ("GAD + re-encoded text to D, truncated = group min, batch-std advantages, D/G band",
+                  ["algo.adv_std=batch", "reward.d_acc_band=[0.55,0.9]"]),
+    "gad+replay": ("gad+fixes + a replay buffer of the last 4 steps' samples for D",
+                   ["algo.adv_std=batch", "reward.d_acc_band=[0.55,0.9]", "reward.replay_steps=4"]),
+    "oracle": ("GRPO on the task's own scorer (eval.scorer) instead of D", ["reward.source=scorer"]),
+}
+METRICS = ("heldout_score", "heldout_score_sampled", "heldout_ce", "heldout_length", "heldout_kl")
+
+
+def demo_setup(out: str) -> tuple:
+    """The demo task: shipped data and config, a tiny student made once, megatron-engine rollouts."""
+    sys.path.insert(0, ROOT)
+    from gad_megatron.data import demo
+
+    student = demo.make_student(os.path.join(out, "student"), seed=3)
+    cfg = os.path.join(ROOT, "gad_megatron", "assets", "demo", "demo.yaml")
+    return cfg, [f"model.student={student}", f"data.train={demo.ASSET}", "log.progress=false", "log.plot=false",
+                 "checkpoint.export_hf_at_end=false", "log.tensorboard=false"]
+
+
+def scorer_override(config: str, overrides: list) -> list:
+    """The oracle's reward is the evaluation's scorer."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
+    spec = OmegaConf.select(cfg, "eval.scorer", default=None)
+    return [f"reward.scorer={spec}"] if spec else []
+
+
+def commands(a, config: str, base: list) -> tuple:
+    """(warm-start commands per seed, variant commands per (variant, seed)) as argument lists."""
+    train = [sys.executable, "-m", "gad_megatron.trainer.cli", "--config", config]
+    warm, runs = {}, {}
+    for seed in a.seeds:
+        w = os.path.join(a.out, f"warm_seed{seed}")
+        warm[seed] = train + base + a.overrides + [
+            f"train.seed={seed}", f"train.warmup_steps={a.warmup_steps}", f"train.total_steps={a.warmup_steps + a.steps}",
+            f"train.stop_after={a.warmup_steps}", f"checkpoint.save_every={a.warmup_steps}", "checkpoint.resume=none",
+            f"log.run_dir={w}"]
+        for v in a.variants:
+            extra = VARIANTS[v][1] + (scorer_override(config, base + a.overrides) if v == "oracle" else [])
+            runs[(v, seed)] = train + base + a.overrides + extra + [
+                f"train.seed={seed}", f"train.warmup_steps={a.warmup_steps}",
+                f"train.total_steps={a.warmup_steps + a.steps}", f"checkpoint.save_every={a.warmup_steps + a.steps}",
+                f"checkpoint.resume={w}/checkpoints", f"log.run_dir={os.path.join(a.out, v, f'seed{seed}')}"]
+    return warm, runs
+
+
+def _run(cmd: list, log: str, timeout: int) -> int:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log, "w") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout).returncode
+
+
+def run_local(a) -> int:
+    os.makedirs(a.out, exist_ok=True)
+    config, base = (a.config, []) if a.config else demo_setup(a.out)
+    warm, runs = commands(a, config, base)
+    for seed, cmd in warm.items():
+        if _run(cmd, os.path.join(a.out, f"warm_seed{seed}.log"), a.timeout):
+            print(f"ablate: warm start of seed {seed} failed; see {a.out}/warm_seed{seed}.log", file=sys.stderr)
+            return 1
+    for (v, seed), cmd in runs.items():
+        log = os.path.join(a.out, f"{v}_seed{seed}.log")
+        print(f"ablate: {v} seed {seed}", flush=True)
+        if _run(cmd, log, a.timeout):
+            print(f"ablate: {v} seed {seed} failed; see {log}", file=sys.stderr)
+            return 1
+    return report(a)
+
+
+def write_slurm(a) -> int:
+    """Two array jobs: the warm starts, then (afterok) the variants; each task runs one gad-train."""
+    os.makedirs(a.out, exist_ok=True)
+    warm, runs = commands(a, a.config, [])
+
+    def job(name, cmds, dep):
+        cases = "\n".join(f"  {i}) exec {' '.join(shlex.quote(c) for c in ['gad-train'] + cmd[3:])} ;;"
+                          for i, cmd in enumerate(cmds))
+        return f"""#!/usr/bin/env bash
+#SBATCH --job-name=gad-ablate-{name}
+#SBATCH --array=0-{len(cmds) - 1}
+#SBATCH --nodes=1
+#SBATCH --exclusive
+#SBATCH --output={os.path.abspath(a.out)}/slurm-{name}-%A_%a.out
+{dep}set -euo pipefail
+cd "${{GAD_ROOT:-{ROOT}}}"
+case "$SLURM_ARRAY_TASK_ID" in
+{cases}
+esac
+"""
+    for name, cmds in (("warm", list(warm.values())), ("variants", list(runs.values()))):
+        with open(os.path.join(a.out, f"{name}.sbatch"), "w") as f:
+            f.write(job(name, cmds, ""))
+    print(f"wrote {a.out}/warm.sbatch and variants.sbatch:\n  jid=$(sbatch --parsable {a.out}/warm.sbatch)\n"
+          f"  sbatch --dependency=afterok:$jid {a.out}/variants.sbatch\n  python tools/ablate.py report --out {a.out}")
+    return 0
+
+
+def run_result(run_dir: str) -> dict:
+    """The 'after' evaluation, the warm start's (``after_warmup``: none for seqkd, whose warm start is the
+    same checkpoint's), and the last training step's d_acc."""
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    sys.path.insert(0, ROOT)
+    from gad_megatron.data.jsonl import read_jsonl
+
+    rows = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "eval" not in r]
+    d_acc = next((r["d_acc"] for r in reversed(rows) if "d_acc" in r), None)
+    after = summary["evals"].get("after", {})
+    return {**{k: after.get(k) for k in METRICS}, "d_acc": d_acc, "warm": summary["evals"].get("after_warmup", {}),
+            "stopped_by_guard": summary.get("stopped_by_guard")}
+
+
+def _stats(xs: list) -> tuple:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std
+
+
+def report(a) -> int:
+    results, warm = {}, {}
+    for v in VARIANTS:
+        vdir = os.path.join(a.out, v)
+        if not os.path.isdir(vdir):
+            continue
+        for name in sorted(os.listdir(vdir)):
+            if os.path.isfile(os.path.join(vdir, name, "summary.json")):
+                r = run_result(os.path.join(vdir, name))
+                results.setdefault(v, {})[name] = r
+                if r["warm"]:
+                    warm[name] = r["warm"]
+    if not results:
+        print(f"ablate: no <variant>/seed*/summary.json under {a.out}", file=sys.stderr)
+        return 1
+    table = {"warm start": {k: _stats([w.get(k) for w in warm.values()]) for k in METRICS}}
+    for v, per_seed in results.items():
+        table[v] = {k: _stats([r[k] for r in per_seed.values()]) for k in METRICS + ("d_acc",)}
+        table[v]["seeds"] = len(per_seed)
+    with open(os.path.join(a.out, "ablation.json"), "w") as f:
+        json.dump({"table": table, "runs": results, "variants": {v: VARIANTS[v][0] for v in results}}, f, indent=1)
+    md = _markdown(table)
+    with open(os.path.join(a.out, "ablation.md"), "w") as f:
+        f.write(md)
+    _plot(table, os.path.join(a.out, "ablation.png"))
+    print(md)
+    return 0
+
+
+def _markdown(table: dict) -> str:
+    cols = METRICS + ("d_acc",)
+    head = "| variant | seeds | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols) + "\n"
+    fmt = lambda s: "" if s is None or s[0] is None else f"{s[0]:.4f} ± {s[1]:.4f}"  # noqa: E731
+    return head + "".join(f"| {v} | {row.get('seeds', '')} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |\n"
+                          for v, row in table.items())
+
+
+def _plot(table: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("heldout_score", "heldout_score_sampled", "heldout_ce") if any((r.get(k) or (None,))[0]
+                                                                                      is not None for r in table.values())]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.5 * max(1, len(keys)), 3.4), squeeze=False)
+    names = list(table)
+    for ax, k in zip(axes[0], keys):
+        vals = [(table[n].get(k) or (None, None)) for n in names]
+        ax.bar(range(len(names)), [v[0] or 0 for v in vals], yerr=[v[1] or 0 for v in vals], capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+        ax.set_title(k, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("local", "slurm", "report"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=None, help="default (local): the demo task")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--warmup-steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=40, help="steps after the warm start, every variant")
+    p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
+    a = p.parse_intermixed_args(argv)  # overrides may follow the options
+    if a.mode == "slurm" and not a.config:
+        p.error("slurm needs --config")
+    return {"local": run_local, "slurm": write_slurm, "report": report}[a.mode](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
