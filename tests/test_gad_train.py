@@ -269,6 +269,10 @@ def test_readme_demo_command(tmp_path):
         assert "heldout_score" in summary["evals"][stage] and "heldout_ce" in summary["evals"][stage]
     assert summary["evals"]["after_warmup"]["heldout_ce"] < summary["evals"]["before"]["heldout_ce"]
     assert "held-out split" in p.stdout and os.path.exists(run / "curves.png")
+    # #17 6: the table, not the noise: one screen, none of the expected CPU warnings (log.verbose=false)
+    out = p.stdout + p.stderr
+    assert out.count("\n") <= 50 and "UserWarning" not in out and "INFO" not in out, out[-6000:]
+    assert "scorer, sampled" in p.stdout
     import transformers
 
     transformers.AutoModelForCausalLM.from_pretrained(run / "hf_student")

@@ -111,8 +111,19 @@ def own_writer_queue() -> None:
 
     from gad_megatron.runtime.launch import die_with_parent
 
+    import signal
+    import threading
+
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=die_with_parent)
+    # Started with SIGINT ignored (inherited across exec; Python then installs no KeyboardInterrupt handler):
+    # Ctrl-C reaches the whole process group, and the trainer, not this helper, decides how to stop.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        manager.start(initializer=die_with_parent)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     _WRITER_MANAGER = manager
     fa._results_queue = manager.Queue()
 

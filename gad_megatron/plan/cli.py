@@ -63,6 +63,14 @@ def _parser():
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     try:
+        # A zero is a value given, not "not given" (it used to fall back to the config's layout silently).
+        bad = [f"--{k.replace('_', '-')} {v}" for k, v in (("tp", a.tp), ("pp", a.pp), ("rollout_tp", a.rollout_tp),
+                                                          ("nodes", a.nodes), ("gpus_per_node", a.gpus_per_node))
+               if v is not None and v < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be >= 1")
+        if not 0 < a.mfu <= 1:
+            raise ValueError(f"--mfu {a.mfu}: a fraction of the GPU's peak, in (0, 1]")
         lay, wl = Layout(), Workload()
         model = a.model
         if a.config:
@@ -72,7 +80,8 @@ def main(argv=None) -> int:
             model = model or model_cfg
         if not model:
             raise ValueError("give --config or --model")
-        lay = replace(lay, **{k: v for k, v in (("tp", a.tp), ("pp", a.pp), ("rollout_tp", a.rollout_tp)) if v})
+        lay = replace(lay, **{k: v for k, v in (("tp", a.tp), ("pp", a.pp), ("rollout_tp", a.rollout_tp))
+                              if v is not None})
         arch = load_arch(model)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"gad-plan: error: {e}", file=sys.stderr)

@@ -128,3 +128,30 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirectoryBusy(RuntimeError):
+    pass
+
+
+def lock_directory(path: str):
+    """An exclusive lock on ``path`` (a run directory) for as long as the returned file stays open: one owner
+    per directory, so a second run cannot delete the first's in-progress files as leftovers. The lock dies
+    with its process (flock), so a killed run leaves no stale lock."""
+    import fcntl
+
+    os.makedirs(path, exist_ok=True)
+    f = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DirectoryBusy(f"{path}: in use by a running gad-train ({holder}); two runs in one directory would "
+                            f"delete each other's checkpoints") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f

@@ -106,11 +106,17 @@ def _free_port() -> int:
 
 
 def _env_world() -> tuple[int, int, int]:
-    # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; srun sets SLURM_* (MASTER_ADDR/PORT come from the sbatch script).
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return rank, world, local
+    """(rank, world, local rank): torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or an srun step's SLURM_* (MASTER_ADDR /
+    PORT come from the sbatch script); else one rank. The same decision as ``launch.under_launcher``: a batch
+    script's own SLURM_NTASKS (no srun step) is not a world to wait for."""
+    from gad_megatron.runtime.launch import under_launcher
+
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if under_launcher():  # inside an srun step
+        return int(env.get("SLURM_PROCID", 0)), int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
 
 
 def initialize(par: ParallelConfig, model_dims: Optional[dict] = None) -> dict:

@@ -93,13 +93,42 @@ def load_data(cfg) -> RunData:
     return RunData(tokenizer, train, held, stats)
 
 
-def plan_steps(cfg, n_train: int) -> Schedule:
+def plan_steps(cfg, n_train: int, stats: Optional[DataStats] = None) -> Schedule:
     spe = n_train // cfg.train.batch_prompts
     if spe < 1:
-        raise DataError(f"{n_train} training examples is fewer than one batch of train.batch_prompts={cfg.train.batch_prompts}")
+        why = ""
+        if stats is not None:
+            why = (f" ({cfg.data.train}: {stats.rows} rows read; dropped: {stats.dropped_prompt_too_long} with a prompt "
+                   f"longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}, {stats.dropped_response_too_long} "
+                   f"with an answer longer than data.max_response_tokens={cfg.data.max_response_tokens}, "
+                   f"{stats.skipped_bad} bad rows, {stats.duplicate_ids} repeated ids; held out: {cfg.data.heldout_size})")
+        raise DataError(f"{n_train} training examples is fewer than one batch of "
+                        f"train.batch_prompts={cfg.train.batch_prompts}{why}")
     total = cfg.train.total_steps or cfg.train.epochs * spe
     warm = 0 if cfg.train.stage == "seqkd" else (spe if cfg.train.warmup_steps is None else cfg.train.warmup_steps)
     return Schedule(spe, total, min(warm, total))
+
+
+def check_before_build(cfg) -> None:
+    """What the config alone cannot show: the scorers import, and a prompt plus an answer fit the model's
+    positions. Raises ConfigError naming the key."""
+    from gad_megatron.models.hf_config import arch_spec_from_dir
+    from gad_megatron.trainer.config import ConfigError
+    from gad_megatron.trainer.heldout import load_scorer
+
+    for key in ("eval.scorer", "reward.scorer"):
+        spec = cfg.eval.scorer if key == "eval.scorer" else cfg.reward.scorer
+        if key == "reward.scorer" and cfg.reward.source == "discriminator":
+            continue
+        try:
+            load_scorer(spec)
+        except Exception as e:  # noqa: BLE001  (whatever the import raises: one line naming the key)
+            raise ConfigError(f"{key}={spec!r}: cannot be imported ({type(e).__name__}: {e})") from None
+    longest = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+    limit = arch_spec_from_dir(model_hf_dir(cfg.model.student)).max_position_embeddings
+    if longest > limit:
+        raise ConfigError(f"data.max_prompt_tokens + data.max_response_tokens = {longest} is beyond the student's "
+                          f"max_position_embeddings={limit}")
 
 
 def model_options(cfg):

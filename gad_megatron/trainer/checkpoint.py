@@ -103,6 +103,11 @@ def latest_step(ckpt_root: str, step: Optional[int] = None, roles=ROLES) -> Opti
     if not os.path.isfile(path):
         if step is not None:
             raise FileNotFoundError(f"{ckpt_root}: no checkpoint was completed there (no {LATEST})")
+        trainer_dir = os.path.join(ckpt_root, "trainer")
+        saved = sorted(d for d in os.listdir(trainer_dir) if d.startswith("iter_")) if os.path.isdir(trainer_dir) else []
+        if saved:  # never a silent fresh start over a run's work
+            raise FileNotFoundError(f"{path}: missing, but {trainer_dir} holds {', '.join(saved)}: resume one with "
+                                    f"checkpoint.resume_step=N, or start over with checkpoint.resume=none")
         return None
     text = open(path).read().strip()
     if not text.isdigit():
@@ -168,15 +173,18 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
             _write_atomic(os.path.join(role_dir, META), json.dumps(metas[role], indent=2))
             _write_atomic(os.path.join(role_dir, TRACKER), str(step))
         _write_atomic(os.path.join(ckpt_root, LATEST), str(step))
-        _prune(ckpt_root, keep_last, [r for _, _, _, r in parts])
+        _prune(ckpt_root, keep_last, [r for _, _, _, r in parts], step)
     _barrier()
     return t_final
 
 
-def _prune(ckpt_root: str, keep_last: int, roles: list) -> None:
+def _prune(ckpt_root: str, keep_last: int, roles: list, step: int) -> None:
+    """Keeps ``step`` (just written, named by ``latest``) and the ``keep_last - 1`` newest before it; steps after
+    it (a run resumed from an earlier checkpoint) are not this timeline's to delete, nor the best's."""
     trainer_dir = os.path.join(ckpt_root, "trainer")
     steps = sorted(int(d[5:]) for d in os.listdir(trainer_dir) if d.startswith("iter_") and d[5:].isdigit())
-    for old in steps[:-keep_last]:
+    older = [s for s in steps if s < step]
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
         for sub in [trainer_dir] + [os.path.join(ckpt_root, r) for r in roles]:
             shutil.rmtree(iter_dir(sub, old), ignore_errors=True)
 
@@ -202,16 +210,24 @@ def load(ckpt_root: str, step: int, engines: dict) -> dict:
         if stepped:
             engine.optimizer.load_state_dict(loaded["optimizer"])
     t_dir = iter_dir(os.path.join(ckpt_root, "trainer"), step)
-    with open(os.path.join(t_dir, "state.json")) as f:
-        state = json.load(f)
+    state = _read_json(os.path.join(t_dir, "state.json"))
     rng_file = os.path.join(t_dir, f"rng_rank{_rank():05d}.json")
     if os.path.isfile(rng_file):
-        with open(rng_file) as f:
-            set_rng_state(json.load(f))
+        set_rng_state(_read_json(rng_file))
     else:  # resumed on more ranks than were saved: this rank keeps its fresh seeding
         log.warning("%s: no RNG state for rank %d (resumed at another world size); keeping its seeded state",
                     t_dir, _rank())
     return state
+
+
+def _read_json(path: str):
+    """A trainer JSON file; a damaged one is one error naming it (not a JSON traceback)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: damaged trainer state ({e}); resume an earlier checkpoint with "
+                         f"checkpoint.resume_step=N") from None
 
 
 def rng_state() -> dict:

@@ -19,6 +19,8 @@ def _parser():
     p = argparse.ArgumentParser(prog="gad-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see examples/configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--check", action="store_true",
+                   help="check the config, the data rows and the model's limits (no model is built), then exit")
     p.add_argument("--demo", action="store_true",
                    help="the tiny CPU demo: packaged config + teacher data, student made on the fly")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
@@ -36,6 +38,44 @@ def _prepare_demo() -> str:
     return os.path.join(os.path.dirname(demo.ASSET), "demo.yaml")
 
 
+def _quiet() -> None:
+    """Before megatron / vLLM are imported (here and, through the environment, in every rank and engine
+    process): the library noise that is expected on CPU, filtered once."""
+    import logging
+    import os
+    import warnings
+
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# The processes we start (ranks, vLLM's engine) inherit these. vLLM's warnings on CPU are expected (no triton,
+# eager mode, the in-place reload of tied weights); UserWarning / FutureWarning are the missing TE / apex ones.
+_QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TORCH_CPP_LOG_LEVEL": "ERROR",
+              "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def _loud() -> None:
+    """``log.verbose=true`` set in the YAML after :func:`_quiet` ran: everything again."""
+    import os
+    import warnings
+
+    for key, value in _QUIET_ENV.items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
+    warnings.resetwarnings()
+
+
 def _print_demo_result() -> None:
     """The line of docs/results.md that says how GAD compared with SeqKD continued on the demo task."""
     import os
@@ -48,25 +88,43 @@ def _print_demo_result() -> None:
 
 
 def main(argv=None) -> int:
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     from gad_megatron.data.teacher import DataError
     from gad_megatron.trainer.config import ConfigError, load_config, to_yaml
 
     try:
+        if not any(o.replace(" ", "").lower() == "log.verbose=true" for o in args.overrides):
+            _quiet()  # before the demo's student is made and anything noisy is imported
         config = args.config
         if args.demo:
             config = config or _prepare_demo()
         cfg = load_config(config, args.overrides)
+        if cfg.log.verbose:
+            _loud()
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from gad_megatron.trainer.build import load_data, plan_steps
+        from gad_megatron.runtime.launch import under_launcher
+        from gad_megatron.trainer.build import check_before_build, load_data, plan_steps
 
+        check_before_build(cfg)  # scorers import, lengths fit the model
         # Data rows are checked here too, in the launching process, before any rank starts.
         data = load_data(cfg)
-        plan_steps(cfg, len(data.train))
-    except (ConfigError, DataError, FileNotFoundError, ValueError, OSError) as e:
+        plan_steps(cfg, len(data.train), data.stats)
+        if data.stats.duplicate_ids and not under_launcher():
+            print(f"gad-train: {cfg.data.train}: {data.stats.duplicate_ids} rows repeat an id seen before and were "
+                  f"dropped (the first row of each id is kept)", file=sys.stderr)
+        if not under_launcher() and not args.check:  # the ranks take the lock; this is the early, clear error
+            from gad_megatron.runtime.outputs import lock_directory
+
+            lock_directory(os.path.abspath(cfg.log.run_dir)).close()
+        if args.check:
+            print(f"gad-train: ok: {len(data.train)} training / {len(data.held)} held-out examples")
+            return 0
+    except (ConfigError, DataError, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         print(f"gad-train: error: {e}", file=sys.stderr)
         return 2
     from gad_megatron.runtime.launch import relaunch, under_launcher
@@ -82,7 +140,13 @@ def main(argv=None) -> int:
         die_with_parent()  # a rank never outlives its launcher (torchrun / srun's step daemon)
     from gad_megatron.trainer.run import train
 
-    train(cfg, data)  # a rank started by torchrun / srun uses the data it just checked: tokenised once
+    try:
+        train(cfg, data)  # a rank started by torchrun / srun uses the data it just checked: tokenised once
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gad-train: interrupted; the last checkpoint in {cfg.log.run_dir}/checkpoints is whole: run the "
+                  f"same command to resume from it", file=sys.stderr)
+        return 130
     from gad_megatron.runtime import destroy
 
     destroy()

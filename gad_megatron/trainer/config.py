@@ -186,6 +186,9 @@ class LogSection:
     d_saturation_steps: int = 20
     length_drift_ratio: float = 1.5  # warn when mean response length exceeds this x the first GAD step's
     gap_warn: float = 1e-2  # warn when the trainer-vs-rollout logprob gap (mean |diff|) exceeds this
+    # false: the warnings every CPU run gets (no Transformer Engine / apex) and vLLM's INFO lines are filtered;
+    # the progress bar, our warnings and the summary stay. true: everything.
+    verbose: bool = False
 
 
 @dataclass
@@ -275,7 +278,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: config file not found")
             where = f" (in {path})"
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, _load_yaml(path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -290,6 +293,19 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         raise ConfigError(f"config key {key!r}{where}: {msg}" if key else f"config{where}: {msg}") from None
     validate(cfg)
     return cfg
+
+
+def _load_yaml(path: str):
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
 def validate(cfg) -> None:
@@ -323,6 +339,7 @@ def validate(cfg) -> None:
         if _get(cfg, f"{p}.min_lr") > _get(cfg, f"{p}.lr"):
             bad(f"{p}.min_lr", f"must be <= {p}.lr")
     _validate_algo(cfg, bad)
+    _validate_numbers_and_paths(cfg, bad, problems)
     if not 0 < cfg.rollout.top_p <= 1:
         bad("rollout.top_p", "must be in (0, 1]")
     if cfg.train.stage == "gad" and cfg.rollout.n < 2:
@@ -398,6 +415,33 @@ def _validate_algo(cfg, bad) -> None:
     gb = cfg.gad_stage.batch_prompts
     if gb is not None and gb > 0 and gb % cfg.algo.ppo_mini_batches:
         bad("gad_stage.batch_prompts", "must be divisible by algo.ppo_mini_batches")
+
+
+def _validate_numbers_and_paths(cfg, bad, problems) -> None:
+    """Non-finite numbers anywhere (a NaN coefficient skips every update without a word), and paths that cannot
+    work: a run directory that is a file, a student that is this run's own export (overwritten at the end)."""
+    import math
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"{key}={v!r}: must be a finite number")
+
+    walk(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), "")
+    if cfg.train.max_skipped_steps < 0:
+        bad("train.max_skipped_steps", "must be >= 0")
+    run_dir = os.path.abspath(cfg.log.run_dir)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        bad("log.run_dir", "is a file, not a directory")
+    if not OmegaConf.is_missing(cfg, "model.student"):
+        student = os.path.realpath(cfg.model.student)
+        export = os.path.realpath(os.path.join(run_dir, "hf_student"))
+        if student == export or student.startswith(export + os.sep):
+            bad("model.student", "is this run's own HF export (log.run_dir/hf_student), which the run overwrites "
+                                 "at its end: copy it elsewhere or use another log.run_dir")
 
 
 def _is_number(text: str) -> bool:

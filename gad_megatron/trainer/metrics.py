@@ -181,7 +181,10 @@ def _truncate_after(path: str, step: int) -> None:
     for _, row in iter_jsonl(path):
         if isinstance(row, Exception) or "step" not in row:
             break  # a torn last line from a kill
-        if row["step"] <= step:
+        # An evaluation at the checkpoint's step (the end of warmup, the end) is logged after that checkpoint
+        # was written: the resumed run logs it again. Only 'before' (step 0) precedes every checkpoint.
+        after_ckpt = "eval" in row and row["eval"] != "before" and row["step"] >= step
+        if row["step"] <= step and not after_ckpt:
             keep.append(json.dumps(row, sort_keys=True) + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -70,6 +70,7 @@ class Run:
     step: int = 0
     best: dict = field(default_factory=dict)  # checkpoint.keep_best: {"key", "score", "step"}
     log: RunLog = None
+    lock: object = None  # the run directory's lock file (rank 0), held for the run's life
 
     @property
     def ckpt_root(self) -> str:
@@ -93,8 +94,17 @@ def open_run(t) -> Run:
     run = Run(os.path.abspath(cfg.log.run_dir),
               EpochSampler(len(t.data.train), cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle),
               FailureWatch(cfg))
+    locked = None
     if rank == 0:
-        os.makedirs(run.run_dir, exist_ok=True)
+        from gad_megatron.runtime.outputs import DirectoryBusy, lock_directory
+
+        try:
+            run.lock = lock_directory(run.run_dir)  # held until this process ends
+        except DirectoryBusy as e:
+            locked = str(e)
+    if passes.agree(locked is not None):  # every rank stops before touching the directory
+        raise SystemExit(f"gad-train: error: {locked or 'the run directory is in use (see rank 0)'}")
+    if rank == 0:
         if os.path.exists(os.path.join(run.run_dir, STOPPED_MARKER)):
             os.remove(os.path.join(run.run_dir, STOPPED_MARKER))  # this start is the resume it asked for
         from gad_megatron.trainer.config import to_yaml
