@@ -4,13 +4,12 @@ buffer survives kill -9 bit for bit, and tools/ablate.py writes its table and pl
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 from conftest import HERE, ROOT
-from test_gad_train import GAD_TRAIN, _wait_for_step, env, lines, run_train, write_config
+from test_gad_train import env, kill9_after_step, lines, run_train, write_config
 
 from gad_megatron.data import demo
 
@@ -103,13 +102,7 @@ def test_stage_lrs_and_replay_buffer_resume_bit_exact(student, tmp_path):
     assert len(fifo) == 2 and all(len(groups) == 8 for groups in fifo)  # the last 2 steps' 8 prompts each
     c = tmp_path / "c"
     cfg = write_config(tmp_path / "c.yaml", student, c, **over)
-    proc = subprocess.Popen(GAD_TRAIN + ["--config", str(cfg)], cwd=ROOT, env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_step(c, 5, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill9_after_step(cfg, c, 5)
     assert open(c / "checkpoints" / "latest").read() == "4"
     run_train(cfg)
     assert lines(c) == lines(a)

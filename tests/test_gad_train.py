@@ -110,18 +110,22 @@ def _wait_for_step(run_dir, step, proc, timeout=300):
     raise AssertionError(f"step {step} not reached")
 
 
+def kill9_after_step(cfg, run_dir, step) -> None:
+    """Starts gad-train on ``cfg`` and kills its whole process group with SIGKILL once ``step`` is logged."""
+    proc = subprocess.Popen(GAD_TRAIN + ["--config", str(cfg)], cwd=ROOT, env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_step(run_dir, step, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_kill9_then_resume_matches_uninterrupted_run(run_a, student, tmp_path):
     run_dir_a, _ = run_a
     run_dir = tmp_path / "run_c"
     cfg = write_config(tmp_path / "c.yaml", student, run_dir)
-    # 1) kill -9 of the whole launch mid-run (after the step-2 checkpoint)
-    proc = subprocess.Popen(GAD_TRAIN + ["--config", str(cfg)], cwd=ROOT, env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_step(run_dir, 3, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill9_after_step(cfg, run_dir, 3)  # 1) kill -9 of the whole launch mid-run (after the step-2 checkpoint)
     latest = open(run_dir / "checkpoints" / "latest").read()
     assert latest in ("2", "4")
     torn = int(latest) + 2
