@@ -165,3 +165,18 @@ def test_balance_band_skips_d_when_ahead_and_adds_a_step_at_chance():
     r.last_acc = 0.8
     r.every = 2
     assert r.update(SimpleNamespace(step=3, d_units=[], examples=[])) == {} and len(calls) == 4
+
+
+def test_d_acc_is_logged_for_finished_truncated_and_by_length():
+    # 2 groups of [teacher, 2 students]; the second student of group 1 is cut off; response lengths 2 / 20
+    seqs = []
+    for g in range(2):
+        seqs += [Seq([1, 2], [3, 4], is_teacher=True), Seq([1, 2], [5, 6]), Seq([1, 2], list(range(7, 27)))]
+    seqs[5].in_d_loss = False
+    batch = collate(seqs)
+    out, loss_func = bt_step(2)(ConstantD([1.0, 0.0, 2.0, 1.0, 0.5, 0.0]), batch)
+    _, n, logs = loss_func(out)
+    acc = {k: (v[0] / v[1]).item() for k, v in logs.items() if v[1] > 0}
+    assert n == 3 and acc["d_acc_finished"] == pytest.approx(2 / 3) and acc["d_acc_truncated"] == 1.0
+    assert acc["d_acc_len_le16"] == 1.0 and acc["d_acc_len_le64"] == 0.5  # lengths 2, 2 | 20, 20
+    assert logs["d_acc_len_le256"][1] == 0

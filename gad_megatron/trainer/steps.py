@@ -88,12 +88,33 @@ def bt_step(group_size: int):
                 "d_tie_share": _pair(((margin == 0).double() * keep).sum(), n),
                 "teacher_score": _pair(teacher.sum(), teacher.numel()),
                 "student_score": _pair(student.sum(), student.numel()),
+                **d_acc_buckets(won, keep, batch, group_size),
             }
             return total, n, logs
 
         return per_token, loss_func
 
     return step
+
+
+D_ACC_LENGTH_BUCKETS = (16, 64, 256)  # response tokens: <= 16, <= 64, <= 256, longer
+
+
+def d_acc_buckets(won, keep, batch, group_size: int) -> dict:
+    """d_acc of the finished and of the truncated samples (the latter measured, not trained on), and by the
+    student sample's length: a length or end-token tell shows up here before anywhere else."""
+    dev = won.device
+    length = batch["loss_mask"].to(dev).sum(1).view(-1, group_size + 1)[:, 1:].double()
+    keep = keep.double()
+    out = {"d_acc_finished": _pair((won * keep).sum(), keep.sum()),
+           "d_acc_truncated": _pair((won * (1 - keep)).sum(), (1 - keep).sum())}
+    lo = 0
+    for hi in D_ACC_LENGTH_BUCKETS + (None,):
+        inside = ((length > lo) & (length <= hi if hi is not None else length > lo)).double()
+        name = f"d_acc_len_le{hi}" if hi is not None else f"d_acc_len_gt{lo}"
+        out[name] = _pair((won * inside).sum(), inside.sum())
+        lo = hi
+    return out
 
 
 def policy_step(temperature: float, algo):
