@@ -63,7 +63,8 @@ def continue_gad(tmp_path, student, warm, name, steps=40, extra_env=None, **over
 
 
 def test_the_rl_path_raises_a_known_reward_and_fails_with_the_sign_flipped(student, warm_start, tmp_path):
-    over = {"reward.source": "scorer", "gad_stage.g_lr": 3e-4, "gad_stage.g_schedule": "constant"}
+    over = {"reward.source": "scorer", "gad_stage.g_lr": 3e-4, "gad_stage.g_schedule": "constant",
+            "eval.heldout_every": 0}
     up = continue_gad(tmp_path, student, warm_start, "up", **over, **{"reward.scorer": SCORER})
     down = continue_gad(tmp_path, student, warm_start, "down", **over, **{"reward.scorer": "scorers:negated"},
                         extra_env={"PYTHONPATH": f"{ROOT}:{HERE}"})
@@ -76,7 +77,7 @@ def test_the_rl_path_raises_a_known_reward_and_fails_with_the_sign_flipped(stude
 
 
 def test_guards_stop_a_collapsing_run_and_say_why(student, warm_start, tmp_path):
-    bad = {"gad_stage.g_lr": 3e-2, "gad_stage.g_schedule": "constant", "eval.heldout_every": 5}
+    bad = {"gad_stage.g_lr": 3e-2, "gad_stage.g_schedule": "constant", "eval.heldout_every": 10}
     free = continue_gad(tmp_path, student, warm_start, "free", steps=20, **bad)
     start = evals(free)["after_warmup"]["heldout_score_sampled"]
     margin = 0.03

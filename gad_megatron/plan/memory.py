@@ -70,9 +70,18 @@ def optimizer_bytes(params: list, dtype: str, dp: int, distributed: bool, dp_ran
     return per * (max(shards) if dp_rank is None else shards[dp_rank])
 
 
-def grad_bytes(params: list, dp: int, distributed: bool, bucket_size=None) -> int:
-    """DDP's fp32 main-grad buffer (``grad_reduce_in_fp32``), padding included."""
-    return 4 * grad_buffer_layout(params, dp, distributed, bucket_size)[0]
+def grad_bytes(params: list, dp: int, distributed: bool, bucket_size=None, own_buffer: tuple = ()) -> int:
+    """DDP's fp32 main-grad buffers (``grad_reduce_in_fp32``), padding included. ``own_buffer``: names of
+    parameters of another dtype than the rest (D's fp32 head in a bf16 / fp16 model), which megatron gives a
+    buffer of their own, padded on its own."""
+    main = [p for p in params if p[0] not in own_buffer]
+    other = [p for p in params if p[0] in own_buffer]
+    return 4 * sum(grad_buffer_layout(pl, dp, distributed, bucket_size)[0] for pl in (main, other) if pl)
+
+
+def fp32_params(role: str, dtype: str) -> tuple:
+    """Parameters kept in fp32 whatever the model dtype: the discriminator's scalar head (models/discriminator)."""
+    return ("output_layer.weight",) if role == "discriminator" and dtype != "fp32" else ()
 
 
 def activation_bytes_per_token_layer(arch, lay: Layout, dtype: str, seq_len: int, flash: bool) -> float:
@@ -124,7 +133,7 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
         roles = ["student"] + (["discriminator"] if wl.stage != "seqkd" else [])
         lists = [param_list(arch, lay.tp, lay.pp, stage, r) for r in roles]
         n = [sum(x for _, x, _ in pl) for pl in lists]
-        return (sum(n) * b, sum(grad_bytes(pl, dp, do, bucket) for pl in lists),
+        return (sum(n) * b, sum(grad_bytes(pl, dp, do, bucket, fp32_params(r, wl.dtype)) for pl, r in zip(lists, roles)),
                 sum(optimizer_bytes(pl, wl.dtype, dp, do, bucket_size=bucket) for pl in lists),
                 0 if lay.offload_reference or wl.stage == "seqkd" else n[0] * b)
 

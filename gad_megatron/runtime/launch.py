@@ -19,8 +19,13 @@ import sys
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
+LAUNCHER_PID = "GAD_LAUNCHER_PID"  # set by relaunch() for the processes it starts
+
+
 def die_with_parent() -> None:
-    """SIGKILL this process when its parent exits (Linux; a no-op elsewhere)."""
+    """SIGKILL this process when its parent exits (Linux; a no-op elsewhere). A rank sets this only after its
+    imports (seconds on a loaded machine): if the launcher died before, no signal will ever come, so it checks
+    that the launcher (whose pid relaunch() passed down) is still there, and exits at once if not."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -30,6 +35,23 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher and launcher.isdigit() and int(launcher) != os.getpid() and not _alive(int(launcher)):
+        os._exit(1)  # our launcher is gone: nothing will ever read this rank's result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped by its own parent) is not alive either
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def under_launcher() -> bool:
@@ -41,7 +63,7 @@ def relaunch(module: str, argv: list, nproc: int) -> int:
     """Runs ``python -m torch.distributed.run --nproc-per-node nproc -m module argv``; returns its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", module, *argv]
-    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent, env={**os.environ, LAUNCHER_PID: str(os.getpid())})
 
     def forward(signum, _frame):
         targets = [proc.pid]  # torchrun passes SIGINT / SIGTERM / SIGHUP on to the ranks itself

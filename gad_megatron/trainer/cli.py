@@ -12,6 +12,7 @@ itself under ``torch.distributed.run`` and forwards signals to its ranks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -28,8 +29,6 @@ def _parser():
 
 
 def _prepare_demo() -> str:
-    import os
-
     from gad_megatron.data import demo
 
     os.environ.setdefault("GAD_DEMO_DATA", demo.ASSET)
@@ -42,7 +41,6 @@ def _quiet() -> None:
     """Before megatron / vLLM are imported (here and, through the environment, in every rank and engine
     process): the library noise that is expected on CPU, filtered once."""
     import logging
-    import os
     import warnings
 
     for key, value in _QUIET_ENV.items():
@@ -67,7 +65,6 @@ _QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TORCH_CPP_LOG_LEVEL": "ERROR",
 
 def _loud() -> None:
     """``log.verbose=true`` set in the YAML after :func:`_quiet` ran: everything again."""
-    import os
     import warnings
 
     for key, value in _QUIET_ENV.items():
@@ -78,8 +75,6 @@ def _loud() -> None:
 
 def _print_demo_result() -> None:
     """The line of docs/results.md that says how GAD compared with SeqKD continued on the demo task."""
-    import os
-
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "results.md")
     if os.path.isfile(path):
         line = next((ln.strip() for ln in open(path, encoding="utf-8") if ln.startswith("**Verdict")), None)
@@ -88,8 +83,6 @@ def _print_demo_result() -> None:
 
 
 def main(argv=None) -> int:
-    import os
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     from gad_megatron.data.teacher import DataError
@@ -146,7 +139,10 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"gad-train: interrupted; the last checkpoint in {cfg.log.run_dir}/checkpoints is whole: run the "
                   f"same command to resume from it", file=sys.stderr)
-        return 130
+        sys.stdout.flush(), sys.stderr.flush()
+        # Now, not at interpreter exit: a checkpoint write cut short leaves threads / helpers the exit would
+        # wait for. Every checkpoint is published atomically; the next start removes the partial one.
+        os._exit(130)
     from gad_megatron.runtime import destroy
 
     destroy()

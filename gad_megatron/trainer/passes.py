@@ -112,15 +112,17 @@ def broadcast_from0(obj):
     return box[0]
 
 
-def agree(flag: bool) -> bool:
-    """True on every rank when it is true on any (a save / exit decision every rank must take together)."""
+def agree(*flags: bool):
+    """Each flag true on every rank when it is true on any (save / exit decisions every rank must take
+    together), in one all-reduce; one flag in, one bool out."""
     import torch.distributed as dist
 
     from gad_megatron.runtime.parallel import comm_device
 
-    x = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    x = torch.tensor([1.0 if f else 0.0 for f in flags], device=comm_device())
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return bool(x.item())
+    out = [bool(v) for v in x.tolist()]
+    return out[0] if len(out) == 1 else out
 
 
 def teacher_seq(example) -> Seq:

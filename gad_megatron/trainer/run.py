@@ -46,7 +46,10 @@ def train(cfg, data=None) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{m[k]:.3f}" for k in ("sft_loss", "d_loss", "d_acc", "reward_mean") if k in m})
-        last, stop_now = run.step == end, passes.agree(stop.signum is not None)
+        last = run.step == end
+        stop_now, interrupted = passes.agree(stop.signum is not None, stop.interrupted)
+        if interrupted:
+            raise KeyboardInterrupt  # gad-train says so in one line and exits 130
         if run.step % cfg.checkpoint.save_every == 0 or last or stop_now or guard:
             ckpt_io.save_run(t, run)
         if guard:
@@ -78,15 +81,23 @@ class Run:
 
 
 class StopSignal:
-    """SIGUSR1 (Slurm ``--signal=USR1@120``): finish the step, save, exit cleanly. SIGUSR1 only: SIGTERM is how
-    torchrun / srun stop the other ranks when one fails, and must still kill."""
+    """SIGUSR1 (Slurm ``--signal=USR1@120``): finish the step, save, exit cleanly. SIGINT (Ctrl-C): finish the
+    step and stop without saving (the last checkpoint is whole); a second Ctrl-C stops at once. Handled here,
+    not as KeyboardInterrupt, which would land anywhere (inside a checkpoint write, in its forked workers).
+    SIGTERM is how torchrun / srun stop the other ranks when one fails, and must still kill."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.interrupted, self.pid = None, False, os.getpid()
         signal.signal(signal.SIGUSR1, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_interrupt)
 
     def _on_signal(self, signum, _frame):
         self.signum = signum
+
+    def _on_interrupt(self, _signum, _frame):
+        if self.interrupted or os.getpid() != self.pid:
+            os._exit(130)  # the second Ctrl-C; or a forked helper, which has nothing to finish
+        self.interrupted = True
 
 
 def open_run(t) -> Run:
@@ -245,8 +256,10 @@ def _peak_memory_gib() -> float:
 
 
 def _progress(t, start: int):
-    if t.world["rank"] != 0 or not t.cfg.log.progress:
-        return None
+    import sys
+
+    if t.world["rank"] != 0 or not t.cfg.log.progress or not sys.stderr.isatty():
+        return None  # a log file (Slurm, CI) gets metrics.jsonl, not a line per bar update
     from tqdm import tqdm
 
     return tqdm(total=t.schedule.total, initial=start, desc=f"gad-train ({t.cfg.train.stage})", dynamic_ncols=True)

@@ -77,7 +77,8 @@ def bt_step(group_size: int):
             scores = sequence_scores(per_token, batch["attention_mask"].to(per_token.device)).float()
             g = scores.view(-1, group_size + 1)
             teacher, student = g[:, :1], g[:, 1:]
-            keep = batch["in_d_loss"].to(scores.device).view(-1, group_size + 1)[:, 1:].float()
+            in_loss = batch.get("in_d_loss", torch.ones(scores.shape[0], dtype=torch.bool))  # a hand-made batch: all
+            keep = in_loss.to(scores.device).view(-1, group_size + 1)[:, 1:].float()
             margin = teacher - student
             total = -(F.logsigmoid(margin) * keep).sum()
             n = keep.sum().to(torch.int)
@@ -104,7 +105,8 @@ def d_acc_buckets(won, keep, batch, group_size: int) -> dict:
     """d_acc of the finished and of the truncated samples (the latter measured, not trained on), and by the
     student sample's length: a length or end-token tell shows up here before anywhere else."""
     dev = won.device
-    length = batch["loss_mask"].to(dev).sum(1).view(-1, group_size + 1)[:, 1:].double()
+    per_row = batch["loss_mask"] if "loss_mask" in batch else batch["attention_mask"]  # answer (or whole) length
+    length = per_row.to(dev).sum(1).view(-1, group_size + 1)[:, 1:].double()
     keep = keep.double()
     out = {"d_acc_finished": _pair((won * keep).sum(), keep.sum()),
            "d_acc_truncated": _pair((won * (1 - keep)).sum(), (1 - keep).sum())}
