@@ -35,7 +35,10 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
   export SLURM_JOB_ID=0 SLURM_NNODES=$NODES SLURM_JOB_NODELIST="node[1-$NODES]" SLURM_GPUS_ON_NODE=$GPUS_PER_NODE
 fi
 # MASTER_ADDR (first node), MASTER_PORT (from the job id: a requeued job keeps it), GAD_WORLD_SIZE, ...
-eval "$("$PYTHON" -m gad_megatron.runtime.slurm env)"
+# Captured first: inside eval "$(...)" the helper's exit code is lost and set -u fails later on a variable
+# it never set ("unbound variable") instead of on its own clear error.
+SLURM_LINES=$("$PYTHON" -m gad_megatron.runtime.slurm env) || { echo "gad_job.sh: not inside a Slurm allocation (see the error above)" >&2; exit 1; }
+eval "$SLURM_LINES"
 
 # The trainer's arguments: one run directory, the converted student, resume from the run's own checkpoints.
 TRAIN_ARGS=(--config "$CONFIG" "log.run_dir=$RUN_DIR" "model.student=$INIT_CKPT" "checkpoint.resume=auto"
