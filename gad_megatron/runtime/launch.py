@@ -36,11 +36,12 @@ def die_with_parent() -> None:
     except OSError:
         pass
     launcher = os.environ.get(LAUNCHER_PID)
-    if launcher and launcher.isdigit() and int(launcher) != os.getpid() and not _alive(int(launcher)):
+    if launcher and launcher.isdigit() and int(launcher) != os.getpid() and not pid_alive(int(launcher)):
         os._exit(1)  # our launcher is gone: nothing will ever read this rank's result
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """This host's process ``pid`` exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -59,13 +59,9 @@ def _owner_alive(tmp: str) -> bool:
         return False  # no owner file: written by a crashed run before it could say who it was
     if host != socket.gethostname():
         return True  # another node's process: we cannot know, so we leave it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from gad_megatron.runtime.launch import pid_alive
+
+    return pid_alive(pid)
 
 
 def clean_stale_tmp(out: str) -> list:
