@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gad_megatron.models.hf_config import ArchSpec
+from gad_megatron.runtime import on_cuda  # decided once by initialize (the CPU shim implies cpu)
 
 
 class ModelOptionsError(ValueError):
@@ -57,7 +58,7 @@ def use_transformer_engine(opts: ModelOptions) -> bool:
     if opts.fp8 and not te_available():
         raise ModelOptionsError("fp8 requested but transformer_engine is not installed (pip install .[gpu])")
     # TE needs CUDA; on CPU the local spec is the only one that runs.
-    return te_available() and _on_cuda()
+    return te_available() and on_cuda()
 
 
 def _apex_wgrad_fusion() -> bool:
@@ -72,7 +73,7 @@ def fusion_flags(use_te: bool, cuda: Optional[bool] = None) -> dict:
       ``fused_weight_gradient_mlp_cuda``;
     - persistent layer norm is apex's LayerNorm kernel; these models use RMSNorm: always off.
     On CPU every fusion is off (the kernels do not exist there)."""
-    cuda = _on_cuda() if cuda is None else cuda
+    cuda = on_cuda() if cuda is None else cuda
     return dict(
         bias_activation_fusion=cuda,
         bias_dropout_fusion=cuda,
@@ -119,7 +120,7 @@ def transformer_config_kwargs(arch: ArchSpec, opts: ModelOptions, par_sizes: dic
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
         sequence_parallel=opts.sequence_parallel,
-        use_cpu_initialization=not _on_cuda(),
+        use_cpu_initialization=not on_cuda(),
         perform_initialization=opts.perform_initialization,
         recompute_granularity=opts.recompute_granularity,
         recompute_method=opts.recompute_method,
@@ -222,14 +223,8 @@ def build_gpt_chunks(arch: ArchSpec, opts: Optional[ModelOptions] = None, parall
             rope_scaling_factor=arch.rope_scaling_factor,
             vp_stage=vp_stage,
         )
-        if _on_cuda():
+        if on_cuda():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
 
-
-def _on_cuda() -> bool:
-    """This process computes on a GPU (``runtime.device()``: decided once by ``initialize``)."""
-    from gad_megatron.runtime import cpu_shim_applied, device
-
-    return device().type == "cuda" and not cpu_shim_applied()

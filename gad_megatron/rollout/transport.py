@@ -30,6 +30,8 @@ from typing import Iterable
 
 import torch
 
+from gad_megatron.runtime import on_cuda
+
 class Transport:
     """What a transport is: ``push(llm, buckets)`` delivers every bucket (a list of ``(HF name, tensor)``) into
     the engine's weights and returns when the engine has reloaded them. ``make(...)`` builds one from the
@@ -55,12 +57,6 @@ def register(cls):
 
 def transport_choices() -> tuple:
     return ("auto",) + tuple(TRANSPORTS)
-
-
-def _on_cuda() -> bool:
-    from gad_megatron.runtime import device
-
-    return device().type == "cuda"
 
 
 @register
@@ -164,7 +160,7 @@ class CollectiveTransport(Transport):
         return cls(engine_world_size=engine_world_size)
 
     def __init__(self, backend: str = None, engine_world_size: int = 1, timeout_s: float = 600.0):
-        self.backend = backend or ("nccl" if _on_cuda() else "gloo")
+        self.backend = backend or ("nccl" if on_cuda() else "gloo")
         self.engine_world_size = engine_world_size
         self.timeout_s = timeout_s
         self.group = None
@@ -205,7 +201,7 @@ class CudaIpcTransport(CollectiveTransport):
 
     @classmethod
     def make(cls, bucket_bytes: int = 512 * 1024**2, **_):
-        if not _on_cuda():
+        if not on_cuda():
             raise ValueError("the cuda-ipc transport needs a GPU shared with the engine")
         return cls(bucket_bytes)
 
@@ -275,7 +271,7 @@ def make_transport(kind: str = "auto", in_process: bool = False, colocated: bool
     if kind == "auto":
         if in_process:
             kind = "in-process"
-        elif _on_cuda():
+        elif on_cuda():
             kind = "cuda-ipc" if colocated else "collective"
         else:
             kind = "shm-files"

@@ -55,9 +55,9 @@ class VLLMEngine:
         from vllm import LLM
 
         self.cfg = cfg
-        from gad_megatron.runtime import device
+        from gad_megatron.runtime import on_cuda
 
-        on_gpu = device().type == "cuda"
+        on_gpu = on_cuda()
         kwargs = dict(
             model=cfg.model,
             dtype=cfg.dtype,

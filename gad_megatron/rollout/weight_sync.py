@@ -32,9 +32,9 @@ class SyncStats:
 def _sync_device() -> None:
     # Every gather must have finished before a bucket is read: a missed sync gives stale weights, and only
     # on some machines. (No-op on CPU.)
-    from gad_megatron.runtime import device
+    from gad_megatron.runtime import on_cuda
 
-    if device().type == "cuda":
+    if on_cuda():
         torch.cuda.current_stream().synchronize()
 
 

@@ -16,6 +16,7 @@ from gad_megatron.runtime.parallel import (  # noqa: E402
     destroy,
     device,
     initialize,
+    on_cuda,
     set_seed,
     validate_layout,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "destroy",
     "device",
     "initialize",
+    "on_cuda",
     "set_seed",
     "validate_layout",
 ]

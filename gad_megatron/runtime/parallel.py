@@ -87,6 +87,11 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
 
 
+def on_cuda() -> bool:
+    """This process computes on a GPU (:func:`device`)."""
+    return device().type == "cuda"
+
+
 def comm_device() -> torch.device:
     """Where tensors for torch.distributed collectives must live: NCCL takes only CUDA tensors, gloo CPU ones.
     Every collective on a small host-side tensor (flags, metric sums, sampled tokens) goes through this."""

@@ -189,9 +189,9 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
 
 def offload_reference(t: Trainer, where: str) -> None:
     """The frozen reference lives in host memory between uses when ``model.offload_reference`` (GPU)."""
-    from gad_megatron.runtime import device
+    from gad_megatron.runtime import device, on_cuda
 
-    if t.ref is None or not (t.cfg.model.offload_reference and device().type == "cuda"):
+    if t.ref is None or not (t.cfg.model.offload_reference and on_cuda()):
         return
     for c in t.ref:
         c.to("cpu" if where == "cpu" else device())

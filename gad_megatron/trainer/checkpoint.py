@@ -25,18 +25,13 @@ from typing import Optional
 import torch
 
 from gad_megatron.convert.megatron_ckpt import META, TRACKER, copy_hf_side_files, hf_config_dir, iter_dir, own_writer_queue
+from gad_megatron.runtime import on_cuda
 
 log = logging.getLogger("gad_megatron.checkpoint")
 LATEST = "latest"
 ROLES = ("student", "discriminator")
 # The distributed optimizer's default sharding cannot be re-read (see docs/platform.md); this one reshards.
 DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def _on_cuda() -> bool:
-    from gad_megatron.runtime import device
-
-    return device().type == "cuda"
 
 
 def _rank() -> int:
@@ -242,7 +237,7 @@ def rng_state() -> dict:
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
         "torch": torch.get_rng_state().tolist(),
-        "cuda": torch.cuda.get_rng_state().tolist() if _on_cuda() else None,
+        "cuda": torch.cuda.get_rng_state().tolist() if on_cuda() else None,
         "megatron_tracker": tracker,
     }
 
@@ -254,7 +249,7 @@ def set_rng_state(s: dict) -> None:
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
-    if s.get("cuda") is not None and _on_cuda():
+    if s.get("cuda") is not None and on_cuda():
         torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
     if s.get("megatron_tracker"):
         get_cuda_rng_tracker().set_states({k: torch.tensor(v, dtype=torch.uint8) for k, v in s["megatron_tracker"].items()})

@@ -244,9 +244,9 @@ def format_summary(summary: dict) -> str:
 def _peak_memory_gib() -> float:
     """Peak memory of this process so far: the CUDA allocator's peak on GPU, the peak resident set on CPU
     (the largest over ranks is what a layout must fit)."""
-    from gad_megatron.runtime import device
+    from gad_megatron.runtime import on_cuda
 
-    if device().type == "cuda":
+    if on_cuda():
         peak = torch.cuda.max_memory_allocated() / 1024**3
     else:
         import resource
