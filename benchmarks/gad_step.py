@@ -29,8 +29,8 @@ def policy_microbatches(t, seqs: list, temperature: float, budget: int) -> list:
     from gad_megatron.trainer.batching import microbatches
 
     units = [[s] for s in seqs]
-    for key, model in (("old_logp", t.g), ("ref_logp", t.ref)):
-        gad.policy_logprobs(t, model, seqs, key)
+    gad.policy_logprobs(t, t.g, seqs, "old_logp", temperature)
+    gad.reference_logprobs(t, seqs, temperature)
     for s in seqs:
         s.advantage = 0.5
         s.per_token.setdefault("rollout_logp", s.per_token["old_logp"].clone())

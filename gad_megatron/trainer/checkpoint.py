@@ -308,8 +308,13 @@ def resume(t, run) -> None:
 
 def save_reference(t, ckpt_root: str, step: int) -> None:
     """The GAD reference (G at the end of warmup), which a resume after warmup needs."""
+    save_student_copy(t, t.ref, os.path.join(ckpt_root, "reference"), step,
+                      "GAD reference: the student at the end of warmup")
+
+
+def save_student_copy(t, chunks, ckpt: str, step: int, note: str) -> None:
+    """Collective: a student-shaped model (the reference, G's best) as a gad-convert checkpoint of its own."""
     from gad_megatron.convert.megatron_ckpt import save_checkpoint
 
-    save_checkpoint(t.ref, os.path.join(ckpt_root, "reference"), t.hf_dir,
-                    {"role": "student", "model_type": t.arch.model_type, "dtype": t.cfg.model.dtype,
-                     "note": "GAD reference: the student at the end of warmup"}, iteration=step, overwrite=True)
+    save_checkpoint(chunks, ckpt, t.hf_dir, {"role": "student", "model_type": t.arch.model_type,
+                                             "dtype": t.cfg.model.dtype, "note": note}, iteration=step, overwrite=True)

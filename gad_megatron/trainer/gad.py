@@ -154,9 +154,7 @@ def stage_gad(t, step: int, examples: list, timer) -> dict:
     with timer("old_logprobs"):
         policy_logprobs(t, t.g, b.students, "old_logp")
     with timer("ref_logprobs"):
-        offload_reference(t, "device")
-        policy_logprobs(t, t.ref, b.students, "ref_logp")
-        offload_reference(t, "cpu")
+        reference_logprobs(t, b.students)
     with timer("d_scores"):
         rewards, teacher_scores, reward_metrics = t.reward.score(b)
     m.update(reward_metrics)
@@ -181,10 +179,19 @@ def stage_gad(t, step: int, examples: list, timer) -> dict:
     return m
 
 
-def policy_logprobs(t, model, students: list, key: str) -> None:
-    """Fills ``per_token[key]`` of every student sample with ``model``'s logprobs at the rollout temperature."""
-    out, seqs = passes.forward(model, [[s] for s in students], logprob_step(t.cfg.rollout.temperature), t.budget, t.pad)
+def policy_logprobs(t, model, students: list, key: str, temperature: float = None) -> None:
+    """Fills ``per_token[key]`` of every student sample with ``model``'s logprobs at ``temperature`` (default:
+    the rollout's)."""
+    temperature = t.cfg.rollout.temperature if temperature is None else temperature
+    out, seqs = passes.forward(model, [[s] for s in students], logprob_step(temperature), t.budget, t.pad)
     fill_per_token(seqs, None if out is None else [{key: o["logp"]} for o in out], key)
+
+
+def reference_logprobs(t, seqs: list, temperature: float = None) -> None:
+    """``per_token["ref_logp"]``: the frozen reference's logprobs (brought to the device for it when offloaded)."""
+    offload_reference(t, "device")
+    policy_logprobs(t, t.ref, seqs, "ref_logp", temperature)
+    offload_reference(t, "cpu")
 
 
 def logprob_gap(students: list) -> dict:

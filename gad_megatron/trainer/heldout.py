@@ -69,16 +69,13 @@ def _sampled(t, held: list, scorer, stop: list) -> dict:
 
 
 def _kl_to_reference(t, held: list, groups: list) -> float:
-    from gad_megatron.trainer.build import offload_reference
-    from gad_megatron.trainer.gad import dp_share, policy_logprobs
+    from gad_megatron.trainer.gad import dp_share, policy_logprobs, reference_logprobs
 
     mine = dp_share(t, held)
     first = t.world["dp_rank"] * len(mine)
     seqs = [Seq(e.prompt, s[0]) for e, g in zip(mine, groups[first : first + len(mine)]) for s in g if s[0]]
     policy_logprobs(t, t.g, seqs, "old_logp")
-    offload_reference(t, "device")
-    policy_logprobs(t, t.ref, seqs, "ref_logp")
-    offload_reference(t, "cpu")
+    reference_logprobs(t, seqs)
     pair = torch.zeros(2, dtype=torch.float64)
     if passes.last_stage_writer() and seqs:
         logp = torch.cat([s.per_token["old_logp"] for s in seqs]).double()

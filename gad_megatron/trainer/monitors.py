@@ -41,12 +41,10 @@ def keep_best(t, run, res: dict) -> None:
         return
     if run.best and run.best.get("key") == key and res[key] <= run.best["score"]:
         return
-    from gad_megatron.convert.megatron_ckpt import save_checkpoint
+    from gad_megatron.trainer.checkpoint import save_student_copy
 
     run.best = {"key": key, "score": res[key], "step": run.step}
-    save_checkpoint(t.g.modules, os.path.join(run.ckpt_root, "best"), t.hf_dir,
-                    {"role": "student", "model_type": t.arch.model_type, "dtype": t.cfg.model.dtype,
-                     "note": f"best held-out {key} {res[key]:.4f} at step {run.step}"},
-                    iteration=run.step, overwrite=True)
+    save_student_copy(t, t.g.modules, os.path.join(run.ckpt_root, "best"), run.step,
+                      f"best held-out {key} {res[key]:.4f} at step {run.step}")
     if t.world["rank"] == 0:
         log.info("step %d: best held-out %s so far (%.4f): checkpoints/best", run.step, key, res[key])
