@@ -16,7 +16,7 @@ import torch
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.batching import Seq
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
-from gad_megatron.trainer.steps import D_ACC_LENGTH_BUCKETS, bt_step, score_step
+from gad_megatron.trainer.steps import BT_LOG_NAMES, bt_step, score_step
 
 
 class Reward:
@@ -130,11 +130,8 @@ class DiscriminatorReward(Reward):
 
     def _step(self, units: list) -> dict:
         res = passes.update(self.d, units, bt_step(self.n), self.budget, self.pad)
-        names = ["d_loss", "d_acc", "d_tie_share", "teacher_score", "student_score", "d_acc_finished",
-                 "d_acc_truncated"] + [f"d_acc_len_le{b}" for b in D_ACC_LENGTH_BUCKETS] + \
-            [f"d_acc_len_gt{D_ACC_LENGTH_BUCKETS[-1]}"]
         # a bucket with no pair this step has no accuracy (not NaN in the logs)
-        m = {k: v for k, v in reduce_pairs(sum_outputs(res["outputs"]) or zero_pairs(names)).items()
+        m = {k: v for k, v in reduce_pairs(sum_outputs(res["outputs"]) or zero_pairs(BT_LOG_NAMES)).items()
              if not (k.startswith("d_acc_") and v != v)}
         m.update(d_grad_norm=res["grad_norm"], d_lr=res["lr"], d_skipped=int(res["skipped"]))
         return m

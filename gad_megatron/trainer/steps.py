@@ -99,6 +99,12 @@ def bt_step(group_size: int):
 
 
 D_ACC_LENGTH_BUCKETS = (16, 64, 256)  # response tokens: <= 16, <= 64, <= 256, longer
+# (name, lower bound exclusive, upper bound inclusive or None) of each length bucket
+_LENGTH_BUCKETS = [(f"d_acc_len_le{hi}", lo, hi) for lo, hi in zip((0,) + D_ACC_LENGTH_BUCKETS, D_ACC_LENGTH_BUCKETS)] \
+    + [(f"d_acc_len_gt{D_ACC_LENGTH_BUCKETS[-1]}", D_ACC_LENGTH_BUCKETS[-1], None)]
+# every [sum, count] pair bt_step logs (ranks without the last pipeline stage log these as zeros)
+BT_LOG_NAMES = ["d_loss", "d_acc", "d_tie_share", "teacher_score", "student_score", "d_acc_finished",
+                "d_acc_truncated"] + [name for name, _, _ in _LENGTH_BUCKETS]
 
 
 def d_acc_buckets(won, keep, batch, group_size: int) -> dict:
@@ -110,12 +116,9 @@ def d_acc_buckets(won, keep, batch, group_size: int) -> dict:
     keep = keep.double()
     out = {"d_acc_finished": _pair((won * keep).sum(), keep.sum()),
            "d_acc_truncated": _pair((won * (1 - keep)).sum(), (1 - keep).sum())}
-    lo = 0
-    for hi in D_ACC_LENGTH_BUCKETS + (None,):
-        inside = ((length > lo) & (length <= hi if hi is not None else length > lo)).double()
-        name = f"d_acc_len_le{hi}" if hi is not None else f"d_acc_len_gt{lo}"
+    for name, lo, hi in _LENGTH_BUCKETS:
+        inside = ((length > lo) & (length <= hi) if hi is not None else length > lo).double()
         out[name] = _pair((won * inside).sum(), inside.sum())
-        lo = hi
     return out
 
 
