@@ -53,10 +53,10 @@ def demo_setup(out: str) -> tuple:
 
 def scorer_override(config: str, overrides: list) -> list:
     """The oracle's reward is the evaluation's scorer."""
-    from omegaconf import OmegaConf
+    sys.path.insert(0, ROOT)
+    from gad_megatron.trainer.config import load_config
 
-    cfg = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
-    spec = OmegaConf.select(cfg, "eval.scorer", default=None)
+    spec = load_config(config, overrides).eval.scorer
     return [f"reward.scorer={spec}"] if spec else []
 
 
