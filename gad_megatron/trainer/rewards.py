@@ -78,13 +78,13 @@ class DiscriminatorReward(Reward):
     """D: scores before its update; learns by BT every ``reward.d_update_every`` steps, with the optional
     replay buffer and balance band (config.RewardSection says why each exists)."""
 
-    def __init__(self, engine, group_size: int, budget: int, pad: int, cfg=None, world=None, tokenizer=None):
+    def __init__(self, engine, group_size: int, budget: int, pad: int, cfg, world: dict, tokenizer=None):
         self.d, self.n, self.budget, self.pad = engine, group_size, budget, pad
-        rc = cfg.reward if cfg is not None else None
-        self.every = rc.d_update_every if rc else 1
-        self.band = list(rc.d_acc_band) if rc and rc.d_acc_band is not None else None
-        self.replay = ReplayBuffer(rc.replay_steps, rc.replay_ratio, cfg.train.seed) if rc and rc.replay_steps else None
-        self.canonical = rc.canonical_text if rc else True
+        rc = cfg.reward
+        self.every = rc.d_update_every
+        self.band = list(rc.d_acc_band) if rc.d_acc_band is not None else None
+        self.replay = ReplayBuffer(rc.replay_steps, rc.replay_ratio, cfg.train.seed) if rc.replay_steps else None
+        self.canonical = rc.canonical_text
         self.world, self.tokenizer = world, tokenizer
         self.last_acc = None
 
