@@ -46,10 +46,9 @@ def evaluate(t, held: list) -> dict:
     res["heldout_length"] = sum(len(g[0][0]) for g in greedy) / len(held)
     if scorer is not None:
         res["heldout_score"] = sum(scorer(e.messages, txt) for e, txt in zip(held, texts)) / len(held)
+        res["heldout_examples"] = [{"id": e.id, "answer": txt} for e, txt in list(zip(held, texts))[:3]]
     if cfg.eval.samples:
         res.update(_sampled(t, held, scorer, stop))
-    if scorer is not None:
-        res["heldout_examples"] = [{"id": e.id, "answer": txt} for e, txt in list(zip(held, texts))[:3]]
     return res
 
 
