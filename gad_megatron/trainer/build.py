@@ -116,10 +116,10 @@ def check_before_build(cfg) -> None:
     from gad_megatron.trainer.config import ConfigError
     from gad_megatron.trainer.heldout import load_scorer
 
-    for key in ("eval.scorer", "reward.scorer"):
-        spec = cfg.eval.scorer if key == "eval.scorer" else cfg.reward.scorer
-        if key == "reward.scorer" and cfg.reward.source == "discriminator":
-            continue
+    scorers = {"eval.scorer": cfg.eval.scorer}
+    if cfg.reward.source != "discriminator":
+        scorers["reward.scorer"] = cfg.reward.scorer
+    for key, spec in scorers.items():
         try:
             load_scorer(spec)
         except Exception as e:  # noqa: BLE001  (whatever the import raises: one line naming the key)
