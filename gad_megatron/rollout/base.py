@@ -50,20 +50,3 @@ class RolloutEngine(Protocol):
         """Loads ``[(hf_name, tensor), ...]`` buckets (HF names and layouts) into the engine's model, as one
         in-place reload."""
 
-
-def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Next token per row from ``[b, V]`` logits with vLLM's semantics (temperature, top-k, top-p); greedy
-    when temperature == 0."""
-    if sampling.temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k and sampling.top_k > 0:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > sampling.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -1,0 +1,132 @@
+"""#16: rollouts on megatron-core's KV cache (rollout/megatron_engine.py) and the device sampler."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_ranks
+from hf_fixtures import ARCHS, hf_greedy
+from workers.kv_engine_worker import PROMPTS, SAMPLED
+
+from gad_megatron.rollout.base import SamplingConfig
+from gad_megatron.rollout.sampling import processed_logits, sample_seeds, sample_tokens
+
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+
+
+@pytest.fixture(scope="module")
+def layouts(hf_models, tmp_path_factory):
+    """{(tp, pp): {arch: results}}: one worker run per layout over every architecture (filled lazily)."""
+    base, cache = tmp_path_factory.mktemp("kv"), {}
+
+    def get(tp, pp):
+        if (tp, pp) not in cache:
+            out = base / f"tp{tp}pp{pp}.json"
+            run_ranks(tp * pp, "kv_engine_worker.py", tp, pp, out, *[hf_models[a] for a in ARCHS], timeout=600)
+            res = json.loads(out.read_text())
+            cache[(tp, pp)] = {a: res[hf_models[a]] for a in ARCHS} | {"memory": res.get("memory")}
+        return cache[(tp, pp)]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf_reference(hf_models):
+    return {a: hf_greedy(hf_models[a], PROMPTS, 10) for a in ARCHS}
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
+def test_greedy_equals_hf_generate_for_every_architecture(layouts, hf_reference, tp, pp):
+    res = layouts(tp, pp)
+    for arch in ARCHS:
+        r, hf = res[arch], hf_reference[arch]
+        assert r["greedy_masked"] == hf, arch  # prompts of 1..11 tokens in one batch, left-padded + masked
+        assert r["greedy_right_padded"] == hf, arch  # Transformer Engine's scheme
+        # A stop token ends exactly the rows that produce it, at its first occurrence; the others run to max.
+        stop = r["stop_token"]
+        for (toks, finish), full in zip(r["stopped"], hf):
+            cut = full.index(stop) + 1 if stop in full else len(full)
+            assert toks == full[:cut] and finish == ("stop" if stop in full else "length"), arch
+        assert any(f == "stop" for _, f in r["stopped"]) and any(f == "length" for _, f in r["stopped"])
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
+def test_sampled_tokens_and_logprobs(layouts, tp, pp):
+    res, ref = layouts(tp, pp), layouts(1, 1)
+    for arch in ARCHS:
+        r = res[arch]
+        assert r["sampled"] == ref[arch]["sampled"], arch  # fixed seed: the same tokens on every layout
+        assert r["sampled_small_batches"] == r["sampled"] and r["small_batches"] >= 3, arch  # batching changes nothing
+        assert r["sampled_right_padded"] == r["sampled"], arch
+        assert r["logprob_mean_abs_diff"] <= 1e-5 and r["logprob_max_abs_diff"] <= 1e-4, arch  # vs the trainer, T 0.8
+        groups = r["sampled"]
+        assert [len(g) for g in groups] == [SAMPLED["n"]] * len(PROMPTS)
+        assert all(i == pi for pi, g in enumerate(r["sampled_prompt_index"]) for i in g)
+        assert all(1 <= len(s) <= SAMPLED["max_tokens"] for g in groups for s in g)
+        assert any(len(set(map(tuple, g))) > 1 for g in groups), arch  # n different samples, not n copies
+    first = ARCHS and list(ARCHS)[0]
+    assert res[first]["sampled_reforward"] == res[first]["sampled"]  # the no-cache engine agrees
+
+
+def test_kv_cache_is_released_between_rollouts(layouts):
+    mem = layouts(1, 1)["memory"]
+    assert mem["kv_cache_bytes"] >= 4 << 20  # big enough that keeping one would show
+    growth = mem["rss"][-1] - mem["rss"][0]
+    assert growth < mem["kv_cache_bytes"] // 2, mem
+
+
+# --- the sampler against hand-made distributions -------------------------------------------------------------
+
+P = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.04])
+DRAWS = 40000
+
+
+def _frequencies(sampling: SamplingConfig, logits=None):
+    logits = (P.log() if logits is None else logits).unsqueeze(0).repeat(DRAWS, 1)
+    seeds = sample_seeds(7, torch.arange(DRAWS), torch.zeros(DRAWS, dtype=torch.long))
+    tokens, logprobs = sample_tokens(logits, sampling, seeds, torch.zeros(DRAWS, dtype=torch.long))
+    return torch.bincount(tokens, minlength=len(P)).float() / DRAWS, tokens, logprobs
+
+
+def test_plain_sampling_follows_the_softmax_and_reports_its_logprob():
+    freq, tokens, logprobs = _frequencies(SamplingConfig(temperature=1.0))
+    assert torch.allclose(freq, P, atol=0.01)
+    assert torch.allclose(logprobs, P.log()[tokens], atol=1e-6)
+
+
+def test_temperature_sharpens_and_logprobs_are_at_the_temperature():
+    freq, tokens, logprobs = _frequencies(SamplingConfig(temperature=0.5))
+    want = (P.log() / 0.5).softmax(-1)
+    assert torch.allclose(freq, want, atol=0.01)
+    assert torch.allclose(logprobs, want.log()[tokens], atol=1e-5)
+
+
+def test_top_k_keeps_the_k_most_likely_renormalised():
+    freq, _, _ = _frequencies(SamplingConfig(temperature=1.0, top_k=3))
+    want = torch.cat([P[:3] / P[:3].sum(), torch.zeros(3)])
+    assert freq[3:].sum() == 0 and torch.allclose(freq, want, atol=0.01)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    # 0.40 + 0.25 = 0.65 < 0.7: the third token (0.15) is needed to reach 0.7; the rest never drawn.
+    freq, _, _ = _frequencies(SamplingConfig(temperature=1.0, top_p=0.7))
+    want = torch.cat([P[:3] / P[:3].sum(), torch.zeros(3)])
+    assert freq[3:].sum() == 0 and torch.allclose(freq, want, atol=0.01)
+    kept = processed_logits(P.log().unsqueeze(0), SamplingConfig(temperature=1.0, top_k=2, top_p=0.5))
+    assert torch.isfinite(kept).tolist() == [[True, False, False, False, False, False]]  # top-k, then top-p
+
+
+def test_greedy_and_per_sample_seeds():
+    logits = torch.randn(5, 50)
+    tokens, _ = sample_tokens(logits, SamplingConfig(temperature=0.0), None, None)
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    # A sample's draw depends on its own seed and step only, not on its row or batch.
+    seeds = sample_seeds(3, torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 0, 1, 1, 2]))
+    assert len(set(seeds.tolist())) == 5
+    steps = torch.tensor([0, 1, 2, 3, 4])
+    a, _ = sample_tokens(logits, SamplingConfig(temperature=1.0), seeds, steps)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    b, _ = sample_tokens(logits[perm], SamplingConfig(temperature=1.0), seeds[perm], steps[perm])
+    assert b.tolist() == a[perm].tolist()
+    c, _ = sample_tokens(logits, SamplingConfig(temperature=1.0), sample_seeds(4, torch.arange(5), torch.zeros(5)), steps)
+    assert c.tolist() != a.tolist()
