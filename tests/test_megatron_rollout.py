@@ -130,3 +130,40 @@ def test_greedy_and_per_sample_seeds():
     assert b.tolist() == a[perm].tolist()
     c, _ = sample_tokens(logits, SamplingConfig(temperature=1.0), sample_seeds(4, torch.arange(5), torch.zeros(5)), steps)
     assert c.tolist() != a.tolist()
+
+
+def test_planner_counts_the_kv_cache_the_engine_allocates(layouts, hf_models):
+    """gad-plan's megatron_kv for the memory check's batch equals the bytes the engine held."""
+    from gad_megatron.models.hf_config import arch_spec_from_dir
+    from gad_megatron.plan import GPUS, Assumptions, Layout, Workload, plan_memory
+
+    mem = layouts(1, 1)["memory"]
+    rows, width = len(PROMPTS) * 32, max(map(len, PROMPTS)) + 24  # the memory check: n 32, max_tokens 24
+    arch = arch_spec_from_dir(hf_models[list(ARCHS)[0]])
+    per_token = 2 * arch.num_layers * arch.num_query_groups * arch.kv_channels * 4  # fp32
+    assert mem["kv_cache_bytes"] == rows * width * per_token
+    wl = Workload(batch_prompts=len(PROMPTS), n=32, max_prompt_tokens=11, max_response_tokens=24, dtype="fp32",
+                  rollout_engine="megatron", max_batch_tokens=rows * width)
+    plan = plan_memory(arch, Layout(tp=1, pp=1), 1, wl, GPUS["cpu"], Assumptions())
+    assert plan.megatron_kv == mem["kv_cache_bytes"] and plan.vllm_weights == 0 and plan.vllm_kv == 0
+    assert plan.rollout_phase - plan.megatron_kv < plan.train_phase  # freed before training: not in its phase
+
+
+def test_demo_with_the_megatron_engine_runs_to_the_end_and_repeats_bit_for_bit(tmp_path):
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        p = subprocess.run(["bash", "scripts/demo.sh", "rollout.engine=megatron", "train.warmup_steps=6",
+                            "train.total_steps=16"], capture_output=True, text=True, cwd=root, timeout=600,
+                           env={**os.environ, "GAD_DEMO_DIR": str(run)})
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs.append(run)
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["rollout_engine"] == "megatron" and summary["steps"] == 16
+    rows = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("stage") == "gad" for r in rows) == 10 and "after" in summary["evals"]
+    assert (runs[0] / "metrics.jsonl").read_bytes() == (runs[1] / "metrics.jsonl").read_bytes()

@@ -1,7 +1,7 @@
 """``gad-eval``: generate the student's answers greedily, have the judge score them, summarise and plot.
 
     gad-eval run --model HF_DIR|CKPT --testset dolly:dolly.jsonl --testset lmsys:lmsys.jsonl:train.jsonl \
-                 --out results/gad.jsonl [--engine vllm|megatron] [--judge-model gpt-4o]
+                 --out results/gad.jsonl [--engine auto|vllm|megatron] [--judge-model gpt-4o]
     gad-eval report results/before.jsonl results/seqkd.jsonl results/gad.jsonl --out-dir results/
 
 Every judged item is appended to the results JSONL as soon as it is judged (resumable: judged ids are never
@@ -144,7 +144,7 @@ def _hf_dir_for(model: str, workdir: str) -> str:
     return out
 
 
-def generate_answers(model: str, items: list, engine: str = "vllm", max_tokens: int = 1536,
+def generate_answers(model: str, items: list, engine: str = "auto", max_tokens: int = 1536,
                      workdir: str = "/tmp", max_model_len: int = 4096) -> dict:
     """{(dataset, id): (answer text, answer tokens)} with greedy decoding (paper: max 1536 new tokens)."""
     from transformers import AutoTokenizer
@@ -157,6 +157,9 @@ def generate_answers(model: str, items: list, engine: str = "vllm", max_tokens: 
     ids = [prompt_ids(tok, it["messages"]) for it in items]
     sampling = SamplingConfig().greedy(max_tokens=max_tokens)
     sampling.stop_token_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    from gad_megatron.rollout.megatron_engine import choose_engine
+
+    engine, _ = choose_engine(engine)  # auto: vLLM where it imports, else the trainer's own megatron engine
     if engine == "vllm":
         from gad_megatron.rollout.vllm_engine import VLLMConfig, VLLMEngine
 
@@ -167,13 +170,13 @@ def generate_answers(model: str, items: list, engine: str = "vllm", max_tokens: 
             eng.shutdown()
     elif engine == "megatron":
         from gad_megatron.convert.api import load_model
-        from gad_megatron.rollout.megatron_engine import MegatronEngine
+        from gad_megatron.rollout.megatron_engine import make_megatron_engine
         from gad_megatron.runtime import ParallelConfig, destroy, initialize
 
         initialize(ParallelConfig())
         try:
             _, chunks, _ = load_model(model)  # a megatron checkpoint or an HF dir
-            groups = MegatronEngine(chunks).generate(ids, sampling)
+            groups = make_megatron_engine(chunks).generate(ids, sampling)
         finally:
             destroy()
     else:
@@ -273,7 +276,8 @@ def _parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--model", required=True, help="HF directory or megatron checkpoint")
-    r.add_argument("--engine", choices=("vllm", "megatron"), default="vllm")
+    r.add_argument("--engine", choices=("auto", "vllm", "megatron"), default="auto",
+                   help="auto: vLLM where it imports, else megatron-core's KV-cached generation")
     r.add_argument("--testset", action="append", required=True, help="NAME:PATH[:TRAIN_FILE for lmsys]")
     r.add_argument("--n", type=int, default=None, help="items per test set (lmsys default 500)")
     r.add_argument("--out", required=True)
@@ -326,6 +330,10 @@ def main(argv=None) -> int:
             raise ValueError(f"--testset {dup[0]}: id {dup[1]!r} appears twice (given the same test set twice?)")
         max_model_len = resolve_max_model_len(a.model, a.max_model_len)
         run_name = a.run_name or os.path.basename(os.path.normpath(a.model))
+        from gad_megatron.rollout.megatron_engine import choose_engine
+
+        a.engine, why = choose_engine(a.engine)  # the engine that ran goes into the run's identity
+        print(f"[gad-eval] generation engine: {a.engine} ({why})", file=sys.stderr)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         check_run_identity(a.out, {"model": model_identity(a.model), "run_name": run_name, "engine": a.engine,
                                    "max_tokens": a.max_tokens, "max_model_len": max_model_len,

@@ -40,7 +40,8 @@ def from_config(cfg) -> tuple:
                  m.offload_reference)
     wl = Workload(batch_prompts=tr.batch_prompts, n=r.n, max_prompt_tokens=d.max_prompt_tokens,
                   max_response_tokens=d.max_response_tokens, micro_batch_tokens=tr.micro_batch_tokens, dtype=m.dtype,
-                  stage=tr.stage)
+                  stage=tr.stage, rollout_engine="megatron" if r.engine == "megatron" else "vllm",
+                  max_batch_tokens=r.max_batch_tokens)
     return m.student, lay, wl
 
 
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
             m = s["memory_gib"]
             print("  memory per GPU (GiB): " + ", ".join(f"{k} {m[k]}" for k in (
                 "weights", "grads", "optimizer", "activations", "logits", "reference", "vllm_weights", "vllm_kv",
-                "overhead")))
+                "megatron_kv", "overhead")))
             print(f"  training phase {m['train_phase']} GiB, rollout phase {m['rollout_phase']} GiB, "
                   f"peak {m['peak']} of {gpu.memory_gib}")
             print("  step (s): " + ", ".join(f"{k} {v}" for k, v in s["step_s"].items())

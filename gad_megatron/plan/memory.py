@@ -115,6 +115,7 @@ class MemoryPlan:
     vllm_weights: float
     vllm_kv: float
     overhead: float
+    megatron_kv: float = 0.0  # the megatron engine's KV cache (rollout phase only)
     train_phase: float = 0.0
     rollout_phase: float = 0.0
     peak: float = 0.0
@@ -158,13 +159,23 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
     overhead = asm.overhead_gib * GIB
     resident = weights + grads + optim + reference + overhead
     vllm = vllm_w + vllm_kv + (asm.vllm_overhead_gib * GIB if wl.stage == "gad" else 0)
+    megatron_kv = 0.0
+    if wl.rollout_engine == "megatron" and wl.stage == "gad":
+        # No second copy of the weights; the cache holds a batch's samples x (longest prompt + max tokens) for
+        # this rank's layers and query groups, and is freed before G and D train.
+        rows_tokens = min(wl.max_batch_tokens, samples * engines // (dp or 1) * seq)
+        groups = max(1, arch.num_query_groups // lay.tp)
+        megatron_kv = rows_tokens * 2 * math.ceil(arch.num_layers / lay.pp) * groups * arch.kv_channels * b
+        vllm_w = vllm_kv = 0.0
+        vllm = megatron_kv
+        lay = replace(lay, sleep=True, colocated=True)
     if lay.colocated:
         train_phase = resident + acts + logits + (0 if lay.sleep else vllm)
         rollout_phase = resident + vllm
     else:
         train_phase = resident + acts + logits
         rollout_phase = vllm  # on the engine's own GPUs
-    mp = MemoryPlan(weights, grads, optim, acts, logits, reference, vllm_w, vllm_kv, overhead)
+    mp = MemoryPlan(weights, grads, optim, acts, logits, reference, vllm_w, vllm_kv, overhead, megatron_kv)
     mp.train_phase, mp.rollout_phase = train_phase, rollout_phase
     mp.peak = max(train_phase, rollout_phase)
     return mp

@@ -61,6 +61,10 @@ class Workload:
     gad_steps: int = 1600  # paper: ~2,400 steps over 3 epochs, the first epoch (~800) warmup
     warmup_steps: int = 800
     stage: str = "gad"  # gad | seqkd (the baseline trains G alone: no D, no reference, no rollout engine)
+    # vllm: a second copy of the weights + paged KV; megatron: G's own weights + a KV cache allocated per rollout
+    # batch of at most max_batch_tokens tokens and freed before training (rollout/megatron_engine.py)
+    rollout_engine: str = "vllm"
+    max_batch_tokens: int = 131072
 
 
 @dataclass(frozen=True)

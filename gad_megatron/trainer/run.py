@@ -201,7 +201,7 @@ def finish(t, run: Run, guard: str = None) -> dict:
     log_eval(t, run, "after")
     run.log.close()
     cfg = t.cfg
-    summary = {"steps": run.step, "evals": run.evals, "data": t.data.stats.summary(), "rollout_engine": cfg.rollout.engine,
+    summary = {"steps": run.step, "evals": run.evals, "data": t.data.stats.summary(), "rollout_engine": t.engine_name,
                **({"stopped_by_guard": guard} if guard else {}), **({"best": run.best} if run.best else {})}
     if dist.get_rank() == 0:
         if cfg.log.plot:

@@ -6,7 +6,6 @@ and in several, and the trainer's recomputed logprobs of the sampled tokens at t
 import json
 import sys
 
-import torch
 import torch.distributed as dist
 
 # Lengths 1..11 in one batch; two prompts share a length.
