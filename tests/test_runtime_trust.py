@@ -241,3 +241,24 @@ def test_a_seqkd_run_resumes(tiny, tmp_path):
     assert "resumed from" in again.stdout and "at step 2" in again.stdout
     steps = [json.loads(x)["step"] for x in lines(tmp_path / "run") if b"eval" not in x]
     assert steps == [1, 2, 3, 4]
+
+
+def test_ctrl_c_lets_a_forked_checkpoint_writer_finish():
+    """#17 4: Ctrl-C reaches the whole process group, megatron's forked checkpoint writers included. A writer
+    that exited on it left the trainer blocked forever on the writer's result queue (the flaky hang of the
+    Ctrl-C test). A forked child now finishes its work; the trainer alone decides how to stop."""
+    code = (
+        "import os, signal, time\n"
+        "from gad_megatron.trainer.run import StopSignal\n"
+        "stop = StopSignal()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "    os._exit(7)  # the write finished\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status), stop.interrupted)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.stdout.split() == ["7", "False"], r.stdout + r.stderr[-2000:]

@@ -95,8 +95,12 @@ class StopSignal:
         self.signum = signum
 
     def _on_interrupt(self, _signum, _frame):
-        if self.interrupted or os.getpid() != self.pid:
-            os._exit(130)  # the second Ctrl-C; or a forked helper, which has nothing to finish
+        if os.getpid() != self.pid:
+            # A forked helper (megatron's checkpoint writers) gets the group's Ctrl-C too: it finishes its
+            # write. Exiting here left the trainer waiting forever for the dead writer's result.
+            return
+        if self.interrupted:
+            os._exit(130)  # the second Ctrl-C
         self.interrupted = True
 
 
