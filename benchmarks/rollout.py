@@ -119,8 +119,13 @@ def demo_share(a) -> dict:
     """The demo (one rank, rollout.engine=megatron): each GAD step's rollout seconds / step seconds."""
     run = tempfile.mkdtemp(prefix="rollout_demo_")
     cmd = [sys.executable, "-m", "gad_megatron.trainer.cli", "--demo", "rollout.engine=megatron", "parallel.nproc=1"]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "GAD_DEMO_DIR": run, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    # Not this process' rendezvous (its port is taken): gad-train picks its own.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       env={**env, "GAD_DEMO_DIR": run, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if p.returncode:
+        raise SystemExit(f"the demo failed ({p.returncode}):\n{p.stderr[-3000:]}")
     rows = [json.loads(x) for x in open(os.path.join(run, "timings.jsonl"))]
     gad = [r for r in rows if "g_update" in r and "rollout" in r]
     return {"gad_steps": len(gad), "rollout_share": sum(r["rollout"] for r in gad) / sum(r["step_seconds"] for r in gad)}

@@ -285,3 +285,33 @@ def test_readme_demo_command(tmp_path):
     # vLLM's processed logprobs at temperature 0.8 vs the trainer's, right after a verified sync
     assert gad[0]["logprob_gap_mean"] <= 1e-3
     assert gad[0]["sync_gap_max"] <= 1e-3 if "sync_gap_max" in gad[0] else True
+
+
+def test_resume_with_a_changed_config_is_never_silent(run_a, student, tmp_path):
+    """#17 3: a new g_optim.lr was ignored without a word (the checkpoint's schedule won), another data file was
+    accepted silently. Now: one error listing every key a resume may not change, before any weight is read;
+    accepted changes (checkpoint.allow_changes) and the always-allowed ones (total_steps) take effect; the run
+    dir's config.yaml is what ran."""
+    import shutil
+
+    run_dir_a, _ = run_a
+    own = tmp_path / "run"
+    shutil.copytree(run_dir_a, own)
+    before = lines(own)
+    rows = open(demo.ASSET).read().splitlines()
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(rows[:-1]) + "\n")
+    cfg = write_config(tmp_path / "x.yaml", student, own, **{"g_optim.lr": 1e-3, "data.train": str(other),
+                                                             "train.total_steps": 7})
+    p = run_train(cfg, check=False)
+    assert p.returncode == 2, p.stdout[-3000:]
+    err = p.stdout
+    assert "differs from the one it ran with in 3 key(s)" in err and "g_optim.lr: 0.002 -> 0.001" in err, err[-3000:]
+    assert "data.train:" in err and "data_sha256:" in err and "Traceback" not in err
+    assert lines(own) == before  # nothing ran, nothing truncated
+    cfg = write_config(tmp_path / "y.yaml", student, own, **{"g_optim.lr": 1e-3, "train.total_steps": 7,
+                                                             "checkpoint.allow_changes": "[g_optim.lr]"})
+    run_train(cfg)
+    last = [r for r in map(json.loads, lines(own)) if "eval" not in r][-1]
+    assert last["step"] == 7 and last["g_lr"] == pytest.approx(1e-3)  # the new learning rate is the one used
+    assert "lr: 0.001" in (own / "config.yaml").read_text()

@@ -24,7 +24,7 @@ def layouts(hf_models, tmp_path_factory):
             out = base / f"tp{tp}pp{pp}.json"
             run_ranks(tp * pp, "kv_engine_worker.py", tp, pp, out, *[hf_models[a] for a in ARCHS], timeout=600)
             res = json.loads(out.read_text())
-            cache[(tp, pp)] = {a: res[hf_models[a]] for a in ARCHS} | {"memory": res.get("memory")}
+            cache[(tp, pp)] = {a: res[hf_models[a]] for a in ARCHS} | {k: res.get(k) for k in ("memory", "sequence_parallel")}
         return cache[(tp, pp)]
 
     return get
@@ -48,6 +48,10 @@ def test_greedy_equals_hf_generate_for_every_architecture(layouts, hf_reference,
             cut = full.index(stop) + 1 if stop in full else len(full)
             assert toks == full[:cut] and finish == ("stop" if stop in full else "length"), arch
         assert any(f == "stop" for _, f in r["stopped"]) and any(f == "length" for _, f in r["stopped"])
+    if tp > 1:  # sequence parallelism: off for decoding, back on for training
+        sp = res["sequence_parallel"]
+        assert sp["greedy"] == hf_reference[list(ARCHS)[0]] and sp["sp_restored"], sp
+        assert sp["forward_after"] is not None and sp["forward_after"] < 0
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])

@@ -262,3 +262,13 @@ def test_ctrl_c_lets_a_forked_checkpoint_writer_finish():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.stdout.split() == ["7", "False"], r.stdout + r.stderr[-2000:]
+
+
+def test_a_run_whose_updates_were_all_skipped_is_an_error():
+    """#17 4: every update skipped (non-finite) exited 0 with the start model."""
+    from gad_megatron.trainer.run import check_some_update_ran
+
+    with pytest.raises(FloatingPointError, match="all 6 steps skipped their update"):
+        check_some_update_ran({"skipped_steps": 6}, 6)
+    check_some_update_ran({"skipped_steps": 5}, 6)  # one update ran
+    check_some_update_ran({"skipped_steps": 0}, 0)  # nothing to run (resumed at the end)

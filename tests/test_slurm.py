@@ -113,3 +113,13 @@ def test_every_rank_of_a_two_by_eight_step():
     assert (job.world_size, job.master_addr, job.num_nodes) == (16, "gpu-017", 2)
     with pytest.raises(RuntimeError, match="SLURM_NNODES=3"):
         SlurmJob.from_env({**TWO_BY_EIGHT, "SLURM_NNODES": "3"})
+
+
+def test_an_allocation_the_helper_refuses_stops_on_its_own_error():
+    """#17 5: the SLURM helper's error was lost in ``eval "$(...)"``; the script died later on "unbound
+    variable"."""
+    bad = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_ON_NODE": "1"}
+    r = dry_run("gad_3b.sh", bad)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "SLURM_NNODES=2 but SLURM_JOB_NODELIST names 1 node(s)" in r.stderr and "unbound variable" not in r.stderr
+    assert "gad_job.sh: not inside a Slurm allocation" in r.stderr and "command:" not in r.stdout

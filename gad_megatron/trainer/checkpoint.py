@@ -264,6 +264,10 @@ def save_run(t, run) -> None:
              "watch": run.watch.state_dict(), "counters": run.counters, "evals": run.evals, "best": run.best}
     if t.reward is not None:
         state["reward"] = t.reward.state_dict()
+    from gad_megatron.trainer.drift import data_digest
+
+    # What ran, for the next resume to compare with (trainer/drift.py)
+    state.update(config=_plain_config(cfg), data_sha256=data_digest(cfg.data.train))
     save(run.ckpt_root, run.step, roles, {r: t.hf_dir for r in roles}, metas, json.loads(json.dumps(state)),
          cfg.checkpoint.keep_last)
 
@@ -283,6 +287,7 @@ def resume(t, run) -> None:
     step = latest_step(root, t.cfg.checkpoint.resume_step, tuple(t.roles)) if root else None
     if step is None:
         return
+    check_config_against(t.cfg, root, step, strict=root == run.ckpt_root)  # before any weight is read
     st = load(root, step, t.roles)
     if t.cfg.train.stage == "gad" and st["step"] > t.schedule.warm:  # (at == warm the loop enters it)
         from gad_megatron.trainer.gad import enter_gad_stage
@@ -290,6 +295,12 @@ def resume(t, run) -> None:
         enter_gad_stage(t, run.sampler)  # its schedule and batch size, before their saved states are read
     run.sampler.load_state_dict(st["sampler"])
     for role, e in t.roles.items():
+        # The schedule's settings from the config (equal to the checkpoint's, or changed on purpose: see
+        # check_config_against), its step count from the checkpoint.
+        # The optimizer's saved param groups carry the old rates, and the scheduler reads the groups' own.
+        for group in e.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = e.scheduler.max_lr, e.scheduler.min_lr
+        e.scheduler.override_opt_param_scheduler = True
         e.scheduler.load_state_dict(st["schedulers"][role])
     run.watch.load_state_dict(st["watch"])
     if t.reward is not None:
@@ -304,6 +315,42 @@ def resume(t, run) -> None:
             save_reference(t, run.ckpt_root, warm)
     if t.world["rank"] == 0:
         log.info("resumed from %s at step %d", root, run.step)
+
+
+def _plain_config(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def precheck_resume(cfg) -> None:
+    """In the launching process, before any rank starts: the config check of the checkpoint a resume would
+    take (the ranks check again; this makes a refusal one line rather than a launcher's failure report)."""
+    own = os.path.join(os.path.abspath(cfg.log.run_dir), "checkpoints")
+    root = resume_root(cfg, own)
+    step = latest_step(root, cfg.checkpoint.resume_step, roles=()) if root else None
+    if step is not None:
+        check_config_against(cfg, root, step, strict=root == own)
+
+
+def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None:
+    """Raises ``drift.ResumeConfigError`` when the config (or the training data's content) differs from what
+    the checkpoint ran with in a key a resume may not change; logs the changes it applies. Not ``strict``: a
+    new run branching from another run's checkpoint (``checkpoint.resume=<dir>``, e.g. tools/ablate.py's
+    variants of one warm start), whose differences are the point: logged, applied."""
+    from gad_megatron.trainer.drift import check_resume_config, data_digest
+
+    saved = _read_json(os.path.join(iter_dir(os.path.join(root, "trainer"), step), "state.json"))
+    now = _plain_config(cfg)
+    old, new = saved.get("config"), now
+    if old is not None and saved.get("data_sha256") != data_digest(cfg.data.train):
+        old = {**old, "data_sha256": saved.get("data_sha256")}
+        new = {**now, "data_sha256": data_digest(cfg.data.train)}  # a changed file under the same name
+    allow = list(cfg.checkpoint.allow_changes) if strict else ["*"]
+    changes = check_resume_config(old, new, allow, f"{root} at step {step}")
+    if changes and _rank() == 0:
+        log.info("resume applies %d config change(s): %s", len(changes),
+                 "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
 
 
 def save_reference(t, ckpt_root: str, step: int) -> None:

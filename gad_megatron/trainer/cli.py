@@ -110,6 +110,9 @@ def main(argv=None) -> int:
         if data.stats.duplicate_ids and not under_launcher():
             print(f"gad-train: {cfg.data.train}: {data.stats.duplicate_ids} rows repeat an id seen before and were "
                   f"dropped (the first row of each id is kept)", file=sys.stderr)
+        from gad_megatron.trainer.checkpoint import precheck_resume
+
+        precheck_resume(cfg)  # a config a resume may not take: one error, before any rank or model
         if not under_launcher() and not args.check:  # the ranks take the lock; this is the early, clear error
             from gad_megatron.runtime.outputs import lock_directory
 
@@ -131,6 +134,7 @@ def main(argv=None) -> int:
         from gad_megatron.runtime.launch import die_with_parent
 
         die_with_parent()  # a rank never outlives its launcher (torchrun / srun's step daemon)
+    from gad_megatron.trainer.drift import ResumeConfigError
     from gad_megatron.trainer.run import train
 
     try:
@@ -143,6 +147,14 @@ def main(argv=None) -> int:
         # Now, not at interpreter exit: a checkpoint write cut short leaves threads / helpers the exit would
         # wait for. Every checkpoint is published atomically; the next start removes the partial one.
         os._exit(130)
+    except FloatingPointError as e:  # non-finite updates: a training failure with its own one-line reason
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gad-train: error: {e}", file=sys.stderr)
+        return 1
+    except ResumeConfigError as e:  # raised alike on every rank, before any weight is loaded
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gad-train: error: {e}", file=sys.stderr)
+        return 2
     from gad_megatron.runtime import destroy
 
     destroy()

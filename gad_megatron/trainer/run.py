@@ -58,7 +58,16 @@ def train(cfg, data=None) -> dict:
             return stopped(t, run, stop.signum)
     if bar is not None:
         bar.close()
+    check_some_update_ran(run.counters, run.step)
     return finish(t, run)
+
+
+def check_some_update_ran(counters: dict, steps: int) -> None:
+    """A run in which every step's update was skipped (non-finite losses or gradients) trained nothing: an
+    error, not an exit 0 with a model equal to its start."""
+    if steps > 0 and counters["skipped_steps"] >= steps:
+        raise FloatingPointError(f"all {steps} steps skipped their update (non-finite losses or gradients): "
+                                 "nothing was trained; see metrics.jsonl (skipped_steps)")
 
 
 @dataclass
@@ -119,15 +128,16 @@ def open_run(t) -> Run:
             locked = str(e)
     if passes.agree(locked is not None):  # every rank stops before touching the directory
         raise SystemExit(f"gad-train: error: {locked or 'the run directory is in use (see rank 0)'}")
-    if rank == 0:
-        if os.path.exists(os.path.join(run.run_dir, STOPPED_MARKER)):
-            os.remove(os.path.join(run.run_dir, STOPPED_MARKER))  # this start is the resume it asked for
+    if rank == 0 and os.path.exists(os.path.join(run.run_dir, STOPPED_MARKER)):
+        os.remove(os.path.join(run.run_dir, STOPPED_MARKER))  # this start is the resume it asked for
+    ckpt_io.clean_leftovers(run.ckpt_root)
+    ckpt_io.resume(t, run)  # refuses a config that differs from the checkpoint's where it may not
+    if rank == 0:  # what runs: written once the resume has accepted it
         from gad_megatron.trainer.config import to_yaml
 
+        os.makedirs(run.run_dir, exist_ok=True)
         with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
-    ckpt_io.clean_leftovers(run.ckpt_root)
-    ckpt_io.resume(t, run)
     run.log = RunLog(cfg, run.run_dir, rank, resumed_step=run.step)
     if rank == 0 and run.step == 0:
         s = t.schedule

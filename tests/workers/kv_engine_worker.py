@@ -57,6 +57,25 @@ def check_model(hf: str) -> dict:
     return res
 
 
+def sequence_parallel_check(hf: str) -> dict:
+    """TP > 1 with sequence parallelism: decoding turns it off for the rollout and back on for training."""
+    from megatron.core import parallel_state as ps
+
+    from gad_megatron.convert.api import load_from_hf
+    from gad_megatron.models import ModelOptions
+    from gad_megatron.models.forward import token_logprobs
+    from gad_megatron.rollout.base import SamplingConfig
+    from gad_megatron.rollout.megatron_engine import MegatronEngine
+
+    _, chunks = load_from_hf(hf, "student", ModelOptions(sequence_parallel=True))
+    greedy = [g[0].token_ids for g in MegatronEngine(chunks).generate(PROMPTS, SamplingConfig().greedy(max_tokens=10))]
+    sp_back = chunks[0].config.sequence_parallel and all(
+        getattr(m, "sequence_parallel", True) for m in chunks[0].modules() if hasattr(m, "sequence_parallel"))
+    lp = token_logprobs(chunks, [PROMPTS[4] + greedy[4]], temperature=1.0)  # a training-layout forward after it
+    return {"greedy": greedy, "sp_restored": bool(sp_back),
+            "forward_after": None if not ps.is_pipeline_last_stage() else float(lp[0].sum())}
+
+
 def resident_bytes() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
@@ -90,6 +109,8 @@ def main():
     res = {hf: check_model(hf) for hf in hfs}
     if tp == pp == 1:
         res["memory"] = memory_check(hfs[0])
+    if tp > 1:
+        res["sequence_parallel"] = sequence_parallel_check(hfs[0])
     # The last pipeline stage reports (it holds the logprob comparison); the others must agree on the tokens.
     from megatron.core import parallel_state as ps
 

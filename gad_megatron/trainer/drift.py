@@ -1,0 +1,84 @@
+"""What a resumed run may change from the run it continues.
+
+Each checkpoint's ``state.json`` holds the resolved config that ran and the sha256 of the training data. On
+resume the new config is compared with it, key by key: keys about how long to run, where and how to save,
+log, lay out or carry the run may change (``MAY_CHANGE``) and take effect; any other difference is one error
+listing every changed key, unless ``checkpoint.allow_changes`` names it (a key, or a section such as
+``g_optim``). The learning-rate schedulers are then rebuilt from the new config (megatron's
+``override_opt_param_scheduler``) with the checkpoint's step count, so an accepted ``g_optim.lr`` is the
+learning rate that runs, not the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from typing import Optional
+
+# Keys (or sections, ending in '.') a resume may change without being asked to.
+MAY_CHANGE = (
+    "train.total_steps", "train.stop_after", "train.max_skipped_steps", "checkpoint.", "log.", "parallel.",
+    "eval.heldout_every", "guard.", "model.offload_reference", "model.recompute_granularity",
+    "rollout.engine", "rollout.transport", "rollout.in_process", "rollout.verify_every", "rollout.stop_gap",
+    "rollout.max_batch_tokens", "rollout.enforce_eager", "rollout.bucket_mb", "rollout.kv_cache_gb",
+    "rollout.gpu_memory_utilization", "rollout.sleep_between_rollouts", "rollout.colocated",
+    "rollout.vllm_tensor_parallel",
+)
+
+
+class ResumeConfigError(ValueError):
+    """The config differs from the checkpoint's in keys a resume may not change."""
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _listed(key: str, names) -> bool:
+    return any(n == "*" or key == n or (n.endswith(".") and key.startswith(n)) or key.startswith(n + ".") for n in names)
+
+
+def changed_keys(saved: dict, now: dict) -> list:
+    """``[(key, checkpoint value, new value)]`` for every key that differs (sorted)."""
+    a, b = flatten(saved), flatten(now)
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resume_config(saved: Optional[dict], now: dict, allow: list, where: str) -> list:
+    """The changed keys a resume applies; raises :class:`ResumeConfigError` naming every refused one.
+    ``saved`` None (a checkpoint from before configs were recorded): nothing to compare."""
+    if saved is None:
+        return []
+    changes = changed_keys(saved, now)
+    refused = [c for c in changes if not _listed(c[0], MAY_CHANGE) and not _listed(c[0], allow)]
+    if refused:
+        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in refused)
+        raise ResumeConfigError(
+            f"resuming {where}: the config differs from the one it ran with in {len(refused)} key(s) a resume may "
+            f"not change: {lines}. Start a new run (another log.run_dir, or checkpoint.resume=none), or accept "
+            f"them with checkpoint.allow_changes=[{','.join(k for k, _, _ in refused)}]")
+    return changes
+
+
+@lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_digest(path: str) -> Optional[str]:
+    """sha256 of the training data file (None for a directory or a missing file); computed once per version."""
+    if not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
