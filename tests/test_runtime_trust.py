@@ -272,3 +272,28 @@ def test_a_run_whose_updates_were_all_skipped_is_an_error():
         check_some_update_ran({"skipped_steps": 6}, 6)
     check_some_update_ran({"skipped_steps": 5}, 6)  # one update ran
     check_some_update_ran({"skipped_steps": 0}, 0)  # nothing to run (resumed at the end)
+
+
+def test_disk_full_while_saving_is_one_line_naming_the_path_and_bytes(tiny, tmp_path):
+    """#17 4: a checkpoint write that runs out of space said "unexpected pos 704 vs 598" in a traceback. Here the
+    file-size limit (EFBIG) stands in for a full disk; the partial checkpoint is removed."""
+    import resource
+    import signal
+
+    from test_gad_train import write_config
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny, run, **{"parallel.nproc": 1, "train.total_steps": 2,
+                                                          "train.warmup_steps": 2})
+    r = subprocess.run([sys.executable, "-m", "gad_megatron.trainer.cli", "--config", str(cfg)], cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       preexec_fn=small_files, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = next(x for x in r.stderr.splitlines() if x.startswith("gad-train: error:"))
+    assert f"{run}/checkpoints: writing the step-2 checkpoint failed after" in line and "bytes free" in line, line
+    leftovers = [str(p) for p in (run / "checkpoints").rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers and not (run / "checkpoints" / "latest").exists()

@@ -134,26 +134,33 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
     """Collective. ``engines`` / ``hf_dirs`` / ``metas``: per role (``student`` and, in GAD, ``discriminator``).
     ``trainer_state`` is JSON-able and the same on every rank; RNG states are taken per rank here."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 
     own_writer_queue()
-    parts = []
-    for role, engine in engines.items():
-        role_dir = os.path.join(ckpt_root, role)
-        final = iter_dir(role_dir, step)
-        tmp = _fresh_tmp(final)
-        state = _state(engine, metadata=_optim_metadata(engine))
-        state.update({"checkpoint_version": 3.0, "iteration": step})
-        dist_checkpointing.save(state, tmp)
-        parts.append((role_dir, tmp, final, role))
+    parts, tmps = [], []
     trainer_dir = os.path.join(ckpt_root, "trainer")
     t_final = iter_dir(trainer_dir, step)
-    t_tmp = _fresh_tmp(t_final)
-    with open(os.path.join(t_tmp, f"rng_rank{_rank():05d}.json"), "w") as f:
-        json.dump(rng_state(), f)
-    _barrier()
+    try:
+        for role, engine in engines.items():
+            role_dir = os.path.join(ckpt_root, role)
+            final = iter_dir(role_dir, step)
+            tmp = _fresh_tmp(final)
+            tmps.append(tmp)
+            state = _state(engine, metadata=_optim_metadata(engine))
+            state.update({"checkpoint_version": 3.0, "iteration": step})
+            dist_checkpointing.save(state, tmp)
+            parts.append((role_dir, tmp, final, role))
+        t_tmp = _fresh_tmp(t_final)
+        tmps.append(t_tmp)
+        with open(os.path.join(t_tmp, f"rng_rank{_rank():05d}.json"), "w") as f:
+            json.dump(rng_state(), f)
+        _barrier()
+        if _rank() == 0:
+            with open(os.path.join(t_tmp, "state.json"), "w") as f:
+                json.dump({**trainer_state, "step": step}, f, indent=1, sort_keys=True)
+    except (OSError, RuntimeError, CheckpointException) as e:  # a writer's OSError comes wrapped in the latter
+        raise _write_failed(ckpt_root, tmps, step, engines, e) from None
     if _rank() == 0:
-        with open(os.path.join(t_tmp, "state.json"), "w") as f:
-            json.dump({**trainer_state, "step": step}, f, indent=1, sort_keys=True)
         # Every part is whole: move each into place, then the per-role trackers, then `latest` last.
         for i, (role_dir, tmp, final, role) in enumerate(parts + [(trainer_dir, t_tmp, t_final, None)]):
             if os.path.exists(final):
@@ -171,6 +178,29 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
         _prune(ckpt_root, keep_last, [r for _, _, _, r in parts], step)
     _barrier()
     return t_final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (most often: the disk is full). The previous checkpoint is whole."""
+
+
+def _write_failed(ckpt_root: str, tmps: list, step: int, engines: dict, err: Exception) -> CheckpointWriteError:
+    """One line naming the place and the bytes; the partial parts are removed (only finished ones are renamed)."""
+    written = sum(os.path.getsize(os.path.join(d, f)) for t in tmps if os.path.isdir(t) for d, _, fs in os.walk(t)
+                  for f in fs)
+    for t in tmps:
+        shutil.rmtree(t, ignore_errors=True)
+    need = 0
+    for engine in engines.values():  # weights + Adam's two fp32 moments (+ fp32 master weights in bf16 / fp16)
+        for c in engine.modules:
+            for p in c.parameters():
+                need += p.numel() * (p.element_size() + 8 + (4 if p.element_size() < 4 else 0))
+    free = shutil.disk_usage(ckpt_root).free if os.path.isdir(ckpt_root) else 0
+    reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+    return CheckpointWriteError(
+        f"{ckpt_root}: writing the step-{step} checkpoint failed after {written:,} bytes; this rank's part needs about "
+        f"{need:,} bytes and the filesystem has {free:,} bytes free ({reason}). The partial checkpoint was removed; "
+        f"any earlier one ('latest') is whole: free space and run the same command to resume")
 
 
 def _prune(ckpt_root: str, keep_last: int, roles: list, step: int) -> None:

@@ -134,6 +134,7 @@ def main(argv=None) -> int:
         from gad_megatron.runtime.launch import die_with_parent
 
         die_with_parent()  # a rank never outlives its launcher (torchrun / srun's step daemon)
+    from gad_megatron.trainer.checkpoint import CheckpointWriteError
     from gad_megatron.trainer.drift import ResumeConfigError
     from gad_megatron.trainer.run import train
 
@@ -151,6 +152,10 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"gad-train: error: {e}", file=sys.stderr)
         return 1
+    except CheckpointWriteError as e:  # the disk filled up while saving: one line, the last checkpoint is whole
+        print(f"gad-train: error: {e}", file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1)  # not at interpreter exit: the failed writer's helpers would be waited for
     except ResumeConfigError as e:  # raised alike on every rank, before any weight is loaded
         if os.environ.get("RANK", "0") == "0":
             print(f"gad-train: error: {e}", file=sys.stderr)
