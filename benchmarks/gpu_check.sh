@@ -24,7 +24,14 @@ timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node=1 ben
 rc1=${PIPESTATUS[0]}
 # The trainer on GPU: a GAD step in bf16 (TE spec) and FP8 when TE is there, the CUDA IPC sync into vLLM when
 # vLLM is there, G's update MFU next to megatron's bare forward_backward.
-timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node=1 benchmarks/gpu_check_trainer.py --out "$OUT" 2>&1 \
+TRAINER_ARGS=()  # the CPU dry run (--device cpu) runs the trainer's check small, on CPU too
+if [[ " $* " == *" --device cpu "* ]]; then TRAINER_ARGS=(--device cpu --small); fi
+timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node=1 benchmarks/gpu_check_trainer.py --out "$OUT" "${TRAINER_ARGS[@]}" 2>&1 \
   | tee -a "$OUT/gpu_check.log"
 rc2=${PIPESTATUS[0]}
-exit $(( rc1 != 0 ? rc1 : rc2 ))
+# gad-train itself on the device: the demo with megatron-engine (KV-cached) rollouts, checkpoints, a resume.
+RUN_DEVICE=cuda
+if [[ " $* " == *" --device cpu "* ]]; then RUN_DEVICE=cpu; fi
+timeout 420 python3 benchmarks/gpu_check_run.py --out "$OUT" --device "$RUN_DEVICE" 2>&1 | tee -a "$OUT/gpu_check.log"
+rc3=${PIPESTATUS[0]}
+exit $(( rc1 != 0 ? rc1 : (rc2 != 0 ? rc2 : rc3) ))

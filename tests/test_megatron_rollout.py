@@ -62,6 +62,8 @@ def test_sampled_tokens_and_logprobs(layouts, tp, pp):
         assert r["sampled"] == ref[arch]["sampled"], arch  # fixed seed: the same tokens on every layout
         assert r["sampled_small_batches"] == r["sampled"] and r["small_batches"] >= 3, arch  # batching changes nothing
         assert r["sampled_right_padded"] == r["sampled"], arch
+        # a budget below one prompt's n samples: the group is split over batches, the samples unchanged
+        assert r["sampled_split_groups"] == r["sampled"] and r["split_batches"] >= 6, arch
         assert r["logprob_mean_abs_diff"] <= 1e-5 and r["logprob_max_abs_diff"] <= 1e-4, arch  # vs the trainer, T 0.8
         groups = r["sampled"]
         assert [len(g) for g in groups] == [SAMPLED["n"]] * len(PROMPTS)

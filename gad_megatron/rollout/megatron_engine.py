@@ -4,9 +4,9 @@ The engine drives ``GPTModel.forward(..., inference_context=ctx)`` itself: megat
 engine refuses pipeline parallelism on CPU, samples one ``SamplingParams`` per batch and reports raw-logit
 logprobs; its dynamic engine needs flash-attn. One ``generate`` call:
 
-- groups the prompts (shortest first) into batches whose KV cache holds at most ``max_batch_tokens`` tokens
-  (rows x (longest prompt + max_tokens)); each batch prefills its P prompts once, then copies their cache rows
-  to the P x n samples;
+- groups the samples (shortest prompts first) into batches whose KV cache holds at most ``max_batch_tokens``
+  tokens (rows x (longest prompt + max_tokens)); each batch prefills its prompts once, then copies their cache
+  rows to their samples (a prompt's n samples are split over batches when they do not fit in one);
 - decodes every sample of the batch one token per forward, sampling on the device (``rollout.sampling``:
   temperature, top-k, top-p, one seed per sample) with the logprobs of the sampling temperature;
 - drops finished rows from the cache once a quarter of the batch has finished;
@@ -69,21 +69,29 @@ def _inference_mode(model):
 class _Batch:
     """The rows (samples) of one batch on the host: which prompt and sample each is, what it has generated."""
 
-    def __init__(self, prompt_ids: list, prompts: Sequence, n: int, seed: Optional[int]):
-        self.prompt_of = torch.tensor(prompt_ids).repeat_interleave(n)
-        self.sample_of = torch.arange(n).repeat(len(prompt_ids))
+    def __init__(self, rows: list, prompts: Sequence, seed: Optional[int]):
+        self.pairs = rows  # (prompt index, sample index) per row
+        self.prompt_ids = list(dict.fromkeys(pi for pi, _ in rows))  # prefilled once each, in this order
+        where = {pi: k for k, pi in enumerate(self.prompt_ids)}
+        self.expand = torch.tensor([where[pi] for pi, _ in rows])  # row -> its prompt's prefill row
+        self.prompt_of = torch.tensor([pi for pi, _ in rows])
+        self.sample_of = torch.tensor([j for _, j in rows])
         self.seeds = sample_seeds(seed, self.prompt_of, self.sample_of)
-        self.lengths = torch.tensor([len(prompts[i]) for i in prompt_ids]).repeat_interleave(n)
-        self.rows = list(range(len(self.prompt_of)))  # live row -> sample index in this batch
-        self.tokens = [[] for _ in self.rows]
-        self.logprobs = [[] for _ in self.rows]
-        self.finish = ["length"] * len(self.rows)
+        self.lengths = torch.tensor([len(prompts[pi]) for pi, _ in rows])
+        self.rows = list(range(len(rows)))  # live row -> row index in this batch
+        self.tokens = [[] for _ in rows]
+        self.logprobs = [[] for _ in rows]
+        self.finish = ["length"] * len(rows)
 
     def keep(self, live: torch.Tensor) -> None:
         idx = live.nonzero().squeeze(-1)
         self.rows = [self.rows[i] for i in idx.tolist()]
         for name in ("prompt_of", "sample_of", "seeds", "lengths"):
             setattr(self, name, getattr(self, name)[idx])
+
+    def samples(self) -> list:
+        return [((pi, j), Sample(pi, self.tokens[r], self.logprobs[r], self.finish[r]))
+                for r, (pi, j) in enumerate(self.pairs)]
 
 
 class MegatronEngine:
@@ -105,32 +113,36 @@ class MegatronEngine:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("megatron engine: an empty prompt (at least one token is needed)")
         self.last_stats = {"kv_cache_bytes": 0, "batches": 0, "forwards": 0}
-        groups: list = [None] * len(prompts)
+        groups = [[None] * sampling.n for _ in prompts]
         with _inference_mode(self.model):
-            for batch_ids in self._batches(prompts, sampling):
-                for pi, samples in zip(batch_ids, self._generate_batch(batch_ids, prompts, sampling)):
-                    groups[pi] = samples
+            for rows in self._batches(prompts, sampling):
+                for (pi, j), sample in self._generate_batch(rows, prompts, sampling):
+                    groups[pi][j] = sample
         if next(self.model.parameters()).is_cuda:
             torch.cuda.empty_cache()  # the cache is gone: give its blocks back before training
         return groups
 
     def _batches(self, prompts, sampling) -> list:
-        """Prompt indices, shortest first, in batches of at most ``max_batch_tokens`` cache tokens (>= 1 prompt)."""
+        """Batches of (prompt index, sample index) rows, shortest prompts first, each holding at most
+        ``max_batch_tokens`` cache tokens (rows x (longest prompt + max_tokens)), and at least one row: a prompt's
+        n samples share a batch when they fit and are split over several when they do not."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         batches, cur = [], []
         for i in order:
             width = len(prompts[i]) + sampling.max_tokens  # the longest so far: prompts are sorted
-            if cur and (len(cur) + 1) * sampling.n * width > self.max_batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(i)
+            for j in range(sampling.n):
+                if cur and (len(cur) + 1) * width > self.max_batch_tokens:
+                    batches.append(cur)
+                    cur = []
+                cur.append((i, j))
         return batches + [cur] if cur else batches
 
-    def _generate_batch(self, prompt_ids: list, prompts, sampling: SamplingConfig) -> list:
+    def _generate_batch(self, pairs: list, prompts, sampling: SamplingConfig) -> list:
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        n, T = sampling.n, sampling.max_tokens
-        rows = _Batch(prompt_ids, prompts, n, sampling.seed)
+        T = sampling.max_tokens
+        rows = _Batch(pairs, prompts, sampling.seed)
+        prompt_ids = rows.prompt_ids
         lengths = [len(prompts[i]) for i in prompt_ids]
         longest, shortest = max(lengths), min(lengths)
         width = longest if self.masked else shortest
@@ -144,7 +156,7 @@ class MegatronEngine:
         valid = (torch.arange(longest + T) >= (longest - torch.tensor(lengths)).unsqueeze(1)) if self.masked else None
         try:
             logits = self._forward(slots[:, :width], ctx, valid, 0)
-            expand = torch.arange(len(prompt_ids)).repeat_interleave(n)
+            expand = rows.expand
             self._select_rows(ctx, expand.to(dev))
             slots, logits = slots[expand], None if logits is None else logits[expand.to(logits.device)]
             valid = None if valid is None else valid[expand]
@@ -152,7 +164,7 @@ class MegatronEngine:
             slot, done = width, torch.zeros(len(rows.rows), dtype=torch.bool)
             while True:
                 generating = rows.lengths <= slot  # right-padded rows still in their prompt are fed, not sampled
-                nxt = self._next_tokens(logits, sampling, rows, generating, slots[:, slot] if slot < slots.shape[1] else None)
+                nxt = self._next_tokens(logits, sampling, rows, generating, slots[:, slot])
                 for r in (generating & ~done).nonzero().squeeze(-1).tolist():
                     b = rows.rows[r]
                     rows.tokens[b].append(int(nxt[0, r]))
@@ -176,8 +188,7 @@ class MegatronEngine:
         finally:
             ctx.key_value_memory_dict.clear()  # the cache's only reference: freed here, not at the next rollout
         self.last_stats["batches"] += 1
-        return [[Sample(pi, rows.tokens[k * n + j], rows.logprobs[k * n + j], rows.finish[k * n + j])
-                 for j in range(n)] for k, pi in enumerate(prompt_ids)]
+        return rows.samples()
 
     def _next_tokens(self, logits, sampling, rows: _Batch, generating, prompt_tokens) -> torch.Tensor:
         """``[2, rows]`` float64 (token ids, logprobs) on every stage: sampled on the last stage, where rows still

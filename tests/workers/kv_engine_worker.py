@@ -37,6 +37,9 @@ def check_model(hf: str) -> dict:
     engine.max_batch_tokens = 2 * SAMPLED["n"] * (11 + SAMPLED["max_tokens"])  # 1-2 prompts a batch
     res["sampled_small_batches"] = [[s.token_ids for s in g] for g in engine.generate(PROMPTS, SamplingConfig(**SAMPLED))]
     res["small_batches"] = engine.last_stats["batches"]
+    engine.max_batch_tokens = 3 * (11 + SAMPLED["max_tokens"])  # 3 samples a batch: each group of 4 split
+    res["sampled_split_groups"] = [[s.token_ids for s in g] for g in engine.generate(PROMPTS, SamplingConfig(**SAMPLED))]
+    res["split_batches"] = engine.last_stats["batches"]
     engine.max_batch_tokens = 1 << 20
     engine.masked = False  # the right-padded scheme (Transformer Engine's) on the same local layers
     res["greedy_right_padded"] = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
