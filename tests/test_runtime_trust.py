@@ -297,3 +297,16 @@ def test_disk_full_while_saving_is_one_line_naming_the_path_and_bytes(tiny, tmp_
     assert f"{run}/checkpoints: writing the step-2 checkpoint failed after" in line and "bytes free" in line, line
     leftovers = [str(p) for p in (run / "checkpoints").rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers and not (run / "checkpoints" / "latest").exists()
+
+
+def test_rollout_beyond_memory_is_one_line_before_any_model(tiny, tmp_path):
+    """#17 4: rollout.n far beyond memory ran into an out-of-memory. The samples a step keeps must fit the host,
+    and one batch of the megatron engine's KV cache the device (the formula gad-plan uses)."""
+    ok = [_row(i) for i in range(100)]
+    r = gad_train(tmp_path, tiny, ok, "rollout.n=100000000")
+    assert r.returncode == 2 and "rollout.n=100000000:" in r.stderr and "GiB of host memory" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = gad_train(tmp_path, tiny, ok, "rollout.engine=megatron", "rollout.max_batch_tokens=1000000000000")
+    assert r.returncode == 2 and "rollout.max_batch_tokens=1000000000000: one batch of the megatron engine's KV" \
+        in r.stderr, r.stderr
+    assert gad_train(tmp_path, tiny, ok, "rollout.engine=megatron").returncode == 0

@@ -164,8 +164,10 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
         # No second copy of the weights; the cache holds a batch's samples x (longest prompt + max tokens) for
         # this rank's layers and query groups, and is freed before G and D train.
         rows_tokens = min(wl.max_batch_tokens, samples * engines // (dp or 1) * seq)
-        groups = max(1, arch.num_query_groups // lay.tp)
-        megatron_kv = rows_tokens * 2 * math.ceil(arch.num_layers / lay.pp) * groups * arch.kv_channels * b
+        from gad_megatron.rollout.megatron_engine import kv_bytes_per_token
+
+        megatron_kv = rows_tokens * kv_bytes_per_token(arch.num_layers, arch.num_query_groups, arch.kv_channels, b,
+                                                       lay.tp, lay.pp)
         vllm_w = vllm_kv = 0.0
         vllm = megatron_kv
         lay = replace(lay, sleep=True, colocated=True)

@@ -34,12 +34,11 @@ from gad_megatron.rollout.base import Sample, SamplingConfig
 from gad_megatron.rollout.sampling import sample_seeds, sample_tokens
 
 
-def kv_cache_bytes_per_token(config, pp_size: int = 1, tp_size: int = 1) -> int:
-    """KV-cache bytes one (sample x token) takes on one rank: K and V for the rank's layers and query groups."""
-    layers = -(-config.num_layers // pp_size)
-    groups = max(1, (config.num_query_groups or config.num_attention_heads) // tp_size)
-    dtype_bytes = torch.tensor([], dtype=config.params_dtype).element_size()
-    return 2 * layers * groups * config.kv_channels * dtype_bytes
+def kv_bytes_per_token(num_layers: int, num_query_groups: int, kv_channels: int, dtype_bytes: int, tp: int = 1,
+                       pp: int = 1) -> int:
+    """KV-cache bytes one (sample x token) takes on one rank: K and V for the rank's layers and query groups
+    (the engine's cache, ``gad-plan``'s ``megatron_kv`` and the trainer's memory check all use this)."""
+    return 2 * -(-num_layers // pp) * max(1, num_query_groups // tp) * kv_channels * dtype_bytes
 
 
 def _uses_transformer_engine(model) -> bool:

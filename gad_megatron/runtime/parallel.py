@@ -92,6 +92,15 @@ def on_cuda() -> bool:
     return device().type == "cuda"
 
 
+def device_memory_bytes(wanted: Optional[str] = None) -> Optional[int]:
+    """Total memory of the GPU this process would compute on (``wanted``: ``parallel.device``; None: cuda when
+    available); None when it would compute on the CPU."""
+    kind = wanted or _DEVICE or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
 def comm_device() -> torch.device:
     """Where tensors for torch.distributed collectives must live: NCCL takes only CUDA tensors, gloo CPU ones.
     Every collective on a small host-side tensor (flags, metric sums, sampled tokens) goes through this."""

@@ -132,6 +132,45 @@ def check_before_build(cfg) -> None:
     if longest > limit:
         raise ConfigError(f"data.max_prompt_tokens + data.max_response_tokens = {longest} is beyond the student's "
                           f"max_position_embeddings={limit}")
+    check_rollout_memory(cfg, arch_spec_from_dir(model_hf_dir(cfg.model.student)))
+
+
+# Host bytes a step keeps per sampled token until its updates are done: the token id and logprob as Python
+# objects in the sample's lists (~2 x 40), and its per-token fp32 tensors (old / reference / rollout logprobs,
+# advantage, loss mask: ~5 x 4) with some slack for the batches built from them.
+HOST_BYTES_PER_SAMPLE_TOKEN = 128
+
+
+def check_rollout_memory(cfg, arch) -> None:
+    """A step's samples must fit the host, and one batch of the megatron engine's KV cache the device."""
+    import psutil
+
+    from gad_megatron.rollout.megatron_engine import kv_bytes_per_token
+    from gad_megatron.trainer.config import ConfigError
+
+    p = cfg.parallel
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", p.nproc))
+    dp = max(1, p.nproc // (p.tensor_parallel * p.pipeline_parallel))
+    samples = -(-cfg.train.batch_prompts * cfg.rollout.n // dp)
+    host = psutil.virtual_memory().total
+    need = samples * (cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) * HOST_BYTES_PER_SAMPLE_TOKEN * ranks_here
+    if cfg.train.stage == "gad" and need > host:
+        raise ConfigError(f"rollout.n={cfg.rollout.n}: {cfg.train.batch_prompts} prompts x {cfg.rollout.n} samples = "
+                          f"{samples:,} samples a step per data-parallel rank need about {need / 2**30:.1f} GiB of host "
+                          f"memory on this node for their tokens; it has {host / 2**30:.1f} GiB: lower rollout.n or "
+                          f"train.batch_prompts")
+    if cfg.rollout.engine == "vllm":
+        return
+    dtype_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.model.dtype]
+    kv = cfg.rollout.max_batch_tokens * kv_bytes_per_token(arch.num_layers, arch.num_query_groups, arch.kv_channels,
+                                                           dtype_bytes, p.tensor_parallel, p.pipeline_parallel)
+    from gad_megatron.runtime.parallel import device_memory_bytes
+
+    device = device_memory_bytes(cfg.parallel.device) or host
+    if kv > device:
+        raise ConfigError(f"rollout.max_batch_tokens={cfg.rollout.max_batch_tokens}: one batch of the megatron engine's "
+                          f"KV cache takes {kv / 2**30:.1f} GiB per rank, beyond the {device / 2**30:.1f} GiB of the "
+                          f"device: lower it (gad-plan shows the whole budget)")
 
 
 def model_options(cfg):

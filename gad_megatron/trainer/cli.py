@@ -134,6 +134,11 @@ def main(argv=None) -> int:
         from gad_megatron.runtime.launch import die_with_parent
 
         die_with_parent()  # a rank never outlives its launcher (torchrun / srun's step daemon)
+    return run_rank(cfg, data)
+
+
+def run_rank(cfg, data) -> int:
+    """This rank's training, and how it ends: each expected failure is one line and its own exit code."""
     from gad_megatron.trainer.checkpoint import CheckpointWriteError
     from gad_megatron.trainer.drift import ResumeConfigError
     from gad_megatron.trainer.run import train
