@@ -93,6 +93,12 @@ def memory_check(hf: str) -> dict:
     from gad_megatron.rollout.base import SamplingConfig
     from gad_megatron.rollout.megatron_engine import MegatronEngine
 
+    import ctypes
+
+    # glibc raises its mmap threshold after a large free, after which cache-sized blocks come from the heap and may
+    # stay resident: the resident set then swings by a cache's size whatever the engine frees. A fixed threshold
+    # (mallopt M_MMAP_THRESHOLD = -3) keeps large blocks in mmap, returned to the system when freed.
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
     _, chunks = load_from_hf(hf, "student", ModelOptions())
     engine = MegatronEngine(chunks)
     sampling = SamplingConfig(n=32, temperature=1.0, max_tokens=24, seed=1)
