@@ -386,7 +386,7 @@ def validate(cfg) -> None:
         problems.append(f"parallel: world size {world} is not divisible by tensor_parallel x pipeline_parallel = {mp}")
     elif cfg.train.batch_prompts % (world // mp * cfg.algo.ppo_mini_batches):
         bad("train.batch_prompts", f"must be divisible by data-parallel size {world // mp} x algo.ppo_mini_batches")
-    if cfg.rollout.in_process and world > 1 and cfg.rollout.engine == "vllm":
+    if cfg.rollout.in_process and world > 1 and cfg.rollout.engine != "megatron":
         bad("rollout.in_process", f"only for a single-rank run (world size here: {world})")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
