@@ -310,3 +310,22 @@ def test_rollout_beyond_memory_is_one_line_before_any_model(tiny, tmp_path):
     assert r.returncode == 2 and "rollout.max_batch_tokens=1000000000000: one batch of the megatron engine's KV" \
         in r.stderr, r.stderr
     assert gad_train(tmp_path, tiny, ok, "rollout.engine=megatron").returncode == 0
+
+
+def test_a_forked_helper_does_not_keep_the_run_directory_locked(tmp_path):
+    """#17 2: the lock is a flock on an open file, which fork shares. A checkpoint writer forked by a rank that was
+    then killed kept the directory "in use" (seen as a flaky kill -9 + resume test)."""
+    code = (
+        "import os, sys, time\n"
+        "from gad_megatron.runtime.outputs import lock_directory\n"
+        "f = lock_directory(sys.argv[1])\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(15)\n"  # the orphaned helper, still writing
+        "    os._exit(0)\n"
+        "os._exit(0)\n"  # the rank dies without closing anything
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                   timeout=60, check=True)
+    from gad_megatron.runtime.outputs import lock_directory
+
+    lock_directory(str(tmp_path)).close()  # was: DirectoryBusy while the helper lived

@@ -150,4 +150,7 @@ def lock_directory(path: str):
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
+    # A flock belongs to the open file, which a fork shares: a forked helper (megatron's checkpoint writers) that
+    # outlives a killed run would keep the directory locked. Children drop their copy.
+    os.register_at_fork(after_in_child=f.close)
     return f
