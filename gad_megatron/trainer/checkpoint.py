@@ -371,11 +371,9 @@ def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None
     from gad_megatron.trainer.drift import check_resume_config, data_digest
 
     saved = _read_json(os.path.join(iter_dir(os.path.join(root, "trainer"), step), "state.json"))
-    now = _plain_config(cfg)
-    old, new = saved.get("config"), now
-    if old is not None and saved.get("data_sha256") != data_digest(cfg.data.train):
-        old = {**old, "data_sha256": saved.get("data_sha256")}
-        new = {**now, "data_sha256": data_digest(cfg.data.train)}  # a changed file under the same name
+    old, new = saved.get("config"), _plain_config(cfg)
+    if old is not None:  # the data's content is compared like a key: a changed file under the same name
+        old, new = {**old, "data_sha256": saved.get("data_sha256")}, {**new, "data_sha256": data_digest(cfg.data.train)}
     allow = list(cfg.checkpoint.allow_changes) if strict else ["*"]
     changes = check_resume_config(old, new, allow, f"{root} at step {step}")
     if changes and _rank() == 0:
