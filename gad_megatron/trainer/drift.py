@@ -16,10 +16,10 @@ import os
 from functools import lru_cache
 from typing import Optional
 
-# Keys (or sections, ending in '.') a resume may change without being asked to.
+# Keys (or whole sections) a resume may change without being asked to.
 MAY_CHANGE = (
-    "train.total_steps", "train.stop_after", "train.max_skipped_steps", "checkpoint.", "log.", "parallel.",
-    "eval.heldout_every", "guard.", "model.offload_reference", "model.recompute_granularity",
+    "train.total_steps", "train.stop_after", "train.max_skipped_steps", "checkpoint", "log", "parallel",
+    "eval.heldout_every", "guard", "model.offload_reference", "model.recompute_granularity",
     "rollout.engine", "rollout.transport", "rollout.in_process", "rollout.verify_every", "rollout.stop_gap",
     "rollout.max_batch_tokens", "rollout.enforce_eager", "rollout.bucket_mb", "rollout.kv_cache_gb",
     "rollout.gpu_memory_utilization", "rollout.sleep_between_rollouts", "rollout.colocated",
@@ -42,7 +42,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _listed(key: str, names) -> bool:
-    return any(n == "*" or key == n or (n.endswith(".") and key.startswith(n)) or key.startswith(n + ".") for n in names)
+    """``key`` is one of ``names``, in a section named there, or ``names`` holds ``*`` (everything)."""
+    return any(n == "*" or key == n or key.startswith(n + ".") for n in names)
 
 
 def changed_keys(saved: dict, now: dict) -> list:
