@@ -12,6 +12,7 @@ from gad_megatron.rollout.base import SamplingConfig
 from gad_megatron.rollout.sampling import processed_logits, sample_seeds, sample_tokens
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+FIRST = next(iter(ARCHS))  # the model the worker also runs its single-model checks on (no-cache engine, SP, memory)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_greedy_equals_hf_generate_for_every_architecture(layouts, hf_reference,
         assert any(f == "stop" for _, f in r["stopped"]) and any(f == "length" for _, f in r["stopped"])
     if tp > 1:  # sequence parallelism: off for decoding, back on for training
         sp = res["sequence_parallel"]
-        assert sp["greedy"] == hf_reference[list(ARCHS)[0]] and sp["sp_restored"], sp
+        assert sp["greedy"] == hf_reference[FIRST] and sp["sp_restored"], sp
         assert sp["forward_after"] is not None and sp["forward_after"] < 0
 
 
@@ -70,8 +71,7 @@ def test_sampled_tokens_and_logprobs(layouts, tp, pp):
         assert all(i == pi for pi, g in enumerate(r["sampled_prompt_index"]) for i in g)
         assert all(1 <= len(s) <= SAMPLED["max_tokens"] for g in groups for s in g)
         assert any(len(set(map(tuple, g))) > 1 for g in groups), arch  # n different samples, not n copies
-    first = ARCHS and list(ARCHS)[0]
-    assert res[first]["sampled_reforward"] == res[first]["sampled"]  # the no-cache engine agrees
+    assert res[FIRST]["sampled_reforward"] == res[FIRST]["sampled"]  # the no-cache engine agrees
 
 
 def test_kv_cache_is_released_between_rollouts(layouts):
@@ -145,7 +145,7 @@ def test_planner_counts_the_kv_cache_the_engine_allocates(layouts, hf_models):
 
     mem = layouts(1, 1)["memory"]
     rows, width = len(PROMPTS) * 32, max(map(len, PROMPTS)) + 24  # the memory check: n 32, max_tokens 24
-    arch = arch_spec_from_dir(hf_models[list(ARCHS)[0]])
+    arch = arch_spec_from_dir(hf_models[FIRST])
     per_token = 2 * arch.num_layers * arch.num_query_groups * arch.kv_channels * 4  # fp32
     assert mem["kv_cache_bytes"] == rows * width * per_token
     wl = Workload(batch_prompts=len(PROMPTS), n=32, max_prompt_tokens=11, max_response_tokens=24, dtype="fp32",
