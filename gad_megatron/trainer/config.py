@@ -201,6 +201,12 @@ class LogSection:
 @dataclass
 class EvalSection:
     heldout_every: int = 0  # 0: only at the start and the end
+    # false: no evaluation before step 1 (e.g. a warm start whose variants are all evaluated where they begin;
+    # on a real model one evaluation of a few hundred prompts costs as much as many training steps on a CPU)
+    at_start: bool = True
+    # false: no evaluation when GAD begins (the warm start's is known: a GAD job branched from a warm start
+    # that was evaluated at its end, as tools/ablate.py does for every variant of one warm start)
+    after_warmup: bool = True
     scorer: Optional[str] = None  # "module:function(prompt_messages, response_text) -> float"
     max_tokens: int = 64
     samples: int = 4  # answers per held-out prompt at the rollout temperature (0: greedy only)

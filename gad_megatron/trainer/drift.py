@@ -19,7 +19,7 @@ from typing import Optional
 # Keys (or whole sections) a resume may change without being asked to.
 MAY_CHANGE = (
     "train.total_steps", "train.stop_after", "train.max_skipped_steps", "checkpoint", "log", "parallel",
-    "eval.heldout_every", "guard", "model.offload_reference", "model.recompute_granularity",
+    "eval.heldout_every", "eval.at_start", "eval.after_warmup", "guard", "model.offload_reference", "model.recompute_granularity",
     "rollout.engine", "rollout.transport", "rollout.in_process", "rollout.verify_every", "rollout.stop_gap",
     "rollout.max_batch_tokens", "rollout.enforce_eager", "rollout.bucket_mb", "rollout.kv_cache_gb",
     "rollout.gpu_memory_utilization", "rollout.sleep_between_rollouts", "rollout.colocated",

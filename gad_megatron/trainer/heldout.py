@@ -6,7 +6,10 @@
   prompt at the rollout temperature (GAD trains the sampling distribution; greedy decoding can hide a change);
 - ``heldout_length`` (greedy answer tokens) and ``heldout_length_sampled``;
 - ``heldout_kl``: KL(G || reference) on G's sampled held-out answers at the rollout temperature, per token, by
-  the same low-variance (k3, never negative) estimator as the training loss's KL, when there is a reference.
+  the same low-variance (k3, never negative) estimator as the training loss's KL, when there is a reference;
+- ``heldout_d_acc``: with a discriminator, the share of (teacher answer, sampled answer) pairs of held-out
+  prompts that D ranks teacher first (a tie counts 0.5): whether D reads content on prompts it never trained
+  on, where its training-batch accuracy can also reflect memorised prompts.
 The rollout engine generates; every function is collective.
 """
 
@@ -64,7 +67,31 @@ def _sampled(t, held: list, scorer, stop: list) -> dict:
                                            for e, g in zip(held, groups) for s in g) / (n * len(held))
     if t.ref is not None:
         res["heldout_kl"] = _kl_to_reference(t, held, groups)
+    if t.reward is not None and t.reward.reads_answers:
+        res.update(_d_accuracy(t, held, groups))
     return res
+
+
+def _d_accuracy(t, held: list, groups: list) -> dict:
+    """D on (teacher, sampled answers) of this rank's share of held-out prompts, as D sees samples in training
+    (re-encoded text with reward.canonical_text, closed by the end token when finished)."""
+    from gad_megatron.data.chat import d_view
+    from gad_megatron.trainer.gad import dp_share
+
+    mine = dp_share(t, held)
+    first = t.world["dp_rank"] * len(mine)
+    canonical = t.cfg.reward.canonical_text
+    units = [[passes.teacher_seq(e)] + [Seq(e.prompt, d_view(t.tokenizer, s[0], s[2] != "length") if canonical
+                                            else list(s[0])) for s in g]
+             for e, g in zip(mine, groups[first : first + len(mine)])]
+    scores = t.reward.heldout_scores(units)
+    pair = torch.zeros(2, dtype=torch.float64)
+    if passes.last_stage_writer() and scores is not None and scores.numel():
+        g = scores.view(-1, t.cfg.eval.samples + 1)
+        diff = g[:, :1] - g[:, 1:]
+        wins = (diff > 0).double() + 0.5 * (diff == 0).double()
+        pair = torch.stack([wins.sum(), torch.tensor(float(wins.numel()), dtype=torch.float64)])
+    return {"heldout_d_acc": reduce_pairs({"heldout_d_acc": pair})["heldout_d_acc"]}
 
 
 def _kl_to_reference(t, held: list, groups: list) -> float:

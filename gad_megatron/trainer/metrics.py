@@ -208,7 +208,8 @@ def plot_curves(run_dir: str, out: Optional[str] = None) -> Optional[str]:
               ("d_acc", "D pairwise accuracy"), ("reward_mean", "reward = D(student)"),
               ("teacher_score", "D(teacher) vs D(student)"), ("kl", "KL to reference"),
               ("response_length_mean", "response length"), ("heldout_score", "held-out score (greedy)"),
-              ("heldout_score_sampled", "held-out score (sampled)"), ("heldout_kl", "held-out KL to reference")]
+              ("heldout_score_sampled", "held-out score (sampled)"), ("heldout_kl", "held-out KL to reference"),
+              ("heldout_d_acc", "held-out D accuracy")]
     panels = [p for p in panels if any(p[0] in r for r in rows)]
     fig, axes = plt.subplots(math.ceil(len(panels) / 3), 3, figsize=(13, 3.2 * math.ceil(len(panels) / 3)), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):

