@@ -225,11 +225,11 @@ def _smol_config(path, student, run_dir, data_dir, **over):
 
     cfg = OmegaConf.load(os.path.join(RECIPE, "gad.yaml"))
     cfg = OmegaConf.merge(cfg, OmegaConf.create({
-        "model": {"student": student},
+        "model": {"student": student, "recompute_granularity": None},  # recompute: its own test above
         "data": {"train": str(data_dir / "train.jsonl"), "heldout": str(data_dir / "heldout.jsonl"),
                  "max_response_tokens": 32},
         "rollout": {"n": 2, "max_tokens": 8, "max_batch_tokens": 1024},
-        "train": {"batch_prompts": 2, "warmup_steps": 2, "d_warmup_last": 1, "total_steps": 5,
+        "train": {"batch_prompts": 1, "warmup_steps": 2, "d_warmup_last": 1, "total_steps": 5,
                   "micro_batch_tokens": 256},
         "checkpoint": {"save_every": 3, "keep_last": 3, "export_hf_at_end": False},
         "log": {"run_dir": str(run_dir), "progress": False, "tensorboard": False, "plot": False},
