@@ -19,6 +19,12 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_check.log"
+# First the pre-flight table (gad-doctor on the demo config, one rank): GPU, driver, FP8, versions, all-reduce,
+# disk. A FAIL is reported, not fatal here (the image lacks TE / vLLM on purpose: the checks below still run).
+timeout 120 python3 -m gad_megatron.doctor.cli --demo log.run_dir="$OUT/doctor" 2>&1 | tee -a "$OUT/gpu_check.log"
+rc0=${PIPESTATUS[0]}
+cp "$OUT/doctor/doctor.json" "$OUT/gpu_check_doctor.json" 2>/dev/null
+echo "gad-doctor exit code $rc0" | tee -a "$OUT/gpu_check.log"
 timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node=1 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 \
   | tee -a "$OUT/gpu_check.log"
 rc1=${PIPESTATUS[0]}

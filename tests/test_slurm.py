@@ -44,19 +44,23 @@ def test_14b_on_two_nodes_of_eight():
     layout = re.search(r"\(TP=(\d+) PP=(\d+) DP=(\d+) rollout TP=(\d+)\)", r.stdout).groups()
     tp, pp, dp, rtp = map(int, layout)
     assert tp * pp * dp == 16 and "memory peak" in r.stdout and "predicted run" in r.stdout
-    convert, train = commands(r.stdout)
+    convert, doctor, train = commands(r.stdout)
     run_dir = os.path.join(ROOT, "runs", "gad_qwen2.5_14b")
     assert convert[:4] == ["srun", f"--nodes={-(-tp * pp // 8)}", f"--ntasks={tp * pp}", f"--ntasks-per-node={min(tp * pp, 8)}"]
     assert convert[4:] == ["gad-convert", "hf-to-mcore", "--hf", "/models/Qwen2.5-14B-Instruct", "--out",
                            f"{run_dir}/init/student", "--tp", str(tp), "--pp", str(pp), "--device", "cuda"]
-    assert train == ["srun", "--nodes=2", "--ntasks-per-node=8", "--kill-on-bad-exit=1", "gad-train", "--config",
-                     "examples/configs/gad_qwen2.5_14b.yaml", f"log.run_dir={run_dir}",
-                     f"model.student={run_dir}/init/student", "checkpoint.resume=auto", "parallel.nproc=16"]
+    lead = re.search(r"SIGUSR1 (\d+) s before the time limit", r.stdout).group(1)
+    args = ["--config", "examples/configs/gad_qwen2.5_14b.yaml", f"log.run_dir={run_dir}",
+            f"model.student={run_dir}/init/student", "checkpoint.resume=auto", "parallel.nproc=16"]
+    assert train == ["srun", "--nodes=2", "--ntasks-per-node=8", "--kill-on-bad-exit=1", f"--signal=USR1@{lead}",
+                     "gad-train"] + args
+    assert doctor == ["srun", "--nodes=2", "--ntasks-per-node=8", "gad-doctor"] + args  # the run's own config
     # the #SBATCH lines ask for what the layout assumes, and for the requeue path
     head = open(os.path.join(ROOT, "examples", "gad_14b.sh")).read()
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --requeue",
-                 "#SBATCH --signal=USR1@120"):
+                 "#SBATCH --time=24:00:00", "TIME_LIMIT=24:00:00"):
         assert line in head
+    assert "#SBATCH --signal" not in head  # the lead is the planner's, on the training step
     # a container: every srun gets the pyxis flags
     r = dry_run("gad_14b.sh", TWO_BY_EIGHT, CONTAINER_IMAGE="docker://gad-megatron:0.1")
     for cmd in commands(r.stdout):
@@ -74,7 +78,7 @@ def test_one_by_one_with_a_local_model_and_a_layout_that_does_not_fit(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "1 node(s) x 1 GPU(s) = world 1; rendezvous n1:20007" in r.stdout
     assert "(TP=1 PP=1 DP=1 rollout TP=1)" in r.stdout
-    convert, train = commands(r.stdout)
+    convert, doctor, train = commands(r.stdout)
     assert convert[:4] == ["srun", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1"] and student in convert
     assert train[:4] == ["srun", "--nodes=1", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert train[-3:] == ["parallel.nproc=1", "rollout.n=2", "train.total_steps=10"]
@@ -121,5 +125,5 @@ def test_an_allocation_the_helper_refuses_stops_on_its_own_error():
     bad = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_ON_NODE": "1"}
     r = dry_run("gad_3b.sh", bad)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "SLURM_NNODES=2 but SLURM_JOB_NODELIST names 1 node(s)" in r.stderr and "unbound variable" not in r.stderr
+    assert "=2 but SLURM_JOB_NODELIST names 1 node(s)" in r.stderr and "unbound variable" not in r.stderr
     assert "gad_job.sh: not inside a Slurm allocation" in r.stderr and "command:" not in r.stdout

@@ -202,19 +202,22 @@ def test_recompute_gives_the_same_gradients_at_a_lower_peak(tmp_path):
     for mode in ("none", "selective", "full"):
         out = tmp_path / f"{mode}.pt"
         p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "recompute_worker.py"), hf, mode,
-                            str(out)], capture_output=True, text=True, cwd=ROOT, env=env(), timeout=600)
+                            str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                           env=env(MALLOC_MMAP_THRESHOLD_="65536"))
         assert p.returncode == 0, p.stderr[-4000:]
         res[mode] = torch.load(out)
     base = res["none"]["grads"]
-    print({m: round(r["peak_mib"]) for m, r in res.items()})
+    peak = {m: r["peak_mib"] for m, r in res.items()}  # MiB the step added, per role
+    print({m: {r: round(v) for r, v in p.items()} for m, p in peak.items()})
     for mode in ("selective", "full"):
         grads = res[mode]["grads"]
         assert grads.keys() == base.keys() and any(k.startswith("discriminator.") for k in grads)
         for k, g in base.items():
             rel = ((grads[k] - g).norm() / g.norm().clamp_min(1e-12)).item()
             assert rel <= 1e-6, (mode, k, rel)
-        assert res[mode]["peak_mib"] < res["none"]["peak_mib"] - 100, (mode, res[mode]["peak_mib"], res["none"]["peak_mib"])
-    assert res["full"]["peak_mib"] < res["selective"]["peak_mib"]
+    for role in ("student", "discriminator"):
+        none, selective, full = (peak[m][role] for m in ("none", "selective", "full"))
+        assert selective < none - 50 and full < selective - 50, (role, none, selective, full)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -109,21 +109,16 @@ def own_writer_queue() -> None:
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
-    from gad_megatron.runtime.launch import die_with_parent
-
     import signal
-    import threading
+
+    from gad_megatron.runtime.launch import die_with_parent
+    from gad_megatron.runtime.signals import ignored_by_children
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    # Started with SIGINT ignored (inherited across exec; Python then installs no KeyboardInterrupt handler):
-    # Ctrl-C reaches the whole process group, and the trainer, not this helper, decides how to stop.
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
-    try:
+    # Started with SIGINT and SIGUSR1 ignored (inherited across exec; Python then installs no KeyboardInterrupt
+    # handler): Ctrl-C and Slurm's SIGUSR1 reach the whole group, and the trainer, not this helper, decides.
+    with ignored_by_children(signal.SIGINT, signal.SIGUSR1):
         manager.start(initializer=die_with_parent)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
     _WRITER_MANAGER = manager
     fa._results_queue = manager.Queue()
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, replace
 
+from gad_megatron.models.storage import checkpoint_bytes, disk_need_bytes
 from gad_megatron.plan.layouts import plan, search
 from gad_megatron.plan.types import GPUS, Assumptions, Layout, Workload
 
@@ -41,8 +43,21 @@ def from_config(cfg) -> tuple:
     wl = Workload(batch_prompts=tr.batch_prompts, n=r.n, max_prompt_tokens=d.max_prompt_tokens,
                   max_response_tokens=d.max_response_tokens, micro_batch_tokens=tr.micro_batch_tokens, dtype=m.dtype,
                   stage=tr.stage, rollout_engine="megatron" if r.engine == "megatron" else "vllm",
-                  max_batch_tokens=r.max_batch_tokens)
+                  max_batch_tokens=r.max_batch_tokens, keep_last=cfg.checkpoint.keep_last,
+                  export_hf=cfg.checkpoint.export_hf_at_end)
     return m.student, lay, wl
+
+
+def storage_plan(arch, wl: Workload, asm: Assumptions, time: dict) -> dict:
+    """Checkpoint size and write time, the Slurm signal lead (write time + the longest step + slack: the signal
+    lands mid-step, the step finishes, then the checkpoint is written) and the run directory's disk need."""
+    gad = wl.stage == "gad"
+    ckpt = checkpoint_bytes(arch, wl.dtype, with_discriminator=gad)
+    write_s = ckpt / (asm.ckpt_write_gbs * 1e9)
+    step_s = max(time.get("gad_step_s", 0.0), time.get("warmup_step_s", 0.0))
+    return {"checkpoint_gb": round(ckpt / 1e9, 1), "checkpoint_write_s": math.ceil(write_s),
+            "step_s_max": math.ceil(step_s), "signal_lead_s": math.ceil(write_s + step_s + asm.signal_slack_s),
+            "disk_need_gb": round(disk_need_bytes(arch, wl.dtype, wl.keep_last, wl.export_hf, gad) / 1e9, 1)}
 
 
 def _parser():
@@ -56,6 +71,8 @@ def _parser():
     ap.add_argument("--tp", type=int), ap.add_argument("--pp", type=int), ap.add_argument("--rollout-tp", type=int)
     ap.add_argument("--search", action="store_true", help="rank every layout for this model and world")
     ap.add_argument("--mfu", type=float, default=Assumptions.mfu)
+    ap.add_argument("--ckpt-write-gbs", type=float, default=Assumptions.ckpt_write_gbs,
+                    help="the run directory's write bandwidth, GB/s: checkpoint time and the Slurm signal lead")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--shell", action="store_true", help="KEY=VALUE lines (the sbatch scripts eval them)")
     return ap
@@ -87,7 +104,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"gad-plan: error: {e}", file=sys.stderr)
         return 2
-    gpu, world, asm = GPUS[a.gpu], a.nodes * a.gpus_per_node, Assumptions(mfu=a.mfu)
+    gpu, world = GPUS[a.gpu], a.nodes * a.gpus_per_node
+    asm = Assumptions(mfu=a.mfu, ckpt_write_gbs=a.ckpt_write_gbs)
     if a.search:
         plans = search(arch, world, wl, gpu, asm, lay.colocated)
         rows = [p.summary(gpu) for p in plans]
@@ -101,13 +119,16 @@ def main(argv=None) -> int:
                       f"peak {s['memory_gib']['peak']:6.1f} GiB  run {s['run_hours']:6.1f} h")
         return 0 if any(p.fits for p in plans) else 1
     p = plan(arch, lay, world, wl, gpu, asm)
-    s = p.summary(gpu)
+    s = {**p.summary(gpu), **storage_plan(arch, wl, asm, p.time)}
     dp = world // (lay.tp * lay.pp * lay.cp)
     if a.shell:
         mem = s.get("memory_gib", {})
         print("\n".join([f"TP={lay.tp}", f"PP={lay.pp}", f"DP={dp}", f"ROLLOUT_TP={lay.rollout_tp}",
                          f"WORLD={world}", f"FITS={int(p.fits)}", f"PEAK_GIB={mem.get('peak', 'n/a')}",
-                         f"LAYOUT='{s['layout']}'", f"RUN_HOURS={round(s.get('run_hours', 0), 1)}"]))
+                         f"LAYOUT='{s['layout']}'", f"RUN_HOURS={round(s.get('run_hours', 0), 1)}",
+                         f"CKPT_GB={s['checkpoint_gb']}", f"CKPT_WRITE_S={s['checkpoint_write_s']}",
+                         f"STEP_S={s['step_s_max']}", f"SIGNAL_LEAD_S={s['signal_lead_s']}",
+                         f"DISK_NEED_GB={s['disk_need_gb']}"]))
         return 0 if p.fits else 1
     if a.json:
         print(json.dumps({**s, "assumptions": asdict(asm), "workload": asdict(wl)}, indent=1))
@@ -123,6 +144,8 @@ def main(argv=None) -> int:
             print("  step (s): " + ", ".join(f"{k} {v}" for k, v in s["step_s"].items())
                   + f"; GAD step {s['gad_step_s']:.1f} s, warmup step {s['warmup_step_s']:.1f} s")
             print(f"  run ({wl.warmup_steps} warmup + {wl.gad_steps} GAD steps): {s['run_hours']:.1f} h")
+        print(f"  checkpoint {s['checkpoint_gb']} GB, written in {s['checkpoint_write_s']} s at {asm.ckpt_write_gbs} GB/s; "
+              f"signal lead {s['signal_lead_s']} s; disk for keep_last {wl.keep_last} + export: {s['disk_need_gb']} GB")
         for prob in p.problems:
             print(f"  refused: {prob}")
     return 0 if p.fits else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from gad_megatron.plan.params import param_list, total_params
+from gad_megatron.models.params import param_list, total_params
 from gad_megatron.plan.types import DTYPE_BYTES, GIB, GPU, Assumptions, Layout, Workload
 
 # ---- memory ----------------------------------------------------------------------------------------------------

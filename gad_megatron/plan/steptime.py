@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gad_megatron.plan.params import rank_params, total_params
+from gad_megatron.models.params import rank_params, total_params
 from gad_megatron.plan.types import DTYPE_BYTES, GPU, Assumptions, Layout, Workload
 
 # ---- time ------------------------------------------------------------------------------------------------------

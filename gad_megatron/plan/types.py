@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from gad_megatron.models.storage import DTYPE_BYTES  # noqa: F401  (the planner's inputs name it here)
+
 GIB = 1024**3
 
 
@@ -65,6 +67,8 @@ class Workload:
     # batch of at most max_batch_tokens tokens and freed before training (rollout/megatron_engine.py)
     rollout_engine: str = "vllm"
     max_batch_tokens: int = 131072
+    keep_last: int = 3  # checkpoints kept (checkpoint.keep_last): the run directory's disk need
+    export_hf: bool = True  # checkpoint.export_hf_at_end
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,9 @@ class Assumptions:
     flash_attention: bool = True  # fused attention (TE / flash) on GPU: no s x s probabilities kept
     overhead_gib: float = 3.0  # CUDA context, allocator fragmentation, NCCL buffers
     vllm_overhead_gib: float = 2.0  # vLLM's own context, CUDA graphs
+    ckpt_write_gbs: float = 2.0  # the run directory's write bandwidth for one checkpoint, GB/s (all ranks together)
+    signal_slack_s: float = 60.0  # after the checkpoint: exit, the stop marker, the requeue
 
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 

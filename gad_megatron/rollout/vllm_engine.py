@@ -12,11 +12,13 @@ on GPU; safetensors files in /dev/shm or a gloo broadcast on CPU).
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from gad_megatron.rollout.base import Sample, SamplingConfig
 from gad_megatron.rollout.transport import make_transport
+from gad_megatron.runtime.signals import ignored_by_children
 
 EXTENSION = "gad_megatron.rollout.vllm_worker.WeightSyncExtension"
 
@@ -81,7 +83,9 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = 256 * 1024**2
         if on_gpu and cfg.enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
-        self.llm = LLM(**kwargs)
+        # Slurm's SIGUSR1 reaches the engine core and its workers too; they must outlive the trainer's save.
+        with ignored_by_children(signal.SIGUSR1):
+            self.llm = LLM(**kwargs)
         self.on_gpu = on_gpu
         self.sleep_enabled = on_gpu and cfg.enable_sleep_mode
         self.asleep = False

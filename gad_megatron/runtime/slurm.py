@@ -51,7 +51,9 @@ def expand_nodelist(spec: str) -> list:
 
 
 def _gpus_per_node(env: Mapping) -> int:
-    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+    # GAD_ALLOC_GPUS_PER_NODE: the job script's own record of the allocation (inside a one-task helper step the
+    # SLURM_* GPU variables describe the step, not the job).
+    for key in ("GAD_ALLOC_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
         v = env.get(key)
         if v:
             m = re.search(r"(\d+)(\(x\d+\))?$", v)  # "8", "h100:8", "8(x2)"
@@ -85,9 +87,11 @@ class SlurmJob:
         if "SLURM_JOB_ID" not in env:
             raise RuntimeError("not inside a Slurm job (no SLURM_JOB_ID)")
         nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost")
-        n = int(env.get("SLURM_NNODES", len(nodes)))
+        # the job's node count, not a helper step's (SLURM_NNODES is the step's inside srun)
+        key = next((k for k in ("GAD_ALLOC_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES") if env.get(k)), None)
+        n = int(env[key]) if key else len(nodes)
         if n != len(nodes):
-            raise RuntimeError(f"SLURM_NNODES={n} but SLURM_JOB_NODELIST names {len(nodes)} node(s)")
+            raise RuntimeError(f"{key}={n} but SLURM_JOB_NODELIST names {len(nodes)} node(s)")
         job_id = int(env["SLURM_JOB_ID"])
         # A port from the job id: two jobs sharing a first node do not collide, a requeued job keeps its port.
         port = int(env.get("MASTER_PORT") or 20000 + job_id % 30000)

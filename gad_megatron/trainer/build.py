@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from gad_megatron.data.teacher import DataError, DataStats, read_rows, split_heldout, tokenize_rows
+from gad_megatron.trainer.disk import check_free_space
 from gad_megatron.trainer.rewards import Reward, make_reward
 
 log = logging.getLogger("gad_megatron.train")
@@ -113,8 +114,8 @@ def plan_steps(cfg, n_train: int, stats: Optional[DataStats] = None) -> Schedule
 
 
 def check_before_build(cfg) -> None:
-    """What the config alone cannot show: the scorers import, and a prompt plus an answer fit the model's
-    positions. Raises ConfigError naming the key."""
+    """What the config alone cannot show: the scorers import, a prompt plus an answer fit the model's positions,
+    and the run directory has room for the checkpoints. Raises ConfigError naming the key (OSError for the disk)."""
     from gad_megatron.models.hf_config import arch_spec_from_dir
     from gad_megatron.trainer.config import ConfigError
     from gad_megatron.trainer.heldout import load_scorer
@@ -132,7 +133,9 @@ def check_before_build(cfg) -> None:
     if longest > limit:
         raise ConfigError(f"data.max_prompt_tokens + data.max_response_tokens = {longest} is beyond the student's "
                           f"max_position_embeddings={limit}")
-    check_rollout_memory(cfg, arch_spec_from_dir(model_hf_dir(cfg.model.student)))
+    arch = arch_spec_from_dir(model_hf_dir(cfg.model.student))
+    check_rollout_memory(cfg, arch)
+    check_free_space(cfg, arch)
 
 
 # Host bytes a step keeps per sampled token until its updates are done: the token id and logprob as Python

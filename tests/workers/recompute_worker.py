@@ -1,8 +1,14 @@
 """One forward + backward of G (SFT loss) and of D (BT loss) on a fixed batch with megatron-core's activation
-recomputation set to argv[2] (none | selective | full); writes every gradient and the process's peak resident
-memory. One process per setting, so each peak is its own. argv: hf_dir recompute out.pt"""
+recomputation set to argv[2] (none | selective | full); writes every gradient and the peak resident memory the
+forward + backward added. One process per setting. argv: hf_dir recompute out.pt
 
-import resource
+Why the peak is taken this way: the process's lifetime peak (ru_maxrss) is set by loading and converting the
+model, not by the step, and glibc keeps freed blocks for reuse, so activations can fill memory the loader freed
+without RSS moving. So large blocks are mmapped (MALLOC_MMAP_THRESHOLD_, set by the caller) and returned to the
+OS when freed, free heap is trimmed, and the kernel's high-water mark (VmHWM) is reset right before the step."""
+
+import ctypes
+import gc
 import sys
 
 import torch
@@ -17,6 +23,22 @@ def batches(vocab: int, rows: int, seq: int) -> tuple:
     return lm, pair
 
 
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> int:
+    """Frees what can be freed, resets VmHWM to the current RSS (Linux: clear_refs 5) and returns that RSS."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
 def main():
     hf_dir, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
     from gad_megatron.convert import api
@@ -27,18 +49,19 @@ def main():
 
     initialize(ParallelConfig(device="cpu"))
     opts = ModelOptions(transformer_impl="local", recompute_granularity=None if mode == "none" else mode)
-    grads = {}
+    grads, added_kib = {}, {}
     for role, step in (("student", sft_step), ("discriminator", bt_step(2))):
         arch, chunks = api.load_from_hf(hf_dir, role, opts)
         lm, pair = batches(arch.vocab_size, 6, 512)
         for c in chunks:
             c.train()
+        base = reset_peak()
         run_schedule(chunks, [lm if role == "student" else pair], step, forward_only=False)
+        added_kib[role] = _status_kib("VmHWM") - base
         for name, p in chunks[0].named_parameters():
             grads[f"{role}.{name}"] = p.main_grad.clone() if getattr(p, "main_grad", None) is not None else p.grad.clone()
         del chunks
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.save({"grads": grads, "peak_mib": peak_kib / 1024}, out)
+    torch.save({"grads": grads, "peak_mib": {r: k / 1024 for r, k in added_kib.items()}}, out)
     destroy()
 
 
