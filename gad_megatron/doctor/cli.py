@@ -51,10 +51,9 @@ def table(results: list) -> str:
 
 
 def _run_checks(cfg, args, rank: int, world: int, local_rank: int) -> list:
-    import torch
     import torch.distributed as dist
 
-    gpu = torch.cuda.is_available()
+    gpu = _uses_gpu(cfg)
     ctx = Context(cfg, rank, world, local_rank, socket.gethostname(), gpu,
                   args.min_busbw_gbs if args.min_busbw_gbs is not None else (10.0 if gpu else 0.0),
                   args.allreduce_mb or (256 if gpu else 16), args.min_write_gbs, args.deep)
@@ -84,6 +83,13 @@ def _report(cfg, per_rank: list) -> tuple:
     return merged, path, report["ok"]
 
 
+def _uses_gpu(cfg) -> bool:
+    """The run's own device decision (parallel.device; unset: the runtime's), not merely whether CUDA exists."""
+    from gad_megatron.runtime.parallel import ParallelConfig
+
+    return ParallelConfig(device=cfg.parallel.device).resolved_device() == "cuda"
+
+
 def run_rank(cfg, args) -> int:
     import torch
     import torch.distributed as dist
@@ -93,7 +99,7 @@ def run_rank(cfg, args) -> int:
     rank, world, local_rank = _env_world()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    gpu = torch.cuda.is_available()
+    gpu = _uses_gpu(cfg)
     if gpu:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group("nccl" if gpu else "gloo", init_method="env://", rank=rank, world_size=world,

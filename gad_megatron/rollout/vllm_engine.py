@@ -84,6 +84,7 @@ class VLLMEngine:
         if on_gpu and cfg.enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         # Slurm's SIGUSR1 reaches the engine core and its workers too; they must outlive the trainer's save.
+        # (Built before the trainer installs its own SIGUSR1 handler: this window loses no stop request.)
         with ignored_by_children(signal.SIGUSR1):
             self.llm = LLM(**kwargs)
         self.on_gpu = on_gpu

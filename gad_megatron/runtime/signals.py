@@ -2,7 +2,9 @@
 of the group / step, but only the trainer decides how to stop (finish the step, save, exit): a helper it started
 (megatron's checkpoint-writer queue, vLLM's engine core and workers) must not die of the signal's default action
 first. An ignored disposition survives fork and exec, so helpers started inside :func:`ignored_by_children` keep
-ignoring it for good; this process gets its own handlers back."""
+ignoring it for good; this process gets its own handlers back. While inside, this process ignores the signal
+too: use it only where a signal could not be acted on anyway (before the trainer installs its handler), or let
+the helper ignore it itself (an initializer)."""
 
 from __future__ import annotations
 
