@@ -106,7 +106,9 @@ def run_local(a) -> int:
     warm, runs = commands(a, config, base)
     for seed, cmd in warm.items():
         w = os.path.join(a.out, f"warm_seed{seed}")
-        if not os.path.isfile(os.path.join(w, "checkpoints", "latest")) or _warm_unfinished(w, a.warmup_steps):
+        # Done only with its summary: a warm start stopped during its final evaluation (checkpoint written, no
+        # summary.json) resumes from that checkpoint and only evaluates; its numbers are the table's start row.
+        if not _done(w):
             print(f"ablate: warm start seed {seed}", flush=True)
             if _run(_resumable(cmd, w), os.path.join(a.out, f"warm_seed{seed}.log"), a.timeout):
                 print(f"ablate: warm start of seed {seed} failed; see {a.out}/warm_seed{seed}.log", file=sys.stderr)
@@ -121,11 +123,6 @@ def run_local(a) -> int:
                 print(f"ablate: {v} seed {seed} failed; see {log}", file=sys.stderr)
                 return 1
     return report(a)
-
-
-def _warm_unfinished(w: str, steps: int) -> bool:
-    with open(os.path.join(w, "checkpoints", "latest")) as f:
-        return int(f.read().strip()) < steps
 
 
 def write_slurm(a) -> int:
