@@ -125,6 +125,12 @@ def versions(ctx: Context) -> Result:
         problems.append("megatron-core is not installed")
     te = _version("transformer-engine") or _version("transformer_engine")
     apex = _version("apex")
+    if apex and ctx.gpu:
+        import importlib
+
+        missing = [m for m in ("amp_C", "fused_layer_norm_cuda") if importlib.util.find_spec(m) is None]
+        if missing:
+            warns.append(f"apex {apex} without its CUDA kernels ({', '.join(missing)}): built without --cuda_ext")
     parts += [f"transformer-engine {te}", f"apex {apex}"]
     if ctx.gpu and not te:
         (problems if getattr(ctx.cfg.model, "fp8", None) else warns).append("Transformer Engine is not installed")
@@ -143,6 +149,17 @@ def rendezvous(ctx: Context) -> Result:
     except OSError as e:
         return Result("rendezvous", FAIL, f"{addr}:{port}", f"rank {ctx.rank} ({ctx.host}) cannot reach {addr}:{port}: {e}")
     return Result("rendezvous", PASS, f"{addr}:{port} in {1e3 * (time.perf_counter() - t0):.1f} ms")
+
+
+def nccl_transport() -> str:
+    """Which network NCCL takes between nodes: NCCL_NET / NCCL_IB_DISABLE when set, else InfiniBand when the host
+    has an IB device (NCCL prefers it), else sockets (TCP: a fraction of the bandwidth a 16-GPU job plans on)."""
+    if os.environ.get("NCCL_NET"):
+        return f"nccl via {os.environ['NCCL_NET']} (NCCL_NET)"
+    ib = sorted(os.listdir("/sys/class/infiniband")) if os.path.isdir("/sys/class/infiniband") else []
+    if ib and os.environ.get("NCCL_IB_DISABLE", "0") != "1":
+        return f"nccl via IB ({', '.join(ib[:4])})"
+    return "nccl via Socket (TCP: no InfiniBand device" + (", NCCL_IB_DISABLE=1)" if ib else ")")
 
 
 def allreduce(ctx: Context) -> Result:
@@ -165,9 +182,11 @@ def allreduce(ctx: Context) -> Result:
     dt = (time.perf_counter() - t0) / iters
     n = ctx.world
     busbw = 2 * (n - 1) / n * x.numel() * 4 / dt / 1e9 if n > 1 else float("inf")
-    transport = f"{backend}" + (f" ({os.environ['NCCL_NET']})" if os.environ.get("NCCL_NET") else
-                                " (NCCL_DEBUG=INFO logs the transport)" if backend == "nccl" else "/tcp")
+    transport = nccl_transport() if backend == "nccl" else f"{backend}/tcp"
     value = f"{busbw:.2f} GB/s bus, {ctx.allreduce_mb} MiB x {n} ranks, {transport}" if n > 1 else "1 rank: nothing to reduce"
+    nodes = int(os.environ.get("GAD_ALLOC_NODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+    if backend == "nccl" and nodes > 1 and "Socket" in transport:
+        return Result("allreduce", WARN, value, "NCCL between nodes over TCP sockets: expect a slow gradient reduction")
     if not (x == n ** (iters + 1)).all():
         return Result("allreduce", FAIL, value, "all-reduce returned a wrong sum")
     if n > 1 and busbw < ctx.min_busbw_gbs:
@@ -309,19 +328,20 @@ def vllm_starts(ctx: Context) -> Result:
     if ctx.rank != 0:
         return Result("vllm", SKIP, detail="rank 0 only")
     try:
-        from vllm import LLM, SamplingParams
-
-        from gad_megatron.trainer.build import model_hf_dir
+        from gad_megatron.rollout.base import SamplingConfig
+        from gad_megatron.rollout.vllm_engine import VLLMEngine
+        from gad_megatron.trainer.build import model_hf_dir, vllm_config
 
         t0 = time.perf_counter()
-        llm = LLM(model=model_hf_dir(ctx.cfg.model.student), tensor_parallel_size=ctx.cfg.rollout.vllm_tensor_parallel,
-                  enforce_eager=True, gpu_memory_utilization=0.3)
-        out = llm.generate(["Hello"], SamplingParams(max_tokens=1, temperature=0))
-        text = out[0].outputs[0].text
-        del llm
+        engine = VLLMEngine(vllm_config(ctx.cfg, model_hf_dir(ctx.cfg.model.student)))
+        out = engine.generate([[1, 2, 3]], SamplingConfig(n=1, temperature=1.0, max_tokens=2))
+        engine.shutdown()
+        first = out[0][0] if isinstance(out[0], list) else out[0]
+        text = f"{len(first.token_ids)} token(s)"
     except Exception as e:  # noqa: BLE001
         return Result("vllm", FAIL, "", f"vLLM did not start with {ctx.cfg.model.student}: {type(e).__name__}: {e}")
-    return Result("vllm", PASS, f"started and decoded {text!r} in {time.perf_counter() - t0:.0f} s")
+    tp = ctx.cfg.rollout.vllm_tensor_parallel
+    return Result("vllm", PASS, f"started at TP{tp} and decoded {text} in {time.perf_counter() - t0:.0f} s")
 
 
 def safely(check, ctx: Context, *args) -> Result:

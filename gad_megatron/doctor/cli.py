@@ -94,11 +94,12 @@ def run_rank(cfg, args) -> int:
     import torch
     import torch.distributed as dist
 
-    from gad_megatron.runtime.parallel import _env_world
+    from gad_megatron.runtime.parallel import _env_world, _free_port
 
     rank, world, local_rank = _env_world()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:  # one rank alone: a free port (two doctors on a host must not collide)
+        os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
     gpu = _uses_gpu(cfg)
     if gpu:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

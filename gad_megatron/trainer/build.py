@@ -242,6 +242,25 @@ def offload_reference(t: Trainer, where: str) -> None:
         c.to("cpu" if where == "cpu" else device())
 
 
+def vllm_config(cfg, hf_dir: str):
+    """The vLLM engine a run starts (the trainer, and gad-doctor --deep)."""
+    from gad_megatron.rollout.vllm_engine import VLLMConfig
+
+    kv = cfg.rollout.kv_cache_gb
+    has_weights = any(f.endswith(".safetensors") for f in os.listdir(hf_dir))
+    return VLLMConfig(
+        model=hf_dir, dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype],
+        tensor_parallel_size=cfg.rollout.vllm_tensor_parallel,
+        max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        kv_cache_memory_bytes=int(kv * 1024**3) if kv is not None else None, seed=cfg.train.seed,
+        transport=cfg.rollout.transport, colocated=cfg.rollout.colocated,
+        enable_sleep_mode=cfg.rollout.colocated and cfg.rollout.sleep_between_rollouts,
+        enforce_eager=cfg.rollout.enforce_eager,
+        # A checkpoint's hf/ has config + tokenizer only: start from dummy weights, the first sync fills them.
+        load_format="auto" if has_weights else "dummy")
+
+
 def make_engine(cfg, t: Trainer) -> tuple:
     """(rollout engine, weight sync): vLLM on global rank 0 (colocated) fed by a weight sync, or the
     trainer's own megatron GPT (no sync: it *is* G)."""
@@ -263,20 +282,8 @@ def make_engine(cfg, t: Trainer) -> tuple:
     if dist.get_rank() == 0:
         if cfg.rollout.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from gad_megatron.rollout.vllm_engine import VLLMConfig, VLLMEngine
+        from gad_megatron.rollout.vllm_engine import VLLMEngine
 
-        kv = cfg.rollout.kv_cache_gb
-        has_weights = any(f.endswith(".safetensors") for f in os.listdir(t.hf_dir))
-        engine = VLLMEngine(VLLMConfig(
-            model=t.hf_dir, dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype],
-            tensor_parallel_size=cfg.rollout.vllm_tensor_parallel,
-            max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            kv_cache_memory_bytes=int(kv * 1024**3) if kv is not None else None, seed=cfg.train.seed,
-            transport=cfg.rollout.transport, colocated=cfg.rollout.colocated,
-            enable_sleep_mode=cfg.rollout.colocated and cfg.rollout.sleep_between_rollouts,
-            enforce_eager=cfg.rollout.enforce_eager,
-            # A checkpoint's hf/ has config + tokenizer only: start from dummy weights, the first sync fills them.
-            load_format="auto" if has_weights else "dummy"))
+        engine = VLLMEngine(vllm_config(cfg, t.hf_dir))
     sync = WeightSync(t.g.modules, engine, t.arch, bucket_mb=cfg.rollout.bucket_mb, stop_gap=cfg.rollout.stop_gap)
     return engine, sync
