@@ -90,8 +90,8 @@ class Run:
 
 
 class StopSignal:
-    """SIGUSR1 (Slurm ``--signal=USR1@<lead>``, the lead from gad-plan): finish the step, save, exit cleanly. SIGINT (Ctrl-C): finish the
-    step and stop without saving (the last checkpoint is whole); a second Ctrl-C stops at once. Handled here,
+    """SIGUSR1 (Slurm ``--signal=USR1@<lead>``, the lead from gad-plan): finish the step, save, exit cleanly.
+    SIGINT (Ctrl-C): finish the step and stop without saving (the last checkpoint is whole); a second Ctrl-C stops at once. Handled here,
     not as KeyboardInterrupt, which would land anywhere (inside a checkpoint write, in its forked workers).
     SIGTERM is how torchrun / srun stop the other ranks when one fails, and must still kill."""
 
