@@ -152,7 +152,8 @@ def test_sigusr1_writes_a_whole_checkpoint_exits_0_and_the_next_start_resumes(ru
     proc = subprocess.Popen(GAD_TRAIN + ["--config", str(cfg)], cwd=ROOT, env=env(), start_new_session=True,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_for_step(run_dir, 2, proc)
+        # as early as step 1: a step takes ~1 s, and on a busy machine the signal must still land before step 6
+        _wait_for_step(run_dir, 1, proc)
         os.kill(proc.pid, signal.SIGUSR1)
         assert proc.wait(timeout=300) == 0, open(tmp_path / "s.log").read()[-4000:]
     finally:
@@ -160,7 +161,7 @@ def test_sigusr1_writes_a_whole_checkpoint_exits_0_and_the_next_start_resumes(ru
             os.killpg(proc.pid, signal.SIGKILL)
     stopped = json.load(open(run_dir / "stopped.json"))
     step = stopped["step"]
-    assert 2 <= step < 6 and stopped["signal"] == signal.SIGUSR1
+    assert 1 <= step < 6 and stopped["signal"] == signal.SIGUSR1
     assert open(run_dir / "checkpoints" / "latest").read() == str(step)
     for part in ("student", "discriminator", "trainer"):
         assert os.path.isdir(run_dir / "checkpoints" / part / f"iter_{step:07d}")
