@@ -336,8 +336,7 @@ def vllm_starts(ctx: Context) -> Result:
         engine = VLLMEngine(vllm_config(ctx.cfg, model_hf_dir(ctx.cfg.model.student)))
         out = engine.generate([[1, 2, 3]], SamplingConfig(n=1, temperature=1.0, max_tokens=2))
         engine.shutdown()
-        first = out[0][0] if isinstance(out[0], list) else out[0]
-        text = f"{len(first.token_ids)} token(s)"
+        text = f"{len(out[0][0].token_ids)} token(s)"  # prompt 0's first sample
     except Exception as e:  # noqa: BLE001
         return Result("vllm", FAIL, "", f"vLLM did not start with {ctx.cfg.model.student}: {type(e).__name__}: {e}")
     tp = ctx.cfg.rollout.vllm_tensor_parallel
@@ -350,7 +349,7 @@ def safely(check, ctx: Context, *args) -> Result:
         return check(ctx, *args)
     except Exception as e:  # noqa: BLE001
         name = {"model_readable": "model", "data_readable": "data", "shared_run_dir": "shared_fs",
-                "cpu_affinity": "cpu_affinity", "vllm_starts": "vllm"}.get(check.__name__, check.__name__)
+                "vllm_starts": "vllm"}.get(check.__name__, check.__name__)
         return Result(name, FAIL, "", f"rank {ctx.rank} ({ctx.host}): {type(e).__name__}: {e}")
 
 

@@ -50,10 +50,9 @@ def table(results: list) -> str:
     return "\n".join(lines)
 
 
-def _run_checks(cfg, args, rank: int, world: int, local_rank: int) -> list:
+def _run_checks(cfg, args, rank: int, world: int, local_rank: int, gpu: bool) -> list:
     import torch.distributed as dist
 
-    gpu = _uses_gpu(cfg)
     ctx = Context(cfg, rank, world, local_rank, socket.gethostname(), gpu,
                   args.min_busbw_gbs if args.min_busbw_gbs is not None else (10.0 if gpu else 0.0),
                   args.allreduce_mb or (256 if gpu else 16), args.min_write_gbs, args.deep)
@@ -106,7 +105,7 @@ def run_rank(cfg, args) -> int:
     dist.init_process_group("nccl" if gpu else "gloo", init_method="env://", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=5))
     try:
-        per_rank = _run_checks(cfg, args, rank, world, local_rank)
+        per_rank = _run_checks(cfg, args, rank, world, local_rank, gpu)
         ok = [True]
         if rank == 0:
             merged, path, ok[0] = _report(cfg, per_rank)

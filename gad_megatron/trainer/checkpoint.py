@@ -26,6 +26,7 @@ import torch
 
 from gad_megatron.convert.megatron_ckpt import META, TRACKER, copy_hf_side_files, hf_config_dir, iter_dir, own_writer_queue
 from gad_megatron.runtime import on_cuda
+from gad_megatron.trainer.disk import bytes_under
 
 log = logging.getLogger("gad_megatron.checkpoint")
 LATEST = "latest"
@@ -186,8 +187,7 @@ class CheckpointWriteError(OSError):
 
 def _write_failed(ckpt_root: str, tmps: list, step: int, engines: dict, err: Exception) -> CheckpointWriteError:
     """One line naming the place and the bytes; the partial parts are removed (only finished ones are renamed)."""
-    written = sum(os.path.getsize(os.path.join(d, f)) for t in tmps if os.path.isdir(t) for d, _, fs in os.walk(t)
-                  for f in fs)
+    written = sum(bytes_under(t) for t in tmps)
     for t in tmps:
         shutil.rmtree(t, ignore_errors=True)
     need = 0

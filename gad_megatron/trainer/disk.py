@@ -16,7 +16,8 @@ def _existing(path: str) -> str:
     return path
 
 
-def _bytes_under(path: str) -> int:
+def bytes_under(path: str) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
     total = 0
     for root, _, names in os.walk(path):
         for n in names:
@@ -35,7 +36,7 @@ def check_free_space(cfg, arch) -> None:
         return
     gad = cfg.train.stage == "gad"
     need = disk_need_bytes(arch, cfg.model.dtype, cfg.checkpoint.keep_last, cfg.checkpoint.export_hf_at_end, gad)
-    need -= _bytes_under(os.path.join(cfg.log.run_dir, "checkpoints"))
+    need -= bytes_under(os.path.join(cfg.log.run_dir, "checkpoints"))
     st = os.statvfs(_existing(cfg.log.run_dir))
     free = st.f_bavail * st.f_frsize
     if free < need:
