@@ -25,12 +25,11 @@ sys.path.insert(0, ROOT)
 def policy_microbatches(t, seqs: list, temperature: float, budget: int) -> list:
     """G's GRPO micro-batches for ``seqs``: old and reference logprobs from the models, a fixed advantage, and
     the engine's logprobs (as if sampled) where a rollout did not give them."""
-    from gad_megatron.trainer import gad
     from gad_megatron.trainer.batching import microbatches
 
     units = [[s] for s in seqs]
-    gad.policy_logprobs(t, t.g, seqs, "old_logp", temperature)
-    gad.reference_logprobs(t, seqs, temperature)
+    t.policy.logprobs(seqs, "old_logp", temperature)
+    t.policy.reference_logprobs(seqs, temperature)
     for s in seqs:
         s.advantage = 0.5
         s.per_token.setdefault("rollout_logp", s.per_token["old_logp"].clone())
@@ -74,7 +73,7 @@ def main():
     import torch
 
     from gad_megatron.data import demo
-    from gad_megatron.trainer import gad, passes
+    from gad_megatron.trainer import gad
     from gad_megatron.trainer.build import build_trainer
     from gad_megatron.trainer.config import load_config
     from gad_megatron.trainer.steps import policy_step
@@ -89,13 +88,13 @@ def main():
         "log": {"run_dir": os.path.join(work, "run"), "tensorboard": False, "progress": False}})
     t = build_trainer(cfg)
     if t.sync is not None:
-        passes.sync_weights(t, 0)
+        t.policy.sync(0)
     splits, totals = {}, 0.0
     for step in range(a.steps + 1):
         batch = t.data.train[step * a.batch : (step + 1) * a.batch]
         timer = gad.Timer()
         t0 = time.perf_counter()
-        gad.stage_gad(t, step, batch, timer)
+        gad.run_stage(t, "gad", step, batch, timer)
         dt = time.perf_counter() - t0
         if step == 0:
             continue  # warm-up step (allocations, first-call overheads)
@@ -109,7 +108,7 @@ def main():
     print(f"  {'other':<14} {other / totals:6.1%}   (goal <= 10 %)")
 
     # 2. G update vs bare megatron forward_backward on the same micro-batches
-    students = gad.rollout(t, 1000, t.data.train[: a.batch]).students
+    students = t.policy.rollout(1000, t.data.train[: a.batch]).students
     mbs = policy_microbatches(t, students, 0.8, cfg.train.micro_batch_tokens)
 
     def bare():

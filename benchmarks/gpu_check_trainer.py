@@ -77,7 +77,7 @@ def main() -> None:
 
     from gad_megatron.models.gpt import te_available
     from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
-    from gad_megatron.trainer import gad, passes
+    from gad_megatron.trainer import gad
     from gad_megatron.trainer.build import build_trainer
 
     os.makedirs(a.out, exist_ok=True)
@@ -91,12 +91,12 @@ def main() -> None:
     for dt, fp8 in variants:
         t = build_trainer(gad_config(student, work, dt, fp8, engine, a.device))
         if t.sync is not None:
-            passes.sync_weights(t, 0)
+            t.policy.sync(0)
         times = []
         for step in range(3):
             timer = gad.Timer()
             t0 = time.perf_counter()
-            m = gad.stage_gad(t, step, t.data.train[step * 16:(step + 1) * 16], timer)
+            m = gad.run_stage(t, "gad", step, t.data.train[step * 16:(step + 1) * 16], timer)
             times.append(time.perf_counter() - t0)
         ok = all(math.isfinite(m[k]) for k in ("g_loss", "d_loss"))
         rows.append((f"GAD step {dt}{' fp8 ' + fp8 if fp8 else ''} ({'TE' if te_available() else 'local'} spec)",

@@ -53,6 +53,66 @@ def test_imports_only_run_downwards_and_never_cycle():
     assert not up, "imports from a lower package to a higher one:\n" + "\n".join(up)
 
 
+def module_edges() -> dict:
+    """{module: {module it imports}} over gad_megatron's own modules (function-local imports included: a
+    circle through a function is still a circle a reader must follow)."""
+    mods = {}
+    for path, src in _sources(PKG):
+        rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        mods[rel.removesuffix(".__init__")] = src
+    edges = {}
+    for mod, src in mods.items():
+        for name in _imports(ast.parse(src)):
+            while name and name not in mods:  # gad_megatron.trainer.gad.stage_gad -> gad_megatron.trainer.gad
+                name = name.rpartition(".")[0]
+            # a package itself (gad_megatron.trainer of `from gad_megatron.trainer import gad`) is not a file read
+            if name and name != mod and name.count(".") > 1:
+                edges.setdefault(mod, set()).add(name)
+    return edges
+
+
+def file_circles(edges: dict) -> list:
+    """Every strongly connected group of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in list(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_file_imports_itself_through_a_circle():
+    circles = file_circles(module_edges())
+    assert not circles, "modules that import each other in a circle:\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert file_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert file_circles({"a": {"b"}, "b": set()}) == []
+
+
 def test_algo_is_pure_tensor_math():
     for path, src in _sources(os.path.join(PKG, "algo")):
         bad = [m for m in _imports(ast.parse(src)) if m.split(".")[0] in ("megatron", "gad_megatron")]

@@ -1,9 +1,12 @@
-"""The rollout interface shared by every engine."""
+"""The rollout interface shared by every engine: :class:`RolloutEngine` (what the trainer calls) and the
+registry of engines the config's ``rollout.engine`` chooses from."""
 
 from __future__ import annotations
 
+import importlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Iterable, Optional, Sequence
 
 
 @dataclass
@@ -37,14 +40,59 @@ class Sample:
         return float(sum(self.logprobs))
 
 
-class RolloutEngine(Protocol):
+class RolloutEngine(ABC):
+    """What the trainer calls on a rollout engine, and nothing else.
+
+    - ``collective``: every rank calls ``generate`` with the same prompts and gets the same samples (an engine
+      on the trainer's own model-parallel megatron GPT); False: global rank 0 alone calls it and the trainer
+      broadcasts the samples.
+    - ``live_weights``: the engine samples with the trainer's own parameters (nothing to sync); False: a
+      separate copy fed by ``weight_sync.WeightSync``, which calls ``update_weights`` and probes ``score``.
+    - ``sleep`` / ``wake_up``: hand memory back to training between rollouts (colocated on a GPU);
+      ``shutdown``: stop processes the engine started. No-ops unless an engine has them.
+    """
+
+    collective: bool = False
+    live_weights: bool = False
+
+    @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list:
         """Token-id prompts -> ``[[Sample] * n] * len(prompts)``, grouped by prompt, in prompt order."""
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list:
-        """log p(token_t | tokens_<t) for t = 1..len-1 of each sequence (a ``[len-1]`` tensor each)."""
-
     def update_weights(self, buckets: Iterable) -> None:
         """Loads ``[(hf_name, tensor), ...]`` buckets (HF names and layouts) into the engine's model, as one
-        in-place reload."""
+        in-place reload (engines with ``live_weights`` have nothing to load)."""
+        raise NotImplementedError(f"{type(self).__name__} samples with the trainer's live weights: nothing to sync")
 
+    def score(self, sequences: Sequence[Sequence[int]]) -> list:
+        """log p(token_t | tokens_<t) for t = 1..len-1 of each sequence (a ``[len-1]`` tensor each): the
+        weight sync's probe (engines with ``live_weights`` are never probed)."""
+        raise NotImplementedError(f"{type(self).__name__} has no scoring probe")
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+# name -> "module:Class" of every engine ``rollout.engine`` may name (imported when chosen: vLLM's module
+# imports only on a machine that has it). A new engine is one RolloutEngine subclass in one file and a line here.
+ENGINES = {
+    "vllm": "gad_megatron.rollout.vllm_engine:VLLMEngine",
+    "megatron": "gad_megatron.rollout.megatron_engine:MegatronEngine",
+}
+
+
+def engine_choices() -> tuple:
+    return ("auto",) + tuple(ENGINES)
+
+
+def engine_class(name: str) -> type:
+    if name not in ENGINES:
+        raise ValueError(f"rollout engine {name!r}: use one of {', '.join(engine_choices())}")
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)

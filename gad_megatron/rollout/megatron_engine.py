@@ -26,11 +26,11 @@ copy.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from gad_megatron.rollout.base import Sample, SamplingConfig
+from gad_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
 from gad_megatron.rollout.sampling import sample_seeds, sample_tokens
 
 
@@ -93,8 +93,9 @@ class _Batch:
                 for r, (pi, j) in enumerate(self.pairs)]
 
 
-class MegatronEngine:
+class MegatronEngine(RolloutEngine):
     collective = True  # every rank of the model-parallel group calls generate (and gets the same samples)
+    live_weights = True  # the trainer's own parameters: no sync, no copy
 
     def __init__(self, chunks: list, max_batch_tokens: int = 1 << 17):
         if len(chunks) != 1:
@@ -104,9 +105,6 @@ class MegatronEngine:
         self.max_batch_tokens = int(max_batch_tokens)
         self.masked = not _uses_transformer_engine(self.model)  # TE's attention ignores a custom mask
         self.last_stats: dict = {}
-
-    def update_weights(self, buckets: Iterable) -> None:
-        raise NotImplementedError("the megatron engine samples with the trainer's live weights: nothing to sync")
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list:
         if any(len(p) == 0 for p in prompts):
@@ -267,6 +265,10 @@ def make_megatron_engine(chunks: list, max_batch_tokens: int = 1 << 17):
 
 def choose_engine(requested: str) -> tuple:
     """``(engine, why)`` for ``rollout.engine``: ``auto`` takes vLLM where it imports, else this engine."""
+    from gad_megatron.rollout.base import engine_choices
+
+    if requested not in engine_choices():
+        raise ValueError(f"rollout engine {requested!r}: use one of {', '.join(engine_choices())}")
     if requested != "auto":
         return requested, "rollout.engine=" + requested
     from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason

@@ -9,22 +9,20 @@ broadcasts each step's tokens along its pipeline group, so every stage sees the 
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-from gad_megatron.rollout.base import Sample, SamplingConfig
+from gad_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
 from gad_megatron.rollout.sampling import sample_seeds, sample_tokens
 
 
-class ReforwardEngine:
-    collective = True  # every rank calls generate (and gets the same samples)
+class ReforwardEngine(RolloutEngine):
+    collective = True  # every rank of the model-parallel group calls generate (and gets the same samples)
+    live_weights = True  # the trainer's own parameters: no sync, no copy
 
     def __init__(self, chunks: list):
         self.chunks = chunks
-
-    def update_weights(self, buckets: Iterable) -> None:
-        raise NotImplementedError("the megatron engine samples with the trainer's live weights: nothing to sync")
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list:

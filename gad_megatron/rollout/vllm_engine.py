@@ -16,7 +16,7 @@ import signal
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from gad_megatron.rollout.base import Sample, SamplingConfig
+from gad_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
 from gad_megatron.rollout.transport import make_transport
 from gad_megatron.runtime.signals import ignored_by_children
 
@@ -52,7 +52,10 @@ def vllm_unavailable_reason():
         return f"vLLM is not installed here ({type(e).__name__}: {e}); install the vllm extra"
 
 
-class VLLMEngine:
+class VLLMEngine(RolloutEngine):
+    collective = False  # global rank 0 runs it; the trainer broadcasts its samples
+    live_weights = False  # a copy of G, fed by weight_sync.WeightSync
+
     def __init__(self, cfg: VLLMConfig):
         from vllm import LLM
 

@@ -17,7 +17,9 @@ from typing import Optional
 
 import torch
 
-PER_TOKEN_KEYS = ("old_logp", "ref_logp", "rollout_logp")
+# per-response-token values a step may carry: G's and the reference's logprobs, the rollout engine's, a
+# teacher's (OPD), and a per-token advantage added to the sequence's (a reward's token channel)
+PER_TOKEN_KEYS = ("old_logp", "ref_logp", "rollout_logp", "teacher_logp", "token_adv")
 
 
 @dataclass

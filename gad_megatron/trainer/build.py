@@ -1,6 +1,6 @@
 """Everything a run needs before its first step, gathered in one typed :class:`Trainer`: the data (checked
-first, before any process group), the parallel state, G, the reward (the discriminator D in GAD), the frozen
-reference and the rollout engine."""
+first, before any process group), the parallel state, G with its frozen reference and rollout engine
+(:class:`~gad_megatron.trainer.policy.Policy`) and the reward (the discriminator D in GAD)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 
 from gad_megatron.data.teacher import DataError, DataStats, read_rows, split_heldout, tokenize_rows
 from gad_megatron.trainer.disk import check_free_space
-from gad_megatron.trainer.rewards import Reward, make_reward
+from gad_megatron.trainer.policy import Policy
+from gad_megatron.trainer.rewards import Reward, RewardContext, load_scorer, make_reward, reward_class
 
 log = logging.getLogger("gad_megatron.train")
 
@@ -35,7 +36,7 @@ class Schedule:
 
 @dataclass
 class Trainer:
-    """What every stage function takes. ``engine`` is None on ranks that do not run the rollout engine."""
+    """What every stage function takes."""
 
     cfg: object
     world: dict
@@ -43,14 +44,34 @@ class Trainer:
     hf_dir: str
     data: RunData
     schedule: Schedule
-    g: object  # trainer.engine.TrainEngine
+    policy: Policy  # G, its reference, the rollout engine and the sync into it
     reward: Optional[Reward] = None
-    ref: Optional[list] = None  # frozen reference chunks (GAD)
-    engine: object = None  # rollout engine: rollout.vllm_engine.VLLMEngine / rollout.megatron_engine.MegatronEngine
-    engine_name: str = ""  # "vllm" | "megatron": what rollout.engine (maybe auto) resolved to
-    sync: object = None  # rollout.weight_sync.WeightSync into a separate engine, or None
-    syncs_done: int = 0
     last_samples: list = field(default_factory=list)
+
+    # G's parts by their short names (checkpointing, evaluation and tests read them)
+    @property
+    def g(self):
+        return self.policy.g
+
+    @property
+    def ref(self):
+        return self.policy.ref
+
+    @property
+    def engine(self):
+        return self.policy.engine
+
+    @engine.setter
+    def engine(self, engine):
+        self.policy.engine = engine
+
+    @property
+    def sync(self):
+        return self.policy.sync_to
+
+    @sync.setter
+    def sync(self, sync):
+        self.policy.sync_to = sync
 
     @property
     def tokenizer(self):
@@ -118,10 +139,9 @@ def check_before_build(cfg) -> None:
     and the run directory has room for the checkpoints. Raises ConfigError naming the key (OSError for the disk)."""
     from gad_megatron.models.hf_config import arch_spec_from_dir
     from gad_megatron.trainer.config import ConfigError
-    from gad_megatron.trainer.heldout import load_scorer
 
     scorers = {"eval.scorer": cfg.eval.scorer}
-    if cfg.reward.source != "discriminator":
+    if cfg.reward.source in ("scorer", "mixed"):
         scorers["reward.scorer"] = cfg.reward.scorer
     for key, spec in scorers.items():
         try:
@@ -134,6 +154,13 @@ def check_before_build(cfg) -> None:
         raise ConfigError(f"data.max_prompt_tokens + data.max_response_tokens = {longest} is beyond the student's "
                           f"max_position_embeddings={limit}")
     arch = arch_spec_from_dir(model_hf_dir(cfg.model.student))
+    if cfg.train.stage == "gad" and cfg.reward.source in ("opd", "gad+opd"):
+        from gad_megatron.trainer.opd import TeacherMismatch, check_teacher
+
+        try:
+            check_teacher(model_hf_dir(cfg.model.student), model_hf_dir(cfg.opd.teacher))
+        except (TeacherMismatch, OSError) as e:
+            raise ConfigError(str(e) if isinstance(e, TeacherMismatch) else f"opd.teacher={cfg.opd.teacher}: {e}") from None
     check_rollout_memory(cfg, arch)
     check_free_space(cfg, arch)
 
@@ -213,33 +240,36 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
     world["tp"] = cfg.parallel.tensor_parallel
     opts, dist_opt = model_options(cfg), cfg.parallel.use_distributed_optimizer
     arch, g_chunks, hf_dir = load_model(cfg.model.student, "student", opts)
-    t = Trainer(cfg, world, arch, hf_dir, data, schedule,
-                TrainEngine(g_chunks, optim_config(cfg.g_optim, dist_opt, schedule.total)))
+    budget = cfg.train.micro_batch_tokens
+    pad = world["tp"] if cfg.parallel.sequence_parallel else 1
+    policy = Policy(cfg, world, data.tokenizer, TrainEngine(g_chunks, optim_config(cfg.g_optim, dist_opt, schedule.total)),
+                    budget=budget, pad=pad)
+    t = Trainer(cfg, world, arch, hf_dir, data, schedule, policy)
     if cfg.train.stage == "gad":
+        source = reward_class(cfg.reward.source)
         d = None
-        if cfg.reward.source != "scorer":  # a fixed scorer needs no D: none is built or saved
+        if source.uses_discriminator:  # a fixed scorer or a teacher needs no D: none is built or saved
             torch.manual_seed(cfg.train.seed + 17)  # the fresh D head is the same at every layout
             _, d_chunks, _ = load_model(cfg.model.discriminator or cfg.model.student, "discriminator", opts,
                                         head_init=cfg.model.d_head_init)
             d = TrainEngine(d_chunks, optim_config(cfg.d_optim, dist_opt, schedule.total))
-        t.reward = make_reward(cfg, d, data.tokenizer, t.budget, t.pad, world)
-        _, t.ref, _ = load_model(cfg.model.student, "student", opts)
-        for c in t.ref:
-            c.eval()
-            c.requires_grad_(False)
-        offload_reference(t, "cpu")
-    t.engine, t.sync = make_engine(cfg, t)
+        t.reward = make_reward(RewardContext(cfg, world, data.tokenizer, budget, pad, d,
+                                             load_frozen=lambda path: load_frozen(path, opts), schedule=schedule))
+        policy.ref = load_frozen(cfg.model.student, opts)
+        policy.offload_reference("cpu")
+    policy.engine, policy.sync_to = make_engine(cfg, t)
     return t
 
 
-def offload_reference(t: Trainer, where: str) -> None:
-    """The frozen reference lives in host memory between uses when ``model.offload_reference`` (GPU)."""
-    from gad_megatron.runtime import device, on_cuda
+def load_frozen(path: str, opts) -> list:
+    """A student-shaped model as frozen chunks on G's parallel state (the reference, an OPD teacher)."""
+    from gad_megatron.convert.api import load_model
 
-    if t.ref is None or not (t.cfg.model.offload_reference and on_cuda()):
-        return
-    for c in t.ref:
-        c.to("cpu" if where == "cpu" else device())
+    _, chunks, _ = load_model(path, "student", opts)
+    for c in chunks:
+        c.eval()
+        c.requires_grad_(False)
+    return chunks
 
 
 def vllm_config(cfg, hf_dir: str):
@@ -266,6 +296,7 @@ def make_engine(cfg, t: Trainer) -> tuple:
     trainer's own megatron GPT (no sync: it *is* G)."""
     import torch.distributed as dist
 
+    from gad_megatron.rollout.base import engine_class
     from gad_megatron.rollout.megatron_engine import choose_engine, make_megatron_engine
     from gad_megatron.rollout.weight_sync import WeightSync
     from gad_megatron.trainer.passes import agree
@@ -273,17 +304,15 @@ def make_engine(cfg, t: Trainer) -> tuple:
     name, why = choose_engine(cfg.rollout.engine if cfg.train.stage == "gad" else "megatron")
     if cfg.rollout.engine == "auto" and agree(name != "vllm"):  # every rank takes the same engine
         name = "megatron"
-    t.engine_name = name
+    t.policy.engine_name = name
     if dist.get_rank() == 0:
         log.info("rollout engine: %s (%s)", name, why if cfg.train.stage == "gad" else "SeqKD: held-out generation only")
-    if name == "megatron":
+    if engine_class(name).live_weights:  # the trainer's own megatron GPT: no copy, no sync
         return make_megatron_engine(t.g.modules, cfg.rollout.max_batch_tokens), None
     engine = None
     if dist.get_rank() == 0:
         if cfg.rollout.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from gad_megatron.rollout.vllm_engine import VLLMEngine
-
-        engine = VLLMEngine(vllm_config(cfg, t.hf_dir))
+        engine = engine_class(name)(vllm_config(cfg, t.hf_dir))
     sync = WeightSync(t.g.modules, engine, t.arch, bucket_mb=cfg.rollout.bucket_mb, stop_gap=cfg.rollout.stop_gap)
     return engine, sync

@@ -294,6 +294,7 @@ def save_run(t, run) -> None:
              "watch": run.watch.state_dict(), "counters": run.counters, "evals": run.evals, "best": run.best}
     if t.reward is not None:
         state["reward"] = t.reward.state_dict()
+    state["policy"] = t.policy.state_dict()
     from gad_megatron.trainer.drift import data_digest
 
     # What ran, for the next resume to compare with (trainer/drift.py)
@@ -335,6 +336,7 @@ def resume(t, run) -> None:
     run.watch.load_state_dict(st["watch"])
     if t.reward is not None:
         t.reward.load_state_dict(st.get("reward", {}))
+    t.policy.load_state_dict(st.get("policy", {}))
     run.counters, run.evals, run.step, run.best = st["counters"], st["evals"], st["step"], st.get("best", {})
     warm = t.schedule.warm
     if t.ref is not None and run.step > warm > 0:  # at step == warm the loop makes the reference itself

@@ -17,6 +17,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gad_megatron.algo.policy import ADV_STD_MODES, LOSS_AGG_MODES
+from gad_megatron.rollout.base import engine_choices
+from gad_megatron.trainer.rewards import reward_choices
 from gad_megatron.rollout.transport import transport_choices
 
 
@@ -238,6 +240,21 @@ class RewardSection:
 
 
 @dataclass
+class OpdSection:
+    # White-box on-policy distillation (reward.source=opd | gad+opd; trainer/opd.py): a frozen teacher with the student's
+    # tokenizer; each sampled token's advantage is coef x clamp(teacher_logp - old_logp, +-adv_clamp), detached.
+    teacher: Optional[str] = None  # HF folder or gad-convert checkpoint, built on G's parallel state
+    teacher_temperature: Optional[float] = None  # null: the rollout's
+    coef: float = 1.0
+    adv_clamp: float = 10.0
+    offload_teacher: bool = False  # GPU: the teacher in host memory between uses (like model.offload_reference)
+    # gad+opd: weight_discriminator x GRPO(D) + w_opd x OPD per token; w_opd: weight -> weight_final (linear, null: constant)
+    weight_discriminator: float = 1.0
+    weight: float = 1.0
+    weight_final: Optional[float] = None
+
+
+@dataclass
 class GADConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -251,6 +268,7 @@ class GADConfig:
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
     reward: RewardSection = field(default_factory=RewardSection)
+    opd: OpdSection = field(default_factory=OpdSection)
     gad_stage: GadStageSection = field(default_factory=GadStageSection)
     guard: GuardSection = field(default_factory=GuardSection)
 
@@ -265,14 +283,14 @@ _CHOICES = {
     "parallel.device": (None, "cuda", "cpu"),
     "data.overlong": ("drop", "truncate"),
     "data.bad_rows": ("error", "skip"),
-    "rollout.engine": ("auto", "vllm", "megatron"),
+    "rollout.engine": engine_choices(),
     "rollout.transport": transport_choices(),
     "g_optim.schedule": ("constant", "cosine"),
     "d_optim.schedule": ("constant", "cosine"),
     "algo.loss_agg_mode": LOSS_AGG_MODES,
     "algo.adv_std": ADV_STD_MODES,
     "train.stage": ("gad", "seqkd"),
-    "reward.source": ("discriminator", "scorer", "mixed"),
+    "reward.source": reward_choices(),
     "gad_stage.g_schedule": (None, "constant", "cosine"),
 }
 
@@ -399,9 +417,21 @@ def validate(cfg) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
+def _validate_opd(cfg, bad) -> None:
+    if cfg.reward.source in ("opd", "gad+opd") and not cfg.opd.teacher:
+        bad("opd.teacher", f"reward.source={cfg.reward.source} needs a teacher: a model folder or checkpoint")
+    for key in ("opd.teacher_temperature", "opd.adv_clamp"):
+        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
+            bad(key, "must be > 0")
+    for key in ("opd.coef", "opd.weight", "opd.weight_discriminator", "opd.weight_final"):
+        if _get(cfg, key) is not None and not _get(cfg, key) >= 0:
+            bad(key, "must be >= 0")
+
+
 def _validate_algo(cfg, bad) -> None:
-    if cfg.reward.source != "discriminator" and (not cfg.reward.scorer or ":" not in cfg.reward.scorer):
+    if cfg.reward.source in ("scorer", "mixed") and (not cfg.reward.scorer or ":" not in cfg.reward.scorer):
         bad("reward.scorer", f"reward.source={cfg.reward.source} needs a scorer: module:function")
+    _validate_opd(cfg, bad)
     if cfg.algo.truncated_reward not in ("min", "score") and not _is_number(cfg.algo.truncated_reward):
         bad("algo.truncated_reward", "use min, score or a number")
     if not cfg.algo.adv_std_floor >= 0:

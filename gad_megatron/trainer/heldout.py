@@ -15,23 +15,17 @@ The rollout engine generates; every function is collective.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from gad_megatron.algo.policy import low_var_kl
+from gad_megatron.data.chat import d_view
 from gad_megatron.rollout.base import SamplingConfig
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.batching import Seq
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
+from gad_megatron.trainer.policy import dp_share, teacher_seq
+from gad_megatron.trainer.rewards import load_scorer
 from gad_megatron.trainer.steps import sft_step
-
-
-def load_scorer(spec):
-    if not spec:
-        return None
-    mod, fn = spec.split(":")
-    return getattr(importlib.import_module(mod), fn)
 
 
 def evaluate(t, held: list) -> dict:
@@ -39,11 +33,11 @@ def evaluate(t, held: list) -> dict:
     if not held:
         return {}
     cfg = t.cfg
-    out, _ = passes.forward(t.g, [[passes.teacher_seq(e)] for e in held], sft_step, t.budget, t.pad)
+    out, _ = passes.forward(t.g, [[teacher_seq(e)] for e in held], sft_step, t.budget, t.pad)
     res = {"heldout_ce": reduce_pairs(sum_outputs(out) or zero_pairs(["sft_loss"]))["sft_loss"]}
     scorer = load_scorer(cfg.eval.scorer)
     stop = [t.tokenizer.eos_token_id]
-    greedy = passes.generate(t.engine, [e.prompt for e in held], SamplingConfig(
+    greedy = t.policy.generate([e.prompt for e in held], SamplingConfig(
         n=1, temperature=0.0, max_tokens=cfg.eval.max_tokens, stop_token_ids=stop, seed=0))
     texts = [t.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in greedy]
     res["heldout_length"] = sum(len(g[0][0]) for g in greedy) / len(held)
@@ -57,7 +51,7 @@ def evaluate(t, held: list) -> dict:
 
 def _sampled(t, held: list, scorer, stop: list) -> dict:
     cfg, n = t.cfg, t.cfg.eval.samples
-    groups = passes.generate(t.engine, [e.prompt for e in held], SamplingConfig(
+    groups = t.policy.generate([e.prompt for e in held], SamplingConfig(
         n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
         max_tokens=cfg.eval.max_tokens, stop_token_ids=stop, seed=cfg.eval.seed))
     res = {"heldout_length_sampled": sum(len(s[0]) for g in groups for s in g) / (n * len(held))}
@@ -75,13 +69,10 @@ def _sampled(t, held: list, scorer, stop: list) -> dict:
 def _d_accuracy(t, held: list, groups: list) -> dict:
     """D on (teacher, sampled answers) of this rank's share of held-out prompts, as D sees samples in training
     (re-encoded text with reward.canonical_text, closed by the end token when finished)."""
-    from gad_megatron.data.chat import d_view
-    from gad_megatron.trainer.gad import dp_share
-
-    mine = dp_share(t, held)
+    mine = dp_share(t.world, held)
     first = t.world["dp_rank"] * len(mine)
     canonical = t.cfg.reward.canonical_text
-    units = [[passes.teacher_seq(e)] + [Seq(e.prompt, d_view(t.tokenizer, s[0], s[2] != "length") if canonical
+    units = [[teacher_seq(e)] + [Seq(e.prompt, d_view(t.tokenizer, s[0], s[2] != "length") if canonical
                                             else list(s[0])) for s in g]
              for e, g in zip(mine, groups[first : first + len(mine)])]
     scores = t.reward.heldout_scores(units)
@@ -95,13 +86,11 @@ def _d_accuracy(t, held: list, groups: list) -> dict:
 
 
 def _kl_to_reference(t, held: list, groups: list) -> float:
-    from gad_megatron.trainer.gad import dp_share, policy_logprobs, reference_logprobs
-
-    mine = dp_share(t, held)
+    mine = dp_share(t.world, held)
     first = t.world["dp_rank"] * len(mine)
     seqs = [Seq(e.prompt, s[0]) for e, g in zip(mine, groups[first : first + len(mine)]) for s in g if s[0]]
-    policy_logprobs(t, t.g, seqs, "old_logp")
-    reference_logprobs(t, seqs)
+    t.policy.logprobs(seqs, "old_logp")
+    t.policy.reference_logprobs(seqs)
     pair = torch.zeros(2, dtype=torch.float64)
     if passes.last_stage_writer() and seqs:
         logp = torch.cat([s.per_token["old_logp"] for s in seqs]).double()

@@ -1,8 +1,10 @@
 """Where GRPO's rewards come from: the seam a user extends.
 
-A :class:`Reward` scores the student samples of a rollout batch (and, when it can, the teacher answers),
-learns from the batch if it is trained (the GAD discriminator is), and names the models a checkpoint must hold
-for it. The trainer calls ``score`` before ``update`` in a GAD step: G's advantages come from the scores taken
+A :class:`Reward` scores the student samples of a rollout batch (and, when it can, the teacher answers) as
+:class:`Scores`: a reward per sample, which G turns into GRPO's group advantages, and optionally per-token
+advantages added to them (a white-box teacher's logprobs: ``trainer/opd.py``). It learns from the batch if it is
+trained (the GAD discriminator is), and names the models a checkpoint must hold for it. ``reward.source``
+names one in :data:`REWARDS`; a new reward is one class in one file and a line there. The trainer calls ``score`` before ``update`` in a GAD step: G's advantages come from the scores taken
 *before* the reward model learns from the same batch, as the paper's reference code does.
 
 :class:`DiscriminatorReward` is GAD's: D is a megatron GPT with a scalar head on the last token, trained by the
@@ -10,6 +12,10 @@ Bradley-Terry loss ``-log sigmoid(D(teacher) - D(student))`` on groups ``[teache
 """
 
 from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -19,12 +25,45 @@ from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
 from gad_megatron.trainer.steps import BT_LOG_NAMES, bt_step, score_step
 
 
-class Reward:
-    """Interface. ``batch`` is a :class:`gad_megatron.trainer.gad.RolloutBatch`; every method is collective."""
+@dataclass
+class Scores:
+    """What a reward says of a rollout batch. ``rewards`` ``[P*n]`` (the global batch's student samples) and
+    ``teacher`` ``[P]``: float64, the same on every rank. ``token_advantages``: per sample of this rank's share
+    (``batch.students`` order) a ``[len(response)]`` tensor added to the sample's GRPO advantage at each of its
+    tokens (None: none). ``sequence_weight`` scales the GRPO advantages of ``rewards``."""
 
-    def score(self, batch) -> tuple:
-        """(rewards ``[P*n]`` of the global batch's student samples, teacher scores ``[P]``, metrics), float64,
-        the same on every rank."""
+    rewards: torch.Tensor
+    teacher: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+    token_advantages: Optional[list] = None
+    sequence_weight: float = 1.0
+
+
+@dataclass
+class RewardContext:
+    """What a reward is built from (``Reward.build``)."""
+
+    cfg: object
+    world: dict
+    tokenizer: object
+    budget: int
+    pad: int
+    discriminator: object = None  # D's TrainEngine when the reward's class says ``uses_discriminator``
+    load_frozen: object = None  # path -> frozen model chunks of a GPT on G's parallel state
+    schedule: object = None  # build.Schedule: the run's steps (warmup, total)
+
+
+class Reward:
+    """Interface. ``batch`` is a :class:`gad_megatron.trainer.policy.RolloutBatch`; every method is
+    collective."""
+
+    uses_discriminator = False  # the trainer builds D (a copy of the student with a scalar head) for it
+
+    @classmethod
+    def build(cls, ctx: RewardContext) -> "Reward":
+        raise NotImplementedError
+
+    def score(self, batch) -> Scores:
         raise NotImplementedError
 
     def update(self, batch) -> dict:
@@ -87,6 +126,11 @@ class DiscriminatorReward(Reward):
     replay buffer and balance band (config.RewardSection says why each exists)."""
 
     reads_answers = True
+    uses_discriminator = True
+
+    @classmethod
+    def build(cls, ctx: RewardContext) -> "DiscriminatorReward":
+        return cls(ctx.discriminator, ctx.cfg.rollout.n, ctx.budget, ctx.pad, ctx.cfg, ctx.world, ctx.tokenizer)
 
     def __init__(self, engine, group_size: int, budget: int, pad: int, cfg, world: dict, tokenizer=None):
         self.d, self.n, self.budget, self.pad = engine, group_size, budget, pad
@@ -101,7 +145,7 @@ class DiscriminatorReward(Reward):
     def engines(self) -> dict:
         return {"discriminator": self.d}
 
-    def score(self, batch) -> tuple:
+    def score(self, batch) -> Scores:
         """D's scores before its update. Each DP replica fills its share of the global batch; one all-reduce."""
         import torch.distributed as dist
 
@@ -119,7 +163,7 @@ class DiscriminatorReward(Reward):
         both = torch.cat([rewards, teacher]).to(comm_device())
         dist.all_reduce(both)
         both = both.cpu()
-        return both[: n_prompts * n], both[n_prompts * n :], {}
+        return Scores(both[: n_prompts * n], both[n_prompts * n :])
 
     def update(self, batch) -> dict:
         if batch.step % self.every:
@@ -175,7 +219,11 @@ class ScorerReward(Reward):
     def __init__(self, fn, tokenizer):
         self.fn, self.tokenizer = fn, tokenizer
 
-    def score(self, batch) -> tuple:
+    @classmethod
+    def build(cls, ctx: RewardContext) -> "ScorerReward":
+        return cls(load_scorer(ctx.cfg.reward.scorer), ctx.tokenizer)
+
+    def score(self, batch) -> Scores:
         import torch.distributed as dist
 
         box = [None]
@@ -187,25 +235,30 @@ class ScorerReward(Reward):
             box = [(students, teacher)]
         dist.broadcast_object_list(box, src=0)
         students, teacher = box[0]
-        return torch.tensor(students, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64), {}
+        return Scores(torch.tensor(students, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64))
 
 
 class MixedReward(Reward):
     """``w_d x D + w_s x scorer``; D learns as in GAD; both parts are logged."""
 
     reads_answers = True
+    uses_discriminator = True
 
     def __init__(self, d: DiscriminatorReward, scorer: ScorerReward, w_d: float, w_s: float):
         self.d, self.scorer, self.w_d, self.w_s = d, scorer, w_d, w_s
 
+    @classmethod
+    def build(cls, ctx: RewardContext) -> "MixedReward":
+        rc = ctx.cfg.reward
+        return cls(DiscriminatorReward.build(ctx), ScorerReward.build(ctx), rc.weight_discriminator, rc.weight_scorer)
+
     def engines(self) -> dict:
         return self.d.engines()
 
-    def score(self, batch) -> tuple:
-        rd, td, _ = self.d.score(batch)
-        rs, ts, _ = self.scorer.score(batch)
-        m = {"reward_d_mean": rd.mean().item(), "reward_scorer_mean": rs.mean().item()}
-        return self.w_d * rd + self.w_s * rs, self.w_d * td + self.w_s * ts, m
+    def score(self, batch) -> Scores:
+        d, s = self.d.score(batch), self.scorer.score(batch)
+        m = {"reward_d_mean": d.rewards.mean().item(), "reward_scorer_mean": s.rewards.mean().item()}
+        return Scores(self.w_d * d.rewards + self.w_s * s.rewards, self.w_d * d.teacher + self.w_s * s.teacher, m)
 
     def update(self, batch) -> dict:
         return self.d.update(batch)
@@ -220,14 +273,35 @@ class MixedReward(Reward):
         self.d.load_state_dict(state)
 
 
-def make_reward(cfg, d_engine, tokenizer, budget: int, pad: int, world: dict) -> Reward:
-    """The reward ``reward.source`` names (``d_engine``: D's TrainEngine, None when no D is built)."""
-    from gad_megatron.trainer.heldout import load_scorer
+# reward.source -> "module:Class" (imported when chosen)
+REWARDS = {
+    "discriminator": "gad_megatron.trainer.rewards:DiscriminatorReward",
+    "scorer": "gad_megatron.trainer.rewards:ScorerReward",
+    "mixed": "gad_megatron.trainer.rewards:MixedReward",
+    "opd": "gad_megatron.trainer.opd:OPDReward",
+    "gad+opd": "gad_megatron.trainer.opd:GadOpdReward",
+}
 
-    source = cfg.reward.source
-    d = DiscriminatorReward(d_engine, cfg.rollout.n, budget, pad, cfg, world, tokenizer) if d_engine else None
-    if source == "discriminator":
-        return d
-    scorer = ScorerReward(load_scorer(cfg.reward.scorer), tokenizer)
-    return scorer if source == "scorer" else MixedReward(d, scorer, cfg.reward.weight_discriminator,
-                                                         cfg.reward.weight_scorer)
+
+def reward_choices() -> tuple:
+    return tuple(REWARDS)
+
+
+def reward_class(source: str) -> type:
+    if source not in REWARDS:
+        raise ValueError(f"reward.source={source!r}: use one of {', '.join(REWARDS)}")
+    module, cls = REWARDS[source].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_reward(ctx: RewardContext) -> Reward:
+    """The reward ``reward.source`` names."""
+    return reward_class(ctx.cfg.reward.source).build(ctx)
+
+
+def load_scorer(spec):
+    """``module:function`` -> the function (None for an empty spec)."""
+    if not spec:
+        return None
+    mod, fn = spec.split(":")
+    return getattr(importlib.import_module(mod), fn)

@@ -17,7 +17,7 @@ from gad_megatron.data.teacher import EpochSampler
 from gad_megatron.trainer import checkpoint as ckpt_io
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.build import build_trainer
-from gad_megatron.trainer.gad import Timer, enter_gad_stage, stage_for, start_gad
+from gad_megatron.trainer.gad import Timer, enter_gad_stage, run_stage, stage_for
 from gad_megatron.trainer.heldout import evaluate
 from gad_megatron.trainer.metrics import FailureWatch, RunLog, max_over_world, plot_curves
 from gad_megatron.trainer.monitors import guard_stop, keep_best
@@ -36,10 +36,10 @@ def train(cfg, data=None) -> dict:
     while run.step < end:
         timer, t0 = Timer(), time.perf_counter()
         batch = [t.data.train[i] for i in run.sampler.next_batch()]
-        stage, stage_fn = stage_for(t, run.step)
+        stage, _ = stage_for(t, run.step)
         if stage == "gad" and run.step == t.schedule.warm:
             begin_gad(t, run)
-        m = stage_fn(t, run.step, batch, timer)
+        m = run_stage(t, stage, run.step, batch, timer)
         run.step += 1
         record_step(t, run, stage, m, timer, t0)
         guard = guard_stop(t, run, m)
@@ -146,7 +146,7 @@ def open_run(t) -> Run:
                        "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total, "warmup_steps": s.warm,
                        **t.data.stats.summary()}, f, indent=1)
     if t.sync is not None:
-        passes.sync_weights(t, run.step)  # the engine starts from the HF files (or dummy weights): give it G's
+        t.policy.sync(run.step)  # the engine starts from the HF files (or dummy weights): give it G's
     if run.step == 0 and cfg.eval.at_start:
         log_eval(t, run, "before")
     return run
@@ -156,7 +156,7 @@ def begin_gad(t, run: Run) -> None:
     """The first GAD step. After a warmup: the reference becomes the warmed-up student (saved for resumes), and
     it is evaluated (the warm start). Then the GAD stage's own settings."""
     if t.schedule.warm > 0:
-        start_gad(t)
+        t.policy.reference_from_policy()
         ckpt_io.save_reference(t, run.ckpt_root, run.step)
         if t.cfg.eval.after_warmup:
             log_eval(t, run, "after_warmup")
@@ -216,7 +216,7 @@ def finish(t, run: Run, guard: str = None) -> dict:
     log_eval(t, run, "after")
     run.log.close()
     cfg = t.cfg
-    summary = {"steps": run.step, "evals": run.evals, "data": t.data.stats.summary(), "rollout_engine": t.engine_name,
+    summary = {"steps": run.step, "evals": run.evals, "data": t.data.stats.summary(), "rollout_engine": t.policy.engine_name,
                **({"stopped_by_guard": guard} if guard else {}), **({"best": run.best} if run.best else {})}
     if dist.get_rank() == 0:
         if cfg.log.plot:
@@ -230,8 +230,7 @@ def finish(t, run: Run, guard: str = None) -> dict:
         with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         print(format_summary(summary), flush=True)
-    if t.engine is not None and hasattr(t.engine, "shutdown"):
-        t.engine.shutdown()
+    t.policy.shutdown()
     dist.barrier()
     return summary
 

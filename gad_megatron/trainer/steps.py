@@ -123,7 +123,8 @@ def d_acc_buckets(won, keep, batch, group_size: int) -> dict:
 
 
 def policy_step(temperature: float, algo):
-    """GRPO's generator loss per token: PPO-clipped surrogate on the group advantage (times the truncated
+    """GRPO's generator loss per token: PPO-clipped surrogate on the group advantage, plus the reward's per-token
+    advantage where it gives one (times the truncated
     importance weight when ``algo.tis``), plus ``kl_coef`` x low_var_kl to the reference, minus
     ``entropy_coef`` x entropy; aggregated by ``algo.loss_agg_mode``."""
 
@@ -136,6 +137,8 @@ def policy_step(temperature: float, algo):
             logp = vocab_parallel_logprobs(logits, batch["labels"], temperature)
             old, ref = batch["old_logp"].to(dev), batch["ref_logp"].to(dev)
             adv = batch["advantages"].to(dev).unsqueeze(1)
+            if "token_adv" in batch:  # the reward's per-token channel (OPD): added at each sampled token
+                adv = adv + batch["token_adv"].to(dev)
             pg, clipped = ppo_clip_loss(logp, old, adv, algo.clip_ratio, algo.clip_ratio_high, algo.dual_clip)
             if algo.tis:
                 w, capped = tis_weights(old, batch["rollout_logp"].to(dev), algo.tis_cap)

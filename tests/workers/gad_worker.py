@@ -84,7 +84,7 @@ def mode_step(cfg, out_prefix):
     tensors = {}
     gather(t.g.modules, "g_before", tensors)
     batch = t.data.train[: cfg.train.batch_prompts]
-    m = gad.stage_gad(t, cfg.train.critic_warmup, batch, gad.Timer())
+    m = gad.run_stage(t, "gad", cfg.train.critic_warmup, batch, gad.Timer())
     gather(t.g.modules, "g", tensors)
     gather(t.reward.d.modules, "d", tensors)
     m["vocab_parallel_max_diff"] = vocab_parallel_check(t)
@@ -101,7 +101,7 @@ def mode_step(cfg, out_prefix):
 
 
 def mode_direction(cfg, out_prefix):
-    from gad_megatron.trainer import gad, passes
+    from gad_megatron.trainer import passes
     from gad_megatron.trainer.batching import Seq
     from gad_megatron.trainer.build import build_trainer
     from gad_megatron.trainer.heldout import evaluate
@@ -134,21 +134,21 @@ def mode_direction(cfg, out_prefix):
     # 1. SFT (warmup's G update) lowers held-out cross-entropy on teacher answers
     res["ce_before"] = ce()
     for k in range(8):
-        passes.g_sft_update(t, [Seq(e.prompt, e.response, is_teacher=True) for e in batches[k]])
+        t.policy.sft_update([Seq(e.prompt, e.response, is_teacher=True) for e in batches[k]])
     res["ce_after"] = ce()
 
     # 2. BT steps with G frozen: d_acc on held-out prompts (teacher vs fresh samples) goes above 0.5
     eval_prompts = t.data.held[:16]
 
     def d_acc():
-        b = gad.rollout(t, 999, eval_prompts)
+        b = t.policy.rollout(999, eval_prompts)
         out, _ = passes.forward(t.reward.d, b.d_units, score_step, t.budget, t.pad)
         s = torch.cat([o["scores"] for o in out]).view(-1, cfg.rollout.n + 1)
         return (s[:, :1] > s[:, 1:]).double().mean().item()
 
     res["d_acc_before"] = d_acc()
     for k in range(16):
-        t.reward.update(gad.rollout(t, 100 + k, batches[k % len(batches)]))
+        t.reward.update(t.policy.rollout(100 + k, batches[k % len(batches)]))
     res["d_acc_after"] = d_acc()
 
     # 3. GRPO steps with D frozen raise G's mean D reward on training prompts
@@ -157,7 +157,7 @@ def mode_direction(cfg, out_prefix):
     def mean_reward():
         total = 0.0
         for seed in (7001, 7002):
-            rewards, _, _ = t.reward.score(gad.rollout(t, seed, probe))
+            rewards = t.reward.score(t.policy.rollout(seed, probe)).rewards
             total += rewards.mean().item() / 2
         return total
 
@@ -167,17 +167,17 @@ def mode_direction(cfg, out_prefix):
         group["lr"] = group["max_lr"] = grpo_lr
     for k in range(int(os.environ.get("GAD_TEST_GRPO_STEPS", "16"))):
         batch = batches[k % 4]
-        b = gad.rollout(t, 200 + k, batch)
+        b = t.policy.rollout(200 + k, batch)
         students = b.students
-        gad.policy_logprobs(t, t.g, students, "old_logp")
-        gad.policy_logprobs(t, t.ref, students, "ref_logp")
-        rewards, _, _ = t.reward.score(b)
+        t.policy.logprobs(students, "old_logp")
+        t.policy.logprobs(students, "ref_logp", chunks=t.ref)
+        rewards = t.reward.score(b).rewards
         from gad_megatron.algo.policy import grpo_advantages
 
         adv = grpo_advantages(rewards, cfg.rollout.n, cfg.algo.adv_eps)
         for j, s in enumerate(students):
             s.advantage = float(adv[j])
-        passes.g_grpo_update(t, students)
+        t.policy.grpo_update(students)
     res["reward_after"] = mean_reward()
     with open(out_prefix + ".json", "w") as f:
         json.dump(res, f)

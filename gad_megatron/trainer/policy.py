@@ -1,0 +1,218 @@
+"""G, the student being distilled, as one object: it samples (through the rollout engine), scores its own
+samples (old logprobs) and the frozen reference's, learns (SFT on teacher answers, GRPO on its samples), and
+keeps a separate rollout engine in step with its weights. Stages call it and the reward, nothing else.
+
+``version`` counts G's optimizer steps: a :class:`RolloutBatch` records the version it was sampled with, so a
+stage can tell how far behind the current weights its samples are (0 in this synchronous loop).
+Every method is collective over the world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from gad_megatron.data.chat import d_view
+from gad_megatron.data.teacher import EpochSampler
+from gad_megatron.rollout.base import RolloutEngine, SamplingConfig
+from gad_megatron.trainer import passes
+from gad_megatron.trainer.batching import Seq, fill_per_token
+from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
+from gad_megatron.trainer.steps import logprob_step, policy_step, sft_step
+
+
+@dataclass
+class RolloutBatch:
+    """One step's rollout: the global batch's samples and this DP rank's share as trainer sequences."""
+
+    step: int
+    policy_version: int  # G's optimizer steps when these were sampled
+    examples: list  # the global batch (data.teacher.Example)
+    groups: list  # per prompt of the global batch: n x (token_ids, logprobs, finish_reason)
+    mine: list  # this DP rank's examples: a contiguous share of whole prompt groups
+    first: int  # index of this rank's first prompt in the global batch
+    students: list = field(default_factory=list)  # this rank's student samples (Seq, rollout logprobs filled)
+    d_units: list = field(default_factory=list)  # per prompt of this rank: [teacher Seq, n samples as D sees them]
+    metrics: dict = field(default_factory=dict)  # response lengths and truncation of the global batch
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """``[P*n]`` bool over the global batch: the sample hit max_tokens without its end token."""
+        return torch.tensor([s[2] == "length" for g in self.groups for s in g], dtype=torch.bool)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the step processed: teacher answers and student samples with their prompts."""
+        return sum((len(e.prompt) + len(e.response)) + sum(len(e.prompt) + len(s[0]) for s in g)
+                   for e, g in zip(self.examples, self.groups))
+
+
+def dp_share(world: dict, examples: list) -> list:
+    return EpochSampler.dp_share(examples, world["dp_rank"], world["data_parallel"])
+
+
+def teacher_seq(example) -> Seq:
+    return Seq(example.prompt, example.response, is_teacher=True)
+
+
+class Policy:
+    """G (a ``trainer.engine.TrainEngine``), its frozen reference chunks (GAD; None otherwise), the rollout
+    engine (None on ranks that do not run a non-collective one) and the weight sync into it (None when the
+    engine samples with G's own weights)."""
+
+    def __init__(self, cfg, world: dict, tokenizer, g, ref: Optional[list] = None, budget: int = 0, pad: int = 1):
+        self.cfg, self.world, self.tokenizer = cfg, world, tokenizer
+        self.g, self.ref, self.budget, self.pad = g, ref, budget, pad
+        self.engine: Optional[RolloutEngine] = None
+        self.engine_name = ""  # "vllm" | "megatron": what rollout.engine (maybe auto) resolved to
+        self.sync_to = None  # rollout.weight_sync.WeightSync, or None
+        self.syncs_done = 0
+        self.version = 0
+
+    # -- sampling ----------------------------------------------------------------------------------------
+    def sampling(self, step: int) -> SamplingConfig:
+        c = self.cfg
+        return SamplingConfig(n=c.rollout.n, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+                              top_k=c.rollout.top_k, max_tokens=c.rollout.max_tokens or c.data.max_response_tokens,
+                              stop_token_ids=[self.tokenizer.eos_token_id], seed=c.train.seed * 100003 + step)
+
+    def generate(self, prompts: list, sampling: SamplingConfig) -> list:
+        """``[[(token_ids, logprobs, finish_reason)] * n] * len(prompts)``, the same on every rank."""
+        engine = self.engine
+        if engine is not None and engine.collective:
+            groups = engine.generate(prompts, sampling)  # every rank, same seed: the same samples everywhere
+            return [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in groups]
+        box = [None]
+        if dist.get_rank() == 0:
+            box = [[[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in engine.generate(prompts, sampling)]]
+            engine.sleep()  # GPU, colocated: memory back to training until the next sync wakes it (no-op on CPU)
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def rollout(self, step: int, examples: list) -> RolloutBatch:
+        """n samples per prompt of the global batch, and this rank's share as Seqs (for G and as D sees them)."""
+        groups = self.generate([e.prompt for e in examples], self.sampling(step))
+        mine = dp_share(self.world, examples)
+        first = self.world["dp_rank"] * len(mine)
+        b = RolloutBatch(step, self.version, examples, groups, mine, first)
+        canonical = self.cfg.reward.canonical_text
+        for e, g in zip(mine, groups[first : first + len(mine)]):
+            b.students += [Seq(e.prompt, toks, per_token={"rollout_logp": torch.tensor(lps, dtype=torch.float32)})
+                           for toks, lps, _ in g]
+            # A truncated sample has no end: D does not learn from it (its reward is algo.truncated_reward).
+            d_group = [Seq(e.prompt, d_view(self.tokenizer, toks, finish != "length") if canonical else toks,
+                           in_d_loss=finish != "length") for toks, _, finish in g]
+            b.d_units.append([teacher_seq(e)] + d_group)
+        lengths = torch.tensor([len(s[0]) for g in groups for s in g], dtype=torch.float64)
+        truncated = sum(s[2] == "length" for g in groups for s in g) / max(1, len(lengths))
+        b.metrics = {"response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
+                     "response_truncated_share": truncated,
+                     "teacher_length_mean": sum(len(e.response) for e in examples) / len(examples)}
+        return b
+
+    # -- logprobs ----------------------------------------------------------------------------------------
+    def logprobs(self, seqs: list, key: str = "old_logp", temperature: float = None, chunks=None) -> None:
+        """Fills ``per_token[key]`` of every sequence with G's logprobs (or ``chunks``'s, a frozen model of
+        the student's shape) at ``temperature`` (default: the rollout's)."""
+        temperature = self.cfg.rollout.temperature if temperature is None else temperature
+        model = self.g if chunks is None else chunks
+        out, mbs = passes.forward(model, [[s] for s in seqs], logprob_step(temperature), self.budget, self.pad)
+        fill_per_token(mbs, None if out is None else [{key: o["logp"]} for o in out], key)
+
+    def reference_logprobs(self, seqs: list, temperature: float = None) -> None:
+        """``per_token["ref_logp"]``: the frozen reference's (brought to the device for it when offloaded)."""
+        self.offload_reference("device")
+        self.logprobs(seqs, "ref_logp", temperature, chunks=self.ref)
+        self.offload_reference("cpu")
+
+    def offload_reference(self, where: str) -> None:
+        """The frozen reference lives in host memory between uses when ``model.offload_reference`` (GPU)."""
+        offload_chunks(self.ref, where, self.cfg.model.offload_reference)
+
+    def reference_from_policy(self) -> None:
+        """End of warmup: the reference becomes the warmed-up student (KL is measured from where GAD starts,
+        as when the reference code starts its GAD run from the SeqKD-warmed checkpoint)."""
+        with torch.no_grad():
+            for ref_c, g_c in zip(self.ref, self.g.modules):
+                for p_ref, p_g in zip(ref_c.parameters(), g_c.parameters()):
+                    p_ref.copy_(p_g)
+
+    # -- learning ----------------------------------------------------------------------------------------
+    def sft_update(self, teacher_seqs: list) -> dict:
+        """One optimizer step of cross-entropy on teacher answers (SeqKD, the warmup)."""
+        res = passes.update(self.g, [[s] for s in teacher_seqs], sft_step, self.budget, self.pad)
+        self.version += 1
+        m = reduce_pairs(sum_outputs(res["outputs"]) or zero_pairs(["sft_loss"]))
+        m.update(g_grad_norm=res["grad_norm"], g_lr=res["lr"], g_skipped=int(res["skipped"]))
+        return m
+
+    def grpo_update(self, student_seqs: list) -> dict:
+        """PPO mini-batches x epochs over this rank's samples (whole prompt groups per mini-batch), each
+        sample's advantage its per-sequence one plus its per-token one when the reward gave them."""
+        cfg = self.cfg
+        n, mini = cfg.rollout.n, cfg.algo.ppo_mini_batches
+        per = len(student_seqs) // mini
+        assert per % n == 0
+        names = ["g_loss", "pg_loss", "kl", "entropy", "pg_clipfrac", "tis_clipfrac", "ratio"]
+        acc, norms, skipped, lr = {}, [], 0, None
+        step_fn = policy_step(cfg.rollout.temperature, cfg.algo)
+        for _ in range(cfg.algo.ppo_epochs):
+            for k in range(mini):
+                chunk = student_seqs[k * per : (k + 1) * per]
+                res = passes.update(self.g, [[s] for s in chunk], step_fn, self.budget, self.pad)
+                self.version += 1
+                for name, v in (sum_outputs(res["outputs"]) or zero_pairs(names)).items():
+                    acc[name] = acc.get(name, 0) + v
+                norms.append(res["grad_norm"])
+                skipped += int(res["skipped"])
+                lr = res["lr"]
+        m = reduce_pairs(acc)
+        m.update(g_grad_norm=sum(norms) / len(norms), g_lr=lr, g_skipped=int(skipped > 0))
+        return m
+
+    def enter_gad_stage(self, total_gad_steps: int) -> None:
+        """G's fresh learning-rate schedule over the GAD steps (``gad_stage.g_*``; its Adam moments stay)."""
+        from gad_megatron.trainer.engine import OptimConfig
+
+        gs, g = self.cfg.gad_stage, self.cfg.g_optim
+        if gs.g_lr is not None:
+            self.g.reschedule(OptimConfig(
+                lr=gs.g_lr, min_lr=g.min_lr if gs.g_min_lr is None else gs.g_min_lr,
+                schedule=gs.g_schedule or g.schedule, lr_warmup_steps=gs.g_lr_warmup_steps,
+                weight_decay=g.weight_decay, total_steps=max(1, total_gad_steps)))
+
+    # -- the rollout engine ------------------------------------------------------------------------------
+    def sync(self, step: int) -> dict:
+        """G's weights into a separate rollout engine (none when the engine samples with G's own)."""
+        if self.sync_to is None:
+            return {}
+        self.sync_to.verify = self.syncs_done == 0 or step % self.cfg.rollout.verify_every == 0
+        stats = self.sync_to.sync()
+        self.syncs_done += 1
+        out = {}
+        if stats is not None and stats.gap_max is not None:
+            out = {"sync_gap_mean": stats.gap_mean, "sync_gap_max": stats.gap_max}
+        return passes.broadcast_from0(out)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def state_dict(self) -> dict:
+        return {"version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version = int(state.get("version", 0))
+
+
+def offload_chunks(chunks: Optional[list], where: str, enabled: bool) -> None:
+    """Frozen chunks (the reference, an OPD teacher) to host memory between uses (``enabled``, on GPU)."""
+    from gad_megatron.runtime import device, on_cuda
+
+    if chunks is None or not (enabled and on_cuda()):
+        return
+    for c in chunks:
+        c.to("cpu" if where == "cpu" else device())
