@@ -26,7 +26,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Files by their serial run time, longest first (seconds on 2 cores, 2026-12-06): the workers take whole files
 # (--dist loadfile) in collection order, so the long ones start first instead of ending the run on one worker.
-FILE_COST = {"test_smollm2.py": 370, "test_gad_train.py": 310, "test_gad_fixes.py": 210, "test_megatron_rollout.py": 155,
+FILE_COST = {"test_smollm2.py": 370, "test_gad_train.py": 310, "test_opd.py": 250, "test_gad_fixes.py": 210,
+             "test_gad_opd.py": 180, "test_megatron_rollout.py": 155,
              "test_rollout.py": 120, "test_cluster.py": 90, "test_image_resolution.py": 80, "test_runtime_trust.py": 80,
              "test_cli.py": 70, "test_scaling_study.py": 70, "test_parity.py": 70, "test_trust_convert.py": 65,
              "test_doctor.py": 60, "test_trust_collect_eval.py": 60, "test_train_step.py": 52, "test_vllm_e2e.py": 51,
@@ -42,8 +43,10 @@ FILE_MARKS = {"test_smollm2.py": "slow e2e", "test_gad_train.py": "slow e2e mult
               "test_trust_convert.py": "slow e2e multirank", "test_runtime_trust.py": "slow e2e",
               "test_trust_collect_eval.py": "slow e2e", "test_parity.py": "slow multirank", "test_train_step.py": "slow multirank",
               "test_vllm_e2e.py": "slow vllm e2e", "test_gad_step.py": "slow multirank", "test_doctor.py": "slow multirank",
-              "test_image_resolution.py": "slow network"}
-TEST_MARKS = {"test_readme_demo_command": "vllm", "test_sigusr1_to_the_process_group_with_vllm_saves_before_any_worker_dies": "slow vllm e2e"}
+              "test_image_resolution.py": "slow network", "test_opd.py": "slow e2e multirank",
+              "test_gad_opd.py": "slow e2e"}
+TEST_MARKS = {"test_readme_demo_command": "vllm", "test_teacher_equal_to_the_student_through_a_vllm_server": "vllm",
+              "test_sigusr1_to_the_process_group_with_vllm_saves_before_any_worker_dies": "slow vllm e2e"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,7 @@ differ in nothing but their settings. Locally (the demo task unless --config say
 
     python tools/ablate.py local --out runs/ablation --seeds 1 2 3 --warmup-steps 120 --steps 40
     python tools/ablate.py local --variants seqkd gad --seeds 1 2 --warmup-steps 4 --steps 2 --out /tmp/abl
+    python tools/ablate.py local --variants opd gad+opd --opd-teacher runs/demo_teacher/hf_student --out runs/ablation
 
 On a cluster: one ``sbatch --array`` job per stage (warm starts, then the variants), then the same report:
 
@@ -36,7 +37,11 @@ VARIANTS = {
     "gad+replay": ("gad+fixes + a replay buffer of the last 4 steps' samples for D",
                    ["algo.adv_std=batch", "reward.d_acc_band=[0.55,0.9]", "reward.replay_steps=4"]),
     "oracle": ("GRPO on the task's own scorer (eval.scorer) instead of D", ["reward.source=scorer"]),
+    "opd": ("white-box on-policy distillation: per-token reverse KL to --opd-teacher, no D", ["reward.source=opd"]),
+    "gad+opd": ("GAD (D's GRPO advantages) + OPD per token, weights 1 and 1", ["reward.source=gad+opd"]),
 }
+NEEDS_TEACHER = ("opd", "gad+opd")  # variants that need a white-box teacher (--opd-teacher)
+LAST_STEP = ("d_acc", "opd_kl_k3")  # from the last training step that logged them
 METRICS = ("heldout_score", "heldout_score_sampled", "heldout_ce", "heldout_length", "heldout_kl", "heldout_d_acc")
 
 
@@ -71,7 +76,8 @@ def commands(a, config: str, base: list) -> tuple:
             f"train.stop_after={a.warmup_steps}", f"checkpoint.save_every={a.warmup_steps}", "checkpoint.resume=none",
             f"log.run_dir={w}", "eval.at_start=false"]  # its end-of-run evaluation is the warm start's
         for v in a.variants:
-            extra = VARIANTS[v][1] + (scorer_override(config, base + a.overrides) if v == "oracle" else [])
+            extra = VARIANTS[v][1] + (scorer_override(config, base + a.overrides) if v == "oracle" else []) \
+                + ([f"opd.teacher={os.path.abspath(a.opd_teacher)}"] if v in NEEDS_TEACHER else [])
             runs[(v, seed)] = train + base + a.overrides + extra + [
                 f"train.seed={seed}", f"train.warmup_steps={a.warmup_steps}",
                 f"train.total_steps={a.warmup_steps + a.steps}", f"checkpoint.save_every={a.warmup_steps + a.steps}",
@@ -155,7 +161,7 @@ esac
 
 def run_result(run_dir: str) -> dict:
     """The 'after' evaluation, the warm start's (the warm start run's own 'after' evaluation, else this run's
-    ``after_warmup``), and the last training step's d_acc."""
+    ``after_warmup``), and the last training step's d_acc and reverse KL to an OPD teacher."""
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     seed = os.path.basename(run_dir)
     warm_summary = os.path.join(os.path.dirname(os.path.dirname(run_dir)), f"warm_{seed}", "summary.json")
@@ -165,8 +171,10 @@ def run_result(run_dir: str) -> dict:
 
     rows = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "eval" not in r]
     d_acc = next((r["d_acc"] for r in reversed(rows) if "d_acc" in r), None)
+    opd_kl = next((r["opd_kl_k3"] for r in reversed(rows) if "opd_kl_k3" in r), None)
     after = summary["evals"].get("after", {})
-    return {**{k: after.get(k) for k in METRICS}, "d_acc": d_acc, "warm": warm or summary["evals"].get("after_warmup", {}),
+    return {**{k: after.get(k) for k in METRICS}, "d_acc": d_acc, "opd_kl_k3": opd_kl,
+            "warm": warm or summary["evals"].get("after_warmup", {}),
             "stopped_by_guard": summary.get("stopped_by_guard")}
 
 
@@ -196,7 +204,7 @@ def report(a) -> int:
         return 1
     table = {"warm start": {k: _stats([w.get(k) for w in warm.values()]) for k in METRICS}}
     for v, per_seed in results.items():
-        table[v] = {k: _stats([r[k] for r in per_seed.values()]) for k in METRICS + ("d_acc",)}
+        table[v] = {k: _stats([r.get(k) for r in per_seed.values()]) for k in METRICS + LAST_STEP}
         table[v]["seeds"] = len(per_seed)
     with open(os.path.join(a.out, "ablation.json"), "w") as f:
         json.dump({"table": table, "runs": results, "variants": {v: VARIANTS[v][0] for v in results}}, f, indent=1)
@@ -209,7 +217,7 @@ def report(a) -> int:
 
 
 def _markdown(table: dict) -> str:
-    cols = METRICS + ("d_acc",)
+    cols = METRICS + LAST_STEP
     head = "| variant | seeds | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols) + "\n"
     fmt = lambda s: "" if s is None or s[0] is None else f"{s[0]:.4f} ± {s[1]:.4f}"  # noqa: E731
     return head + "".join(f"| {v} | {row.get('seeds', '')} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |\n"
@@ -241,7 +249,10 @@ def main(argv=None) -> int:
     p.add_argument("mode", choices=("local", "slurm", "report"))
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None, help="default (local): the demo task")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="default: all (opd and gad+opd only with --opd-teacher)")
+    p.add_argument("--opd-teacher", default=None, help="a white-box teacher with the student's tokenizer (HF folder "
+                   "or gad-convert checkpoint) for the opd and gad+opd variants")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--warmup-steps", type=int, default=120)
     p.add_argument("--steps", type=int, default=40, help="steps after the warm start, every variant")
@@ -250,6 +261,10 @@ def main(argv=None) -> int:
     a = p.parse_intermixed_args(argv)  # overrides may follow the options
     if a.mode == "slurm" and not a.config:
         p.error("slurm needs --config")
+    if a.variants is None:
+        a.variants = [v for v in VARIANTS if a.opd_teacher or v not in NEEDS_TEACHER]
+    if a.mode != "report" and not a.opd_teacher and set(a.variants) & set(NEEDS_TEACHER):
+        p.error(f"variants {sorted(set(a.variants) & set(NEEDS_TEACHER))} need --opd-teacher")
     return {"local": run_local, "slurm": write_slurm, "report": report}[a.mode](a)
 
 

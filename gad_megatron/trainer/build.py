@@ -155,12 +155,17 @@ def check_before_build(cfg) -> None:
                           f"max_position_embeddings={limit}")
     arch = arch_spec_from_dir(model_hf_dir(cfg.model.student))
     if cfg.train.stage == "gad" and cfg.reward.source in ("opd", "gad+opd"):
-        from gad_megatron.trainer.opd import TeacherMismatch, check_teacher
+        from gad_megatron.trainer.opd import TeacherMismatch, check_server_tokenizer, check_teacher
 
+        o, student_dir = cfg.opd, model_hf_dir(cfg.model.student)
         try:
-            check_teacher(model_hf_dir(cfg.model.student), model_hf_dir(cfg.opd.teacher))
+            if o.url:
+                check_server_tokenizer(student_dir, o.url, o.served_model)
+            else:
+                check_teacher(student_dir, model_hf_dir(o.teacher))
         except (TeacherMismatch, OSError) as e:
-            raise ConfigError(str(e) if isinstance(e, TeacherMismatch) else f"opd.teacher={cfg.opd.teacher}: {e}") from None
+            where = f"opd.url={o.url}" if o.url else f"opd.teacher={o.teacher}"
+            raise ConfigError(str(e) if isinstance(e, TeacherMismatch) else f"{where}: {e}") from None
     check_rollout_memory(cfg, arch)
     check_free_space(cfg, arch)
 

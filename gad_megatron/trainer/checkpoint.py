@@ -349,6 +349,15 @@ def resume(t, run) -> None:
         log.info("resumed from %s at step %d", root, run.step)
 
 
+def _default_config() -> dict:
+    """Every key at its default (what a checkpoint written before a key existed ran with)."""
+    from omegaconf import OmegaConf
+
+    from gad_megatron.trainer.config import GADConfig
+
+    return OmegaConf.to_container(OmegaConf.structured(GADConfig), resolve=False, throw_on_missing=False)
+
+
 def _plain_config(cfg) -> dict:
     from omegaconf import OmegaConf
 
@@ -377,7 +386,7 @@ def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None
     if old is not None:  # the data's content is compared like a key: a changed file under the same name
         old, new = {**old, "data_sha256": saved.get("data_sha256")}, {**new, "data_sha256": data_digest(cfg.data.train)}
     allow = list(cfg.checkpoint.allow_changes) if strict else ["*"]
-    changes = check_resume_config(old, new, allow, f"{root} at step {step}")
+    changes = check_resume_config(old, new, allow, f"{root} at step {step}", defaults=_default_config())
     if changes and _rank() == 0:
         log.info("resume applies %d config change(s): %s", len(changes),
                  "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gad_megatron.algo.policy import ADV_STD_MODES, LOSS_AGG_MODES
 from gad_megatron.rollout.base import engine_choices
+from gad_megatron.trainer.opd import validate_opd
 from gad_megatron.trainer.rewards import reward_choices
 from gad_megatron.rollout.transport import transport_choices
 
@@ -244,6 +245,8 @@ class OpdSection:
     # White-box on-policy distillation (reward.source=opd | gad+opd; trainer/opd.py): a frozen teacher with the student's
     # tokenizer; each sampled token's advantage is coef x clamp(teacher_logp - old_logp, +-adv_clamp), detached.
     teacher: Optional[str] = None  # HF folder or gad-convert checkpoint, built on G's parallel state
+    url: Optional[str] = None  # or an OpenAI-compatible vLLM server's base URL (its prompt logprobs, at T 1)
+    served_model: Optional[str] = None  # the server's model name (null: the one it serves)
     teacher_temperature: Optional[float] = None  # null: the rollout's
     coef: float = 1.0
     adv_clamp: float = 10.0
@@ -417,21 +420,10 @@ def validate(cfg) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
-def _validate_opd(cfg, bad) -> None:
-    if cfg.reward.source in ("opd", "gad+opd") and not cfg.opd.teacher:
-        bad("opd.teacher", f"reward.source={cfg.reward.source} needs a teacher: a model folder or checkpoint")
-    for key in ("opd.teacher_temperature", "opd.adv_clamp"):
-        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
-            bad(key, "must be > 0")
-    for key in ("opd.coef", "opd.weight", "opd.weight_discriminator", "opd.weight_final"):
-        if _get(cfg, key) is not None and not _get(cfg, key) >= 0:
-            bad(key, "must be >= 0")
-
-
 def _validate_algo(cfg, bad) -> None:
     if cfg.reward.source in ("scorer", "mixed") and (not cfg.reward.scorer or ":" not in cfg.reward.scorer):
         bad("reward.scorer", f"reward.source={cfg.reward.source} needs a scorer: module:function")
-    _validate_opd(cfg, bad)
+    validate_opd(cfg, bad)
     if cfg.algo.truncated_reward not in ("min", "score") and not _is_number(cfg.algo.truncated_reward):
         bad("algo.truncated_reward", "use min, score or a number")
     if not cfg.algo.adv_std_floor >= 0:

@@ -46,18 +46,21 @@ def _listed(key: str, names) -> bool:
     return any(n == "*" or key == n or key.startswith(n + ".") for n in names)
 
 
-def changed_keys(saved: dict, now: dict) -> list:
-    """``[(key, checkpoint value, new value)]`` for every key that differs (sorted)."""
-    a, b = flatten(saved), flatten(now)
+def changed_keys(saved: dict, now: dict, defaults: Optional[dict] = None) -> list:
+    """``[(key, checkpoint value, new value)]`` for every key that differs (sorted). A key the checkpoint's
+    config does not have (it was written before the key existed) counts as its default there: a run that
+    leaves a new key at its default resumes a checkpoint written before it."""
+    a, b = {**flatten(defaults or {}), **flatten(saved)}, flatten(now)
     return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def check_resume_config(saved: Optional[dict], now: dict, allow: list, where: str) -> list:
+def check_resume_config(saved: Optional[dict], now: dict, allow: list, where: str,
+                        defaults: Optional[dict] = None) -> list:
     """The changed keys a resume applies; raises :class:`ResumeConfigError` naming every refused one.
     ``saved`` None (a checkpoint from before configs were recorded): nothing to compare."""
     if saved is None:
         return []
-    changes = changed_keys(saved, now)
+    changes = changed_keys(saved, now, defaults)
     refused = [c for c in changes if not _listed(c[0], MAY_CHANGE) and not _listed(c[0], allow)]
     if refused:
         lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in refused)

@@ -40,6 +40,7 @@ class TrainEngine:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         optim = optim or OptimConfig()
+        self.optim = optim  # what it was built with (a later stage's schedule starts from it)
         self.use_distributed_optimizer = optim.use_distributed_optimizer
         cfg = chunks[0].config
         # The schedule calls this after the last backward: DP all-reduce of grads and the all-reduce of tied

@@ -17,15 +17,34 @@ embedding may have padded rows beyond the tokenizer (Qwen2.5-3B has 151,936 rows
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+from omegaconf import OmegaConf
 
 from gad_megatron.algo.policy import low_var_kl
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.batching import fill_per_token
-from gad_megatron.trainer.metrics import reduce_pairs
+from gad_megatron.trainer.metrics import max_over_world, reduce_pairs
 from gad_megatron.trainer.policy import offload_chunks
 from gad_megatron.trainer.rewards import DiscriminatorReward, Reward, RewardContext, Scores
 from gad_megatron.trainer.steps import logprob_step
+
+
+def validate_opd(cfg, bad) -> None:
+    """The config's OPD rules (trainer/config.py calls it; ``bad(key, why)`` records a problem)."""
+    o = cfg.opd
+    if cfg.reward.source in ("opd", "gad+opd") and bool(o.teacher) == bool(o.url):
+        bad("opd.teacher", f"reward.source={cfg.reward.source} needs one teacher: opd.teacher (a model) or opd.url")
+    if o.url and (cfg.rollout.temperature if o.teacher_temperature is None else o.teacher_temperature) != 1.0:
+        bad("opd.teacher_temperature", "must be 1 with opd.url (vLLM applies no temperature to prompt logprobs)")
+    for key in ("opd.teacher_temperature", "opd.adv_clamp"):
+        if OmegaConf.select(cfg, key) is not None and not OmegaConf.select(cfg, key) > 0:
+            bad(key, "must be > 0")
+    for key in ("opd.coef", "opd.weight", "opd.weight_discriminator", "opd.weight_final"):
+        if OmegaConf.select(cfg, key) is not None and not OmegaConf.select(cfg, key) >= 0:
+            bad(key, "must be >= 0")
 
 
 class TeacherMismatch(ValueError):
@@ -66,33 +85,102 @@ def check_teacher(student_dir: str, teacher_dir: str) -> None:
                               f"ids up to {max(sv.values()):,}")
 
 
+class MegatronTeacher:
+    """The teacher as a frozen megatron GPT on G's parallel state (in host memory between uses when
+    ``opd.offload_teacher``, on GPU)."""
+
+    def __init__(self, chunks: list, temperature: float, budget: int, pad: int, offload: bool):
+        self.chunks, self.temperature, self.budget, self.pad, self.offload = chunks, temperature, budget, pad, offload
+        offload_chunks(chunks, "cpu", offload)
+
+    def logprobs(self, seqs: list) -> None:
+        """Collective: ``per_token["teacher_logp"]`` of every sequence (real on the last pipeline stage)."""
+        offload_chunks(self.chunks, "device", self.offload)
+        out, mbs = passes.forward(self.chunks, [[s] for s in seqs], logprob_step(self.temperature), self.budget,
+                                  self.pad)
+        fill_per_token(mbs, None if out is None else [{"teacher_logp": o["logp"]} for o in out], "teacher_logp")
+        offload_chunks(self.chunks, "cpu", self.offload)
+
+
+class ServerTeacher:
+    """The teacher behind an OpenAI-compatible vLLM server: the logprob of every response token as a prompt
+    token (vLLM's ``prompt_logprobs``, one completion token asked), at temperature 1 (vLLM applies none to
+    prompt tokens; the config refuses another). Ranks on the last pipeline stage ask for their own share."""
+
+    def __init__(self, url: str, model: str = None, batch: int = 64, timeout_s: float = 600.0):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=timeout_s)
+        self.model = model or self.client.models.list().data[0].id
+        self.batch = batch
+
+    def logprobs(self, seqs: list) -> None:
+        from megatron.core import parallel_state as ps
+
+        if not ps.is_pipeline_last_stage():
+            for s in seqs:
+                s.per_token["teacher_logp"] = torch.zeros(len(s.response))
+            return
+        for i in range(0, len(seqs), self.batch):
+            part = seqs[i : i + self.batch]
+            r = self.client.completions.create(model=self.model, prompt=[s.tokens for s in part], max_tokens=1,
+                                               temperature=0.0, extra_body={"prompt_logprobs": 0})
+            for choice in r.choices:
+                s = part[choice.index]
+                per_pos = (choice.model_extra or {}).get("prompt_logprobs")
+                if per_pos is None or len(per_pos) != len(s):
+                    raise RuntimeError(f"opd.url: the server gave no prompt logprobs for a {len(s)}-token sequence "
+                                       "(is it a vLLM server?)")
+                p = len(s.prompt)
+                s.per_token["teacher_logp"] = torch.tensor(
+                    [per_pos[p + k][str(tok)]["logprob"] for k, tok in enumerate(s.response)], dtype=torch.float32)
+
+
+def check_server_tokenizer(student_dir: str, url: str, model: str = None) -> None:
+    """Before any model is built: the server tokenizes a chat-formatted probe as the student does."""
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    probe = [{"role": "user", "content": "repeat: fox red owl; 12+7=19, naïve café."}]
+    text = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True) + "fox red owl"
+    ours = tok(text, add_special_tokens=False)["input_ids"]
+    root = url.rstrip("/").removesuffix("/v1")
+    body = json.dumps({"prompt": text, "add_special_tokens": False, **({"model": model} if model else {})}).encode()
+    req = urllib.request.Request(root + "/tokenize", body, {"Content-Type": "application/json", "Authorization":
+                                                            "Bearer " + os.environ.get("OPENAI_API_KEY", "EMPTY")})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        theirs = json.load(r)["tokens"]
+    if theirs != ours:
+        raise TeacherMismatch(f"opd.url={url}: the server's tokenizer differs from the student's (a probe gives "
+                              f"{len(theirs)} vs {len(ours)} tokens): OPD needs the student's tokenizer")
+
+
+def make_teacher(ctx: RewardContext):
+    """The teacher ``opd.teacher`` (a model) or ``opd.url`` (a server) names."""
+    o, cfg = ctx.cfg.opd, ctx.cfg
+    if o.url:
+        return ServerTeacher(o.url, o.served_model)
+    temperature = cfg.rollout.temperature if o.teacher_temperature is None else o.teacher_temperature
+    return MegatronTeacher(ctx.load_frozen(o.teacher), temperature, ctx.budget, ctx.pad, o.offload_teacher)
+
+
 class OPDReward(Reward):
     """The teacher's per-token advantages on G's samples; rewards are all 0 (no sequence-level signal)."""
 
-    def __init__(self, teacher: list, cfg, budget: int, pad: int):
-        self.teacher, self.cfg, self.budget, self.pad = teacher, cfg, budget, pad
-        o = cfg.opd
-        self.temperature = cfg.rollout.temperature if o.teacher_temperature is None else o.teacher_temperature
-        self.coef, self.clamp = o.coef, o.adv_clamp
+    def __init__(self, teacher, cfg):
+        self.teacher, self.cfg = teacher, cfg
+        self.coef, self.clamp = cfg.opd.coef, cfg.opd.adv_clamp
 
     @classmethod
     def build(cls, ctx: RewardContext) -> "OPDReward":
-        teacher = ctx.load_frozen(ctx.cfg.opd.teacher)
-        offload_chunks(teacher, "cpu", ctx.cfg.opd.offload_teacher)
-        return cls(teacher, ctx.cfg, ctx.budget, ctx.pad)
-
-    def teacher_logprobs(self, seqs: list) -> None:
-        """Collective: ``per_token["teacher_logp"]`` of every sequence (real on the last pipeline stage)."""
-        offload_chunks(self.teacher, "device", self.cfg.opd.offload_teacher)
-        out, mbs = passes.forward(self.teacher, [[s] for s in seqs], logprob_step(self.temperature), self.budget,
-                                  self.pad)
-        fill_per_token(mbs, None if out is None else [{"teacher_logp": o["logp"]} for o in out], "teacher_logp")
-        offload_chunks(self.teacher, "cpu", self.cfg.opd.offload_teacher)
+        return cls(make_teacher(ctx), ctx.cfg)
 
     def score(self, batch) -> Scores:
         """Needs G's old logprobs on ``batch.students`` (the GAD stage fills them first)."""
         students = batch.students
-        self.teacher_logprobs(students)
+        self.teacher.logprobs(students)
         adv = [opd_advantages(s.per_token["old_logp"], s.per_token["teacher_logp"], self.coef, self.clamp)
                for s in students]
         n_prompts, n = len(batch.examples), self.cfg.rollout.n
@@ -105,6 +193,7 @@ def opd_metrics(students: list, adv: list) -> dict:
     mean and std, and the mean |teacher - student| logprob gap; over the world (last-stage ranks write)."""
     names = ("opd_kl_k1", "opd_kl_k3", "opd_adv_mean", "opd_adv_sq", "opd_logp_gap")
     pairs = {k: torch.zeros(2, dtype=torch.float64) for k in names}
+    gap_max = 0.0
     if passes.last_stage_writer() and students:
         old = torch.cat([s.per_token["old_logp"] for s in students]).double()
         teacher = torch.cat([s.per_token["teacher_logp"] for s in students]).double()
@@ -112,8 +201,10 @@ def opd_metrics(students: list, adv: list) -> dict:
         count = torch.tensor(float(old.numel()), dtype=torch.float64)
         for k, v in zip(names, (old - teacher, low_var_kl(old, teacher, 1e9), a, a * a, (teacher - old).abs())):
             pairs[k] = torch.stack([v.sum(), count])
+        gap_max = (teacher - old).abs().max().item() if old.numel() else 0.0
     m = reduce_pairs(pairs)
     m["opd_adv_std"] = max(0.0, m.pop("opd_adv_sq") - m["opd_adv_mean"] ** 2) ** 0.5
+    m["opd_logp_gap_max"] = max_over_world(gap_max)
     return m
 
 

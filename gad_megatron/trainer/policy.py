@@ -9,7 +9,7 @@ Every method is collective over the world.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -175,14 +175,12 @@ class Policy:
 
     def enter_gad_stage(self, total_gad_steps: int) -> None:
         """G's fresh learning-rate schedule over the GAD steps (``gad_stage.g_*``; its Adam moments stay)."""
-        from gad_megatron.trainer.engine import OptimConfig
-
-        gs, g = self.cfg.gad_stage, self.cfg.g_optim
+        gs = self.cfg.gad_stage
         if gs.g_lr is not None:
-            self.g.reschedule(OptimConfig(
-                lr=gs.g_lr, min_lr=g.min_lr if gs.g_min_lr is None else gs.g_min_lr,
-                schedule=gs.g_schedule or g.schedule, lr_warmup_steps=gs.g_lr_warmup_steps,
-                weight_decay=g.weight_decay, total_steps=max(1, total_gad_steps)))
+            g = self.g.optim
+            self.g.reschedule(replace(g, lr=gs.g_lr, min_lr=g.min_lr if gs.g_min_lr is None else gs.g_min_lr,
+                                      schedule=gs.g_schedule or g.schedule, lr_warmup_steps=gs.g_lr_warmup_steps,
+                                      total_steps=max(1, total_gad_steps)))
 
     # -- the rollout engine ------------------------------------------------------------------------------
     def sync(self, step: int) -> dict:

@@ -86,7 +86,8 @@ def mode_step(cfg, out_prefix):
     batch = t.data.train[: cfg.train.batch_prompts]
     m = gad.run_stage(t, "gad", cfg.train.critic_warmup, batch, gad.Timer())
     gather(t.g.modules, "g", tensors)
-    gather(t.reward.d.modules, "d", tensors)
+    for role, engine in t.reward.engines().items():  # D (none for OPD)
+        gather(engine.modules, role[0], tensors)
     m["vocab_parallel_max_diff"] = vocab_parallel_check(t)
     if dist.get_rank() == 0:
         save_file(tensors, out_prefix + ".safetensors")
