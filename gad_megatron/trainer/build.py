@@ -129,6 +129,9 @@ def plan_steps(cfg, n_train: int, stats: Optional[DataStats] = None) -> Schedule
                    f"{stats.skipped_bad} bad rows, {stats.duplicate_ids} repeated ids; held out: {cfg.data.heldout_size})")
         raise DataError(f"{n_train} training examples is fewer than one batch of "
                         f"train.batch_prompts={cfg.train.batch_prompts}{why}")
+    gad_batch = cfg.gad_stage.batch_prompts
+    if cfg.train.stage == "gad" and gad_batch and gad_batch > n_train:
+        raise DataError(f"gad_stage.batch_prompts={gad_batch} is more than the {n_train} training examples")
     total = cfg.train.total_steps or cfg.train.epochs * spe
     warm = 0 if cfg.train.stage == "seqkd" else (spe if cfg.train.warmup_steps is None else cfg.train.warmup_steps)
     return Schedule(spe, total, min(warm, total))
@@ -145,14 +148,16 @@ def check_before_build(cfg) -> None:
         scorers["reward.scorer"] = cfg.reward.scorer
     for key, spec in scorers.items():
         try:
-            load_scorer(spec)
+            fn = load_scorer(spec)
         except Exception as e:  # noqa: BLE001  (whatever the import raises: one line naming the key)
             raise ConfigError(f"{key}={spec!r}: cannot be imported ({type(e).__name__}: {e})") from None
-    longest = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"{key}={spec!r}: is a {type(fn).__name__}, not a function (messages, text) -> float")
     limit = arch_spec_from_dir(model_hf_dir(cfg.model.student)).max_position_embeddings
-    if longest > limit:
-        raise ConfigError(f"data.max_prompt_tokens + data.max_response_tokens = {longest} is beyond the student's "
-                          f"max_position_embeddings={limit}")
+    for name, new in (("data.max_response_tokens", cfg.data.max_response_tokens), ("eval.max_tokens", cfg.eval.max_tokens)):
+        if cfg.data.max_prompt_tokens + new > limit:
+            raise ConfigError(f"data.max_prompt_tokens + {name} = {cfg.data.max_prompt_tokens + new} is beyond the "
+                              f"student's max_position_embeddings={limit}")
     arch = arch_spec_from_dir(model_hf_dir(cfg.model.student))
     if cfg.train.stage == "gad" and cfg.reward.source in ("opd", "gad+opd"):
         from gad_megatron.trainer.opd import TeacherMismatch, check_server_tokenizer, check_teacher

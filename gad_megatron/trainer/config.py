@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gad_megatron.algo.policy import ADV_STD_MODES, LOSS_AGG_MODES
 from gad_megatron.rollout.base import engine_choices
-from gad_megatron.trainer.opd import validate_opd
+from gad_megatron.trainer.config_rules import validate_algo
 from gad_megatron.trainer.rewards import reward_choices
 from gad_megatron.rollout.transport import transport_choices
 
@@ -373,7 +373,7 @@ def validate(cfg) -> None:
     for p in ("g_optim", "d_optim"):
         if _get(cfg, f"{p}.min_lr") > _get(cfg, f"{p}.lr"):
             bad(f"{p}.min_lr", f"must be <= {p}.lr")
-    _validate_algo(cfg, bad)
+    validate_algo(cfg, bad)
     _validate_numbers_and_paths(cfg, bad, problems)
     if not 0 < cfg.rollout.top_p <= 1:
         bad("rollout.top_p", "must be in (0, 1]")
@@ -412,45 +412,14 @@ def validate(cfg) -> None:
     mp = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
     if world % mp:
         problems.append(f"parallel: world size {world} is not divisible by tensor_parallel x pipeline_parallel = {mp}")
-    elif cfg.train.batch_prompts % (world // mp * cfg.algo.ppo_mini_batches):
-        bad("train.batch_prompts", f"must be divisible by data-parallel size {world // mp} x algo.ppo_mini_batches")
+    else:
+        for key in ("train.batch_prompts", "gad_stage.batch_prompts"):
+            if (_get(cfg, key) or 0) > 0 and _get(cfg, key) % (world // mp * cfg.algo.ppo_mini_batches):
+                bad(key, f"must be divisible by data-parallel size {world // mp} x algo.ppo_mini_batches")
     if cfg.rollout.in_process and world > 1 and cfg.rollout.engine != "megatron":
         bad("rollout.in_process", f"only for a single-rank run (world size here: {world})")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
-
-
-def _validate_algo(cfg, bad) -> None:
-    if cfg.reward.source in ("scorer", "mixed") and (not cfg.reward.scorer or ":" not in cfg.reward.scorer):
-        bad("reward.scorer", f"reward.source={cfg.reward.source} needs a scorer: module:function")
-    validate_opd(cfg, bad)
-    if cfg.algo.truncated_reward not in ("min", "score") and not _is_number(cfg.algo.truncated_reward):
-        bad("algo.truncated_reward", "use min, score or a number")
-    if not cfg.algo.adv_std_floor >= 0:
-        bad("algo.adv_std_floor", "must be >= 0")
-    if cfg.algo.tis_cap < 1.0:
-        bad("algo.tis_cap", "must be >= 1 (a cap below 1 scales every token down)")
-    if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1.0:
-        bad("algo.dual_clip", "must be > 1")
-    for key in ("train.d_warmup_every", "reward.d_update_every"):
-        if _get(cfg, key) < 1:
-            bad(key, "must be >= 1")
-    for key in ("reward.replay_steps", "gad_stage.g_lr_warmup_steps"):
-        if _get(cfg, key) < 0:
-            bad(key, "must be >= 0")
-    if not cfg.reward.replay_ratio > 0:
-        bad("reward.replay_ratio", "must be > 0")
-    band = cfg.reward.d_acc_band
-    if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
-        bad("reward.d_acc_band", "expected [lo, hi] with 0 <= lo <= hi <= 1")
-    for key in ("gad_stage.g_lr", "gad_stage.batch_prompts", "guard.kl_max", "train.d_warmup_last", "train.stop_after"):
-        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
-            bad(key, "must be > 0 (or null)")
-    if cfg.guard.heldout_margin is not None and (cfg.guard.heldout_margin < 0 or not cfg.eval.scorer):
-        bad("guard.heldout_margin", "must be >= 0 and needs eval.scorer (the held-out score it watches)")
-    gb = cfg.gad_stage.batch_prompts
-    if gb is not None and gb > 0 and gb % cfg.algo.ppo_mini_batches:
-        bad("gad_stage.batch_prompts", "must be divisible by algo.ppo_mini_batches")
 
 
 def _validate_numbers_and_paths(cfg, bad, problems) -> None:
@@ -478,13 +447,6 @@ def _validate_numbers_and_paths(cfg, bad, problems) -> None:
         if student == export or student.startswith(export + os.sep):
             bad("model.student", "is this run's own HF export (log.run_dir/hf_student), which the run overwrites "
                                  "at its end: copy it elsewhere or use another log.run_dir")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return float(text) == float(text)  # not NaN
-    except ValueError:
-        return False
 
 
 def to_yaml(cfg) -> str:

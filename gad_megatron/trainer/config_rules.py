@@ -1,0 +1,84 @@
+"""The rules of ``gad-train``'s config past single values (config.validate calls them): rewards and GRPO, the
+GAD stage, OPD, what a resume may be told. ``bad(key, why)`` records a problem naming the key."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from gad_megatron.trainer.opd import validate_opd
+
+
+def _get(cfg, dotted: str):
+    return OmegaConf.select(cfg, dotted)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) == float(text)  # not NaN
+    except ValueError:
+        return False
+
+
+def validate_algo(cfg, bad) -> None:
+    """The reward, GRPO, GAD-stage and checkpoint rules; ``bad(key, why)`` records a problem."""
+    if cfg.reward.source in ("scorer", "mixed") and (not cfg.reward.scorer or ":" not in cfg.reward.scorer):
+        bad("reward.scorer", f"reward.source={cfg.reward.source} needs a scorer: module:function")
+    validate_opd(cfg, bad)
+    if cfg.algo.truncated_reward not in ("min", "score") and not _is_number(cfg.algo.truncated_reward):
+        bad("algo.truncated_reward", "use min, score or a number")
+    if not cfg.algo.adv_std_floor >= 0:
+        bad("algo.adv_std_floor", "must be >= 0")
+    if cfg.algo.tis_cap < 1.0:
+        bad("algo.tis_cap", "must be >= 1 (a cap below 1 scales every token down)")
+    if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1.0:
+        bad("algo.dual_clip", "must be > 1")
+    for key in ("train.d_warmup_every", "reward.d_update_every"):
+        if _get(cfg, key) < 1:
+            bad(key, "must be >= 1")
+    for key in ("reward.replay_steps", "gad_stage.g_lr_warmup_steps"):
+        if _get(cfg, key) < 0:
+            bad(key, "must be >= 0")
+    if not cfg.reward.replay_ratio > 0:
+        bad("reward.replay_ratio", "must be > 0")
+    band = cfg.reward.d_acc_band
+    if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
+        bad("reward.d_acc_band", "expected [lo, hi] with 0 <= lo <= hi <= 1")
+    for key in ("gad_stage.g_lr", "gad_stage.batch_prompts", "guard.kl_max", "train.d_warmup_last", "train.stop_after"):
+        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
+            bad(key, "must be > 0 (or null)")
+    if cfg.guard.heldout_margin is not None and (cfg.guard.heldout_margin < 0 or not cfg.eval.scorer):
+        bad("guard.heldout_margin", "must be >= 0 and needs eval.scorer (the held-out score it watches)")
+    gb = cfg.gad_stage.batch_prompts
+    if gb is not None and gb > 0 and gb % cfg.algo.ppo_mini_batches:
+        bad("gad_stage.batch_prompts", "must be divisible by algo.ppo_mini_batches")
+    validate_stage_and_resume(cfg, bad)
+
+
+def validate_stage_and_resume(cfg, bad) -> None:
+    rc, gs = cfg.reward, cfg.gad_stage
+    if rc.source == "mixed" and rc.weight_discriminator == 0 and rc.weight_scorer == 0:
+        bad("reward.weight_scorer", "and reward.weight_discriminator are both 0: every reward would be 0")
+    if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
+        bad("rollout.top_k", "must be -1 (off) or >= 1")
+    if gs.g_lr is not None and gs.g_min_lr is not None and gs.g_min_lr > gs.g_lr:
+        bad("gad_stage.g_min_lr", "must be <= gad_stage.g_lr")
+    if cfg.checkpoint.resume_step is not None and cfg.checkpoint.resume_step < 0:
+        bad("checkpoint.resume_step", "must be >= 0 (a saved step) or null (the latest)")
+    known = _known_keys(cfg)
+    unknown = [k for k in cfg.checkpoint.allow_changes if k != "*" and k not in known]
+    if unknown:
+        bad("checkpoint.allow_changes", f"names no config key or section: {unknown}")
+
+
+def _known_keys(cfg) -> set:
+    """Every dotted key and section of the (structured) config (``g_optim``, ``g_optim.lr``, ...)."""
+    out = set()
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                walk(v, prefix + k + ".")
+
+    walk(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False), "")
+    return out
