@@ -141,6 +141,7 @@ def run_rank(cfg, data) -> int:
     """This rank's training, and how it ends: each expected failure is one line and its own exit code."""
     from gad_megatron.trainer.checkpoint import CheckpointWriteError
     from gad_megatron.trainer.drift import ResumeConfigError
+    from gad_megatron.trainer.rewards import ScorerError
     from gad_megatron.trainer.run import train
 
     try:
@@ -157,6 +158,11 @@ def run_rank(cfg, data) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"gad-train: error: {e}", file=sys.stderr)
         return 1
+    except ScorerError as e:  # a user's scorer failed on a row: one line naming it and the row
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gad-train: error: {e}", file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1)  # not at interpreter exit: the other ranks wait in a collective; the launcher stops them
     except CheckpointWriteError as e:  # the disk filled up while saving: one line, the last checkpoint is whole
         print(f"gad-train: error: {e}", file=sys.stderr)
         sys.stdout.flush(), sys.stderr.flush()

@@ -24,7 +24,7 @@ from gad_megatron.trainer import passes
 from gad_megatron.trainer.batching import Seq
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
 from gad_megatron.trainer.policy import dp_share, teacher_seq
-from gad_megatron.trainer.rewards import load_scorer
+from gad_megatron.trainer.rewards import call_scorer, load_scorer
 from gad_megatron.trainer.steps import sft_step
 
 
@@ -42,7 +42,8 @@ def evaluate(t, held: list) -> dict:
     texts = [t.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in greedy]
     res["heldout_length"] = sum(len(g[0][0]) for g in greedy) / len(held)
     if scorer is not None:
-        res["heldout_score"] = sum(scorer(e.messages, txt) for e, txt in zip(held, texts)) / len(held)
+        where = f"eval.scorer={cfg.eval.scorer}"
+        res["heldout_score"] = sum(call_scorer(scorer, where, e, txt) for e, txt in zip(held, texts)) / len(held)
         res["heldout_examples"] = [{"id": e.id, "answer": txt} for e, txt in list(zip(held, texts))[:3]]
     if cfg.eval.samples:
         res.update(_sampled(t, held, scorer, stop))
@@ -57,7 +58,8 @@ def _sampled(t, held: list, scorer, stop: list) -> dict:
     res = {"heldout_length_sampled": sum(len(s[0]) for g in groups for s in g) / (n * len(held))}
     if scorer is not None:
         dec = t.tokenizer.decode
-        res["heldout_score_sampled"] = sum(scorer(e.messages, dec(s[0], skip_special_tokens=True))
+        where = f"eval.scorer={cfg.eval.scorer}"
+        res["heldout_score_sampled"] = sum(call_scorer(scorer, where, e, dec(s[0], skip_special_tokens=True))
                                            for e, g in zip(held, groups) for s in g) / (n * len(held))
     if t.ref is not None:
         res["heldout_kl"] = _kl_to_reference(t, held, groups)

@@ -132,10 +132,10 @@ class RunLog:
     def step(self, step: int, metrics: dict, timings: dict) -> None:
         if not self.enabled:
             return
-        self.metrics_f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+        self.metrics_f.write(json.dumps(finite({"step": step, **metrics}), sort_keys=True, allow_nan=False) + "\n")
         self.metrics_f.flush()
         if timings:
-            self.timings_f.write(json.dumps({"step": step, **timings}, sort_keys=True) + "\n")
+            self.timings_f.write(json.dumps(finite({"step": step, **timings}), sort_keys=True, allow_nan=False) + "\n")
             self.timings_f.flush()
         scalars = {k: v for k, v in {**metrics, **{f"time/{k}": v for k, v in timings.items()}}.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -164,6 +164,19 @@ class RunLog:
             self.wandb.finish()
 
 
+def finite(obj):
+    """``obj`` with every NaN / inf float as None: metrics.jsonl is strict JSON. A value is NaN when the step had
+    nothing to measure it on (``d_acc`` of a step whose samples were all truncated: no pair entered D's loss),
+    and null says exactly that; an infinite value is logged as null too (the guards see it before the log)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def _plain(cfg):
     from omegaconf import OmegaConf
 
@@ -185,7 +198,7 @@ def _truncate_after(path: str, step: int) -> None:
         # was written: the resumed run logs it again. Only 'before' (step 0) precedes every checkpoint.
         after_ckpt = "eval" in row and row["eval"] != "before" and row["step"] >= step
         if row["step"] <= step and not after_ckpt:
-            keep.append(json.dumps(row, sort_keys=True) + "\n")
+            keep.append(json.dumps(finite(row), sort_keys=True, allow_nan=False) + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
@@ -209,12 +222,12 @@ def plot_curves(run_dir: str, out: Optional[str] = None) -> Optional[str]:
               ("teacher_score", "D(teacher) vs D(student)"), ("kl", "KL to reference"),
               ("response_length_mean", "response length"), ("heldout_score", "held-out score (greedy)"),
               ("heldout_score_sampled", "held-out score (sampled)"), ("heldout_kl", "held-out KL to reference"),
-              ("heldout_d_acc", "held-out D accuracy")]
+              ("heldout_d_acc", "held-out D accuracy"), ("opd_kl_k3", "reverse KL to the OPD teacher")]
     panels = [p for p in panels if any(p[0] in r for r in rows)]
     fig, axes = plt.subplots(math.ceil(len(panels) / 3), 3, figsize=(13, 3.2 * math.ceil(len(panels) / 3)), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
         xs = [r["step"] for r in rows if key in r]
-        ax.plot(xs, [r[key] for r in rows if key in r], label=key)
+        ax.plot(xs, [math.nan if r[key] is None else r[key] for r in rows if key in r], label=key)  # null: not measured
         if key == "teacher_score":
             ax.plot([r["step"] for r in rows if "student_score" in r], [r["student_score"] for r in rows if "student_score" in r],
                     label="student_score")

@@ -14,6 +14,7 @@ Bradley-Terry loss ``-log sigmoid(D(teacher) - D(student))`` on groups ``[teache
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -212,16 +213,34 @@ class DiscriminatorReward(Reward):
             self.replay.load_state_dict(state.get("replay", {}))
 
 
+class ScorerError(RuntimeError):
+    """A scorer raised, or returned something other than a finite number, on a row (gad-train: one line)."""
+
+
+def call_scorer(fn, where: str, example, text: str) -> float:
+    """``fn(example.messages, text)`` as a float; a scorer that raises or returns anything but a finite number is
+    one ScorerError naming ``where`` (the config key and its value), the prompt id and what came back."""
+    try:
+        v = fn(example.messages, text)
+    except Exception as e:  # noqa: BLE001  (a user's scorer: whatever it raises, named with its row)
+        raise ScorerError(f"{where} raised {type(e).__name__}: {e} on prompt id {example.id!r}") from e
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ScorerError(f"{where} returned {v!r} for prompt id {example.id!r} (answer {text[:60]!r}): expected a "
+                          "finite number")
+    return float(v)
+
+
 class ScorerReward(Reward):
     """A fixed scorer ``fn(messages, response_text) -> float`` (``reward.scorer``): a rule, an oracle, a
     reward model's client. Called on rank 0 (a remote scorer is asked once), broadcast to every rank."""
 
-    def __init__(self, fn, tokenizer):
-        self.fn, self.tokenizer = fn, tokenizer
+    def __init__(self, fn, tokenizer, where: str = "reward.scorer"):
+        self.fn, self.tokenizer, self.where = fn, tokenizer, where
 
     @classmethod
     def build(cls, ctx: RewardContext) -> "ScorerReward":
-        return cls(load_scorer(ctx.cfg.reward.scorer), ctx.tokenizer)
+        spec = ctx.cfg.reward.scorer
+        return cls(load_scorer(spec), ctx.tokenizer, f"reward.scorer={spec}")
 
     def score(self, batch) -> Scores:
         import torch.distributed as dist
@@ -229,9 +248,10 @@ class ScorerReward(Reward):
         box = [None]
         if dist.get_rank() == 0:
             dec = self.tokenizer.decode
-            students = [float(self.fn(e.messages, dec(s[0], skip_special_tokens=True)))
+            students = [call_scorer(self.fn, self.where, e, dec(s[0], skip_special_tokens=True))
                         for e, g in zip(batch.examples, batch.groups) for s in g]
-            teacher = [float(self.fn(e.messages, dec(e.response, skip_special_tokens=True))) for e in batch.examples]
+            teacher = [call_scorer(self.fn, self.where, e, dec(e.response, skip_special_tokens=True))
+                       for e in batch.examples]
             box = [(students, teacher)]
         dist.broadcast_object_list(box, src=0)
         students, teacher = box[0]
