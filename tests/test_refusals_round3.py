@@ -116,3 +116,64 @@ def test_a_scorer_failing_on_a_row_is_one_line_naming_it_and_the_row(student, tm
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith(f"gad-train: error: reward.scorer=scorers:{name} {said}") and "prompt id 'demo-" in last, last
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+def _fake_ckpt(root, steps, latest, state=None):
+    """A checkpoint root as the trainer leaves it (directories only; state.json for the latest)."""
+    import json
+    import os
+
+    for step in steps:
+        for part in ("student", "trainer"):
+            os.makedirs(os.path.join(root, part, f"iter_{step:07d}"))
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write(str(latest))
+    if state is not None:
+        with open(os.path.join(root, "trainer", f"iter_{latest:07d}", "state.json"), "w") as f:
+            json.dump(state, f)
+    return str(root)
+
+
+def test_resume_from_a_run_directory_is_not_a_silent_fresh_start(tmp_path):
+    """Item 1: checkpoint.resume=<run dir> (not its checkpoints/) trained from step 1 without a word."""
+    from omegaconf import OmegaConf
+
+    from gad_megatron.trainer.checkpoint import resume_root
+
+    run = tmp_path / "warm"
+    _fake_ckpt(run / "checkpoints", [2], 2)
+    cfg = OmegaConf.create({"checkpoint": {"resume": str(run)}})
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint.resume={run}: holds no checkpoint \(no latest\): it is a "
+                                                rf"run directory, its checkpoints are in {run}/checkpoints"):
+        resume_root(cfg, str(tmp_path / "own" / "checkpoints"))
+    cfg.checkpoint.resume = str(run / "checkpoints")
+    assert resume_root(cfg, str(tmp_path / "own" / "checkpoints")) == str(run / "checkpoints")
+
+
+def test_a_pruned_resume_step_says_it_was_pruned_and_lists_the_kept_ones(tmp_path):
+    """Item 17: 'the checkpoint was damaged after it was written' for a step keep_last had pruned."""
+    from gad_megatron.trainer.checkpoint import latest_step
+
+    root = _fake_ckpt(tmp_path / "ckpt", [4, 6], 6)
+    with pytest.raises(FileNotFoundError, match=r"step 2 is not kept there \(checkpoint.keep_last prunes older ones\); "
+                                                r"kept: 4, 6"):
+        latest_step(root, 2, roles=("student",))
+    assert latest_step(root, 4, roles=("student",)) == 4
+
+
+def test_a_state_without_a_config_mapping(student, tmp_path, caplog):
+    """Item 19: a config that is not a mapping was a TypeError traceback; item 3: no config at all resumed
+    with changed settings and no word that nothing was compared."""
+    import logging
+
+    from gad_megatron.trainer.checkpoint import check_config_against
+
+    cfg = config(student, tmp_path)
+    bad = _fake_ckpt(tmp_path / "bad", [2], 2, state={"config": [1, 2], "step": 2})
+    with pytest.raises(ValueError, match=r"bad/trainer/iter_0000002/state.json: not a trainer state \(its config is a "
+                                         r"list, not a mapping\)"):
+        check_config_against(cfg, bad, 2)
+    bare = _fake_ckpt(tmp_path / "bare", [2], 2, state={"step": 2})
+    with caplog.at_level(logging.WARNING, logger="gad_megatron"):
+        check_config_against(cfg, bare, 2)
+    assert "records no config: the resume cannot compare" in caplog.text

@@ -113,10 +113,20 @@ def latest_step(ckpt_root: str, step: Optional[int] = None, roles=ROLES) -> Opti
     step = int(text) if step is None else step
     parts = [iter_dir(os.path.join(ckpt_root, r), step) for r in roles] + [iter_dir(os.path.join(ckpt_root, "trainer"), step)]
     missing = [p for p in parts if not os.path.isdir(p)]
+    kept = _kept_steps(ckpt_root)
+    if missing and step not in kept:
+        raise FileNotFoundError(f"{ckpt_root}: step {step} is not kept there (checkpoint.keep_last prunes older ones); "
+                                f"kept: {', '.join(map(str, kept)) or 'none'}")
     if missing:
         raise FileNotFoundError(f"{path} names step {step} but {missing[0]} is missing: the checkpoint was damaged "
                                 f"after it was written")
     return step
+
+
+def _kept_steps(ckpt_root: str) -> list:
+    trainer_dir = os.path.join(ckpt_root, "trainer")
+    names = os.listdir(trainer_dir) if os.path.isdir(trainer_dir) else []
+    return sorted(int(d[5:]) for d in names if d.startswith("iter_") and d[5:].isdigit())
 
 
 def _fresh_tmp(final: str) -> str:
@@ -309,6 +319,11 @@ def resume_root(cfg, ckpt_root: str) -> Optional[str]:
     if mode == "none":
         return None
     root = ckpt_root if mode == "auto" else os.path.abspath(mode)
+    if mode != "auto" and not os.path.exists(os.path.join(root, LATEST)) and not os.path.isdir(os.path.join(root, "trainer")):
+        # asked for by name: never a silent fresh start
+        inner = os.path.join(root, "checkpoints")
+        hint = f": it is a run directory, its checkpoints are in {inner}" if os.path.isdir(inner) else ""
+        raise FileNotFoundError(f"checkpoint.resume={mode}: holds no checkpoint (no {LATEST}){hint}")
     return root if os.path.isdir(root) else None
 
 
@@ -381,8 +396,14 @@ def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None
     variants of one warm start), whose differences are the point: logged, applied."""
     from gad_megatron.trainer.drift import check_resume_config, data_digest
 
-    saved = _read_json(os.path.join(iter_dir(os.path.join(root, "trainer"), step), "state.json"))
-    old, new = saved.get("config"), _plain_config(cfg)
+    state_file = os.path.join(iter_dir(os.path.join(root, "trainer"), step), "state.json")
+    saved = _read_json(state_file)
+    old, new = saved.get("config") if isinstance(saved, dict) else None, _plain_config(cfg)
+    if not isinstance(saved, dict) or not isinstance(old, (dict, type(None))):
+        raise ValueError(f"{state_file}: not a trainer state (its config is a {type(old).__name__}, not a mapping)")
+    if old is None and _rank() == 0:
+        log.warning("%s records no config: the resume cannot compare this run's settings with the ones it ran with",
+                    state_file)
     if old is not None:  # the data's content is compared like a key: a changed file under the same name
         old, new = {**old, "data_sha256": saved.get("data_sha256")}, {**new, "data_sha256": data_digest(cfg.data.train)}
     allow = list(cfg.checkpoint.allow_changes) if strict else ["*"]
