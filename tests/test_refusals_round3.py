@@ -177,3 +177,46 @@ def test_a_state_without_a_config_mapping(student, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gad_megatron"):
         check_config_against(cfg, bare, 2)
     assert "records no config: the resume cannot compare" in caplog.text
+
+
+def test_ablate_checks_its_arguments_and_names_a_bad_summary(tmp_path, capsys):
+    """Items 20 and 21: `ablate.py local --warmup-steps 0` said only 'warm start of seed 1 failed; see <log>';
+    `ablate.py report` over a truncated summary.json was a JSONDecodeError traceback."""
+    import os
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import ablate
+
+    with pytest.raises(SystemExit) as e:
+        ablate.main(["local", "--out", str(tmp_path / "a"), "--warmup-steps", "0"])
+    assert e.value.code == 2 and "--warmup-steps 0 / --steps 40: each must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    run = tmp_path / "r" / "gad" / "seed1"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text('{"steps": 3, "evals": {"aft')
+    assert ablate.main(["report", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert f"ablate: {run}/summary.json: not valid JSON" in err and "Traceback" not in err
+
+
+def test_training_rows_whose_ids_collide(tmp_path):
+    """Item 24: two sources concatenated, both numbered from 0: half of the rows were dropped with exit 0."""
+    import json
+
+    from gad_megatron.data.teacher import DataStats, read_rows
+
+    def row(i, prompt):
+        return json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": prompt}], "teacher_response": "ok"})
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join([row(0, "a"), row(1, "b"), row(0, "c")]) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:3: id 'r0' was already used by {path}:1 for another prompt or answer"):
+        read_rows(str(path))
+    stats = DataStats()
+    assert len(read_rows(str(path), "skip", stats)) == 2 and stats.skipped_bad == 1  # skip: counted as a bad row
+    path.write_text("\n".join([row(0, "a"), row(1, "b"), row(0, "a")]) + "\n")  # the same row twice: one kept
+    stats = DataStats()
+    assert len(read_rows(str(path), "error", stats)) == 2 and stats.duplicate_ids == 1

@@ -162,10 +162,10 @@ esac
 def run_result(run_dir: str) -> dict:
     """The 'after' evaluation, the warm start's (the warm start run's own 'after' evaluation, else this run's
     ``after_warmup``), and the last training step's d_acc and reverse KL to an OPD teacher."""
-    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    summary = _read_json(os.path.join(run_dir, "summary.json"))
     seed = os.path.basename(run_dir)
     warm_summary = os.path.join(os.path.dirname(os.path.dirname(run_dir)), f"warm_{seed}", "summary.json")
-    warm = json.load(open(warm_summary))["evals"].get("after", {}) if os.path.isfile(warm_summary) else {}
+    warm = _read_json(warm_summary)["evals"].get("after", {}) if os.path.isfile(warm_summary) else {}
     sys.path.insert(0, ROOT)
     from gad_megatron.data.jsonl import read_jsonl
 
@@ -176,6 +176,21 @@ def run_result(run_dir: str) -> dict:
     return {**{k: after.get(k) for k in METRICS}, "d_acc": d_acc, "opd_kl_k3": opd_kl,
             "warm": warm or summary["evals"].get("after_warmup", {}),
             "stopped_by_guard": summary.get("stopped_by_guard")}
+
+
+class BadRun(ValueError):
+    """A run's file the report cannot read (named in the message)."""
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRun(f"{path}: not valid JSON ({e}); rerun that run (`ablate.py local` resumes it) or remove it") from None
+    if not isinstance(out, dict) or "evals" not in out:
+        raise BadRun(f"{path}: not a gad-train summary (no 'evals')")
+    return out
 
 
 def _stats(xs: list) -> tuple:
@@ -195,7 +210,11 @@ def report(a) -> int:
             continue
         for name in sorted(os.listdir(vdir)):
             if os.path.isfile(os.path.join(vdir, name, "summary.json")):
-                r = run_result(os.path.join(vdir, name))
+                try:
+                    r = run_result(os.path.join(vdir, name))
+                except BadRun as e:
+                    print(f"ablate: {e}", file=sys.stderr)
+                    return 1
                 results.setdefault(v, {})[name] = r
                 if r["warm"]:
                     warm[name] = r["warm"]
@@ -261,6 +280,9 @@ def main(argv=None) -> int:
     a = p.parse_intermixed_args(argv)  # overrides may follow the options
     if a.mode == "slurm" and not a.config:
         p.error("slurm needs --config")
+    if a.mode != "report" and (a.warmup_steps < 1 or a.steps < 1):
+        p.error(f"--warmup-steps {a.warmup_steps} / --steps {a.steps}: each must be >= 1 (the warm start saves its "
+                "checkpoint at its last step, which every variant resumes from)")
     if a.variants is None:
         a.variants = [v for v in VARIANTS if a.opd_teacher or v not in NEEDS_TEACHER]
     if a.mode != "report" and not a.opd_teacher and set(a.variants) & set(NEEDS_TEACHER):

@@ -77,25 +77,31 @@ def _parse(where: str, row: dict) -> dict:
 
 def read_rows(path: str, bad_rows: str = "error", stats: Optional[DataStats] = None) -> list:
     """Parsed rows ``{"id", "messages", "teacher_response"}``; a bad row raises (``error``) or is counted
-    (``skip``). Rows with an id seen before are counted and dropped (the first one wins)."""
+    (``skip``). A row repeating an earlier row (same id, prompt and answer) is counted and dropped; a row that
+    reuses an earlier row's id for another prompt or answer is a bad row naming both lines (two files numbered
+    alike and concatenated: dropping it would silently lose half of the data)."""
     stats = stats if stats is not None else DataStats()
-    out, seen = [], set()
+    out, seen = [], {}
     for where, row in _iter_rows(path):
         stats.rows += 1
         try:
             if isinstance(row, Exception):
                 raise row
             item = _parse(where, row)
+            first = seen.get(item["id"])
+            if first is not None and first[1] != item:
+                raise DataError(f"{where}: id {item['id']!r} was already used by {first[0]} for another prompt or "
+                                "answer: ids must be unique (sources numbered alike? give each its own prefix)")
         except DataError as e:
             if bad_rows == "error":
                 raise
             stats.skipped_bad += 1
             stats.bad_examples.append(str(e))
             continue
-        if item["id"] in seen:
+        if first is not None:  # the same row again
             stats.duplicate_ids += 1
             continue
-        seen.add(item["id"])
+        seen[item["id"]] = (where, item)
         out.append(item)
     if not out:
         raise DataError(f"{path}: no usable rows ({stats.rows} read, {stats.skipped_bad} bad)")
