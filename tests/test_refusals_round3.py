@@ -220,3 +220,27 @@ def test_training_rows_whose_ids_collide(tmp_path):
     path.write_text("\n".join([row(0, "a"), row(1, "b"), row(0, "a")]) + "\n")  # the same row twice: one kept
     stats = DataStats()
     assert len(read_rows(str(path), "error", stats)) == 2 and stats.duplicate_ids == 1
+
+
+def test_a_rewritten_heldout_file_is_a_change_on_resume(student, tmp_path):
+    """Item 2: only the training file's sha256 was recorded; a data.heldout rewritten under the same name was
+    accepted on resume, changing every held-out number."""
+    import json
+    import shutil
+
+    from gad_megatron.trainer.checkpoint import _plain_config, check_config_against
+    from gad_megatron.trainer.drift import ResumeConfigError, data_digest
+
+    held = tmp_path / "held.jsonl"
+    shutil.copy(demo.ASSET, held)
+    cfg = config(student, tmp_path, f"data.heldout={held}")
+    state = {"config": json.loads(json.dumps(_plain_config(cfg))), "data_sha256": data_digest(demo.ASSET),
+             "heldout_sha256": data_digest(str(held))}
+    root = _fake_ckpt(tmp_path / "ckpt", [2], 2, state=state)
+    check_config_against(cfg, root, 2)  # unchanged: accepted
+    with open(held, "a") as f:
+        f.write(open(demo.ASSET).readline())
+    with pytest.raises(ResumeConfigError, match="heldout_sha256"):
+        check_config_against(cfg, root, 2)
+    check_config_against(config(student, tmp_path, f"data.heldout={held}", "checkpoint.allow_changes=[heldout_sha256]"),
+                         root, 2)

@@ -308,7 +308,8 @@ def save_run(t, run) -> None:
     from gad_megatron.trainer.drift import data_digest
 
     # What ran, for the next resume to compare with (trainer/drift.py)
-    state.update(config=_plain_config(cfg), data_sha256=data_digest(cfg.data.train))
+    state.update(config=_plain_config(cfg), data_sha256=data_digest(cfg.data.train),
+                 heldout_sha256=data_digest(cfg.data.heldout) if cfg.data.heldout else None)
     save(run.ckpt_root, run.step, roles, {r: t.hf_dir for r in roles}, metas, json.loads(json.dumps(state)),
          cfg.checkpoint.keep_last)
 
@@ -405,7 +406,10 @@ def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None
         log.warning("%s records no config: the resume cannot compare this run's settings with the ones it ran with",
                     state_file)
     if old is not None:  # the data's content is compared like a key: a changed file under the same name
-        old, new = {**old, "data_sha256": saved.get("data_sha256")}, {**new, "data_sha256": data_digest(cfg.data.train)}
+        # (the held-out file's too: a rewritten one would change every held-out number without a word)
+        held = data_digest(cfg.data.heldout) if cfg.data.heldout else None
+        old = {**old, "data_sha256": saved.get("data_sha256"), "heldout_sha256": saved.get("heldout_sha256", held)}
+        new = {**new, "data_sha256": data_digest(cfg.data.train), "heldout_sha256": held}
     allow = list(cfg.checkpoint.allow_changes) if strict else ["*"]
     changes = check_resume_config(old, new, allow, f"{root} at step {step}", defaults=_default_config())
     if changes and _rank() == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from gad_megatron.trainer.drift import DATA_KEYS
 from gad_megatron.trainer.opd import validate_opd
 
 
@@ -65,7 +66,7 @@ def validate_stage_and_resume(cfg, bad) -> None:
     if cfg.checkpoint.resume_step is not None and cfg.checkpoint.resume_step < 0:
         bad("checkpoint.resume_step", "must be >= 0 (a saved step) or null (the latest)")
     known = _known_keys(cfg)
-    unknown = [k for k in cfg.checkpoint.allow_changes if k != "*" and k not in known]
+    unknown = [k for k in cfg.checkpoint.allow_changes if k != "*" and k not in known and k not in DATA_KEYS]
     if unknown:
         bad("checkpoint.allow_changes", f"names no config key or section: {unknown}")
 

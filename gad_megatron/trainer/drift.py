@@ -27,6 +27,10 @@ MAY_CHANGE = (
 )
 
 
+# Compared like config keys on resume (and named so in checkpoint.allow_changes): the data files' contents.
+DATA_KEYS = ("data_sha256", "heldout_sha256")
+
+
 class ResumeConfigError(ValueError):
     """The config differs from the checkpoint's in keys a resume may not change."""
 
