@@ -244,3 +244,22 @@ def test_a_rewritten_heldout_file_is_a_change_on_resume(student, tmp_path):
         check_config_against(cfg, root, 2)
     check_config_against(config(student, tmp_path, f"data.heldout={held}", "checkpoint.allow_changes=[heldout_sha256]"),
                          root, 2)
+
+
+def test_a_checkpoint_of_another_architecture_is_named_before_any_model_is_built(student, tmp_path):
+    """Item 13: resuming from a checkpoint of another architecture was a 20-frame CheckpointingException
+    ('Global shape mismatch') after the models were built."""
+    import json
+    import os
+
+    from gad_megatron.trainer.checkpoint import check_config_against
+
+    root = _fake_ckpt(tmp_path / "ckpt", [2], 2, state={"step": 2})
+    os.makedirs(os.path.join(root, "student", "hf"))
+    hf = json.load(open(os.path.join(student, "config.json")))
+    json.dump({**hf, "num_hidden_layers": 3, "hidden_size": 256}, open(os.path.join(root, "student", "hf", "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"the student in .* is another architecture than .*\(num_layers 3 vs 2; "
+                                         r"hidden_size 256 vs 128; kv_channels 64 vs 32\)"):
+        check_config_against(config(student, tmp_path), root, 2)
+    json.dump(hf, open(os.path.join(root, "student", "hf", "config.json"), "w"))
+    check_config_against(config(student, tmp_path), root, 2)

@@ -410,11 +410,34 @@ def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None
         held = data_digest(cfg.data.heldout) if cfg.data.heldout else None
         old = {**old, "data_sha256": saved.get("data_sha256"), "heldout_sha256": saved.get("heldout_sha256", held)}
         new = {**new, "data_sha256": data_digest(cfg.data.train), "heldout_sha256": held}
+    check_architecture(cfg, root)
     allow = list(cfg.checkpoint.allow_changes) if strict else ["*"]
     changes = check_resume_config(old, new, allow, f"{root} at step {step}", defaults=_default_config())
     if changes and _rank() == 0:
         log.info("resume applies %d config change(s): %s", len(changes),
                  "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+
+
+# What decides a model's tensor shapes: a checkpoint of another architecture cannot be loaded.
+ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "kv_channels", "vocab_size", "tie_word_embeddings", "qkv_bias", "qk_layernorm")
+
+
+def check_architecture(cfg, root: str) -> None:
+    """Before any model is built: the checkpoint's models have the architecture the config's would (a
+    mismatch was a 20-frame megatron 'Global shape mismatch' after G, D and the reference were built)."""
+    from gad_megatron.convert.api import config_dir
+    from gad_megatron.models.hf_config import arch_spec_from_dir
+
+    for role, path in (("student", cfg.model.student), ("discriminator", cfg.model.discriminator or cfg.model.student)):
+        saved_dir = hf_config_dir(os.path.join(root, role))
+        if not os.path.isfile(os.path.join(saved_dir, "config.json")):
+            continue  # not saved (a SeqKD run has no D)
+        saved, now = arch_spec_from_dir(saved_dir), arch_spec_from_dir(config_dir(path))
+        diff = [f"{k} {getattr(saved, k)} vs {getattr(now, k)}" for k in ARCH_FIELDS if getattr(saved, k) != getattr(now, k)]
+        if diff:
+            raise ValueError(f"checkpoint.resume: the {role} in {root} is another architecture than {path} "
+                             f"({'; '.join(diff)}): resume with the model it was trained from")
 
 
 def save_reference(t, ckpt_root: str, step: int) -> None:
