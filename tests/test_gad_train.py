@@ -316,3 +316,23 @@ def test_resume_with_a_changed_config_is_never_silent(run_a, student, tmp_path):
     last = [r for r in map(json.loads, lines(own)) if "eval" not in r][-1]
     assert last["step"] == 7 and last["g_lr"] == pytest.approx(1e-3)  # the new learning rate is the one used
     assert "lr: 0.001" in (own / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("warmup", [4, 0])
+def test_gad_branches_from_a_seqkd_runs_checkpoints(student, tmp_path, warmup):
+    """#24 item 12, the README's two-job way (SeqKD, then GAD from its checkpoints): it passed --check and died
+    after G, D and the reference were built, calling the checkpoint 'damaged' (it has no discriminator). G
+    comes from the checkpoint, D from the student as at a fresh start, said in the log; the reference is G at
+    the branch point (warmup 4: made by the loop at step 4; warmup 0: by the resume)."""
+    seqkd = write_config(tmp_path / "s.yaml", student, tmp_path / "seqkd", **{
+        "parallel.nproc": 1, "train.stage": "seqkd", "train.total_steps": 4, "checkpoint.save_every": 4})
+    run_train(seqkd)
+    gad = write_config(tmp_path / "g.yaml", student, tmp_path / "gad", **{
+        "parallel.nproc": 1, "checkpoint.resume": str(tmp_path / "seqkd" / "checkpoints"), "train.warmup_steps": warmup,
+        "train.total_steps": 6, "train.critic_warmup": 0})
+    p = run_train(gad)
+    assert "holds no discriminator; it starts as at a fresh start" in p.stdout
+    rows = [json.loads(x) for x in lines(tmp_path / "gad") if b'"eval"' not in x]
+    assert [r["step"] for r in rows] == [5, 6] and all(r["stage"] == "gad" and r["d_acc"] is not None for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is G where GAD starts
+    assert os.path.isdir(tmp_path / "gad" / "checkpoints" / "reference")

@@ -331,17 +331,24 @@ def resume_root(cfg, ckpt_root: str) -> Optional[str]:
 def resume(t, run) -> None:
     """Collective: loads the newest whole checkpoint (``checkpoint.resume``) into the models and ``run``."""
     root = resume_root(t.cfg, run.ckpt_root)
-    step = latest_step(root, t.cfg.checkpoint.resume_step, tuple(t.roles)) if root else None
+    # A branch from another run takes the models that run saved; one it did not train (D, branching GAD from
+    # a SeqKD run's checkpoints) starts as at a fresh start. This run's own checkpoints must hold every model.
+    roles = {r: e for r, e in t.roles.items() if root == run.ckpt_root or os.path.isdir(os.path.join(root or "", r))}
+    step = latest_step(root, t.cfg.checkpoint.resume_step, tuple(roles)) if root else None
     if step is None:
         return
     check_config_against(t.cfg, root, step, strict=root == run.ckpt_root)  # before any weight is read
-    st = load(root, step, t.roles)
+    st = load(root, step, roles)
+    fresh = [r for r in t.roles if r not in roles]
+    if fresh and t.world["rank"] == 0:
+        log.info("branching from %s: it holds no %s; %s as at a fresh start", root, " / ".join(fresh),
+                 "it starts" if len(fresh) == 1 else "they start")
     if t.cfg.train.stage == "gad" and st["step"] > t.schedule.warm:  # (at == warm the loop enters it)
         from gad_megatron.trainer.gad import enter_gad_stage
 
         enter_gad_stage(t, run.sampler)  # its schedule and batch size, before their saved states are read
     run.sampler.load_state_dict(st["sampler"])
-    for role, e in t.roles.items():
+    for role, e in roles.items():
         # The schedule's settings from the config (equal to the checkpoint's, or changed on purpose: see
         # check_config_against), its step count from the checkpoint.
         # The optimizer's saved param groups carry the old rates, and the scheduler reads the groups' own.
@@ -354,13 +361,22 @@ def resume(t, run) -> None:
         t.reward.load_state_dict(st.get("reward", {}))
     t.policy.load_state_dict(st.get("policy", {}))
     run.counters, run.evals, run.step, run.best = st["counters"], st["evals"], st["step"], st.get("best", {})
-    warm = t.schedule.warm
-    if t.ref is not None and run.step > warm > 0:  # at step == warm the loop makes the reference itself
+    warm, ref_dir = t.schedule.warm, os.path.join(root, "reference")
+    if t.ref is not None and run.step > warm:  # at step == warm (> 0) the loop makes the reference itself
         from gad_megatron.convert.megatron_ckpt import load_checkpoint
 
-        load_checkpoint(t.ref, os.path.join(root, "reference"))
-        if root != run.ckpt_root and not os.path.isdir(os.path.join(run.ckpt_root, "reference")):
-            save_reference(t, run.ckpt_root, warm)
+        if os.path.isdir(ref_dir):
+            load_checkpoint(t.ref, ref_dir)
+            if root != run.ckpt_root and not os.path.isdir(os.path.join(run.ckpt_root, "reference")):
+                save_reference(t, run.ckpt_root, warm)
+        elif fresh:  # GAD branched from a run that trained no D (SeqKD): KL is measured from the branch point
+            t.policy.reference_from_policy()
+            save_reference(t, run.ckpt_root, run.step)
+            if t.world["rank"] == 0:
+                log.info("the GAD reference is the student at the branch point (step %d)", run.step)
+        elif warm > 0:
+            raise FileNotFoundError(f"{ref_dir}: missing: the GAD reference (the student at the end of warmup, "
+                                    f"step {warm}) is needed to resume at step {run.step}")
     if t.world["rank"] == 0:
         log.info("resumed from %s at step %d", root, run.step)
 
