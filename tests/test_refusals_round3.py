@@ -263,3 +263,22 @@ def test_a_checkpoint_of_another_architecture_is_named_before_any_model_is_built
         check_config_against(config(student, tmp_path), root, 2)
     json.dump(hf, open(os.path.join(root, "student", "hf", "config.json"), "w"))
     check_config_against(config(student, tmp_path), root, 2)
+
+
+def test_a_new_group_size_with_an_old_replay_buffer(student, tmp_path):
+    """Item 10: rollout.n changed under allow_changes with a replay buffer of the old group size died at step 7
+    in loss_func ("shape '[-1, 4]' is invalid for input of size 6")."""
+    import json
+
+    from gad_megatron.trainer.checkpoint import _plain_config, check_config_against
+    from gad_megatron.trainer.drift import data_digest
+
+    old = config(student, tmp_path, "reward.replay_steps=2", "rollout.n=4")
+    state = {"config": json.loads(json.dumps(_plain_config(old))), "data_sha256": data_digest(demo.ASSET),
+             "reward": {"replay": {"fifo": [[[[1, 2], [3], [[[4], 1], [[5], 1], [[6], 1], [[7], 1]]]]]}}}
+    root = _fake_ckpt(tmp_path / "ckpt", [2], 2, state=state)
+    changed = config(student, tmp_path, "reward.replay_steps=2", "rollout.n=6", "checkpoint.allow_changes=[rollout.n]")
+    with pytest.raises(ValueError, match=r"rollout.n=6: .*state.json holds D's replay buffer of groups of 4 samples"):
+        check_config_against(changed, root, 2)
+    check_config_against(config(student, tmp_path, "reward.replay_steps=0", "rollout.n=6",
+                                "checkpoint.allow_changes=[rollout.n,reward.replay_steps]"), root, 2)

@@ -427,6 +427,12 @@ def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None
         old = {**old, "data_sha256": saved.get("data_sha256"), "heldout_sha256": saved.get("heldout_sha256", held)}
         new = {**new, "data_sha256": data_digest(cfg.data.train), "heldout_sha256": held}
     check_architecture(cfg, root)
+    replay = ((saved.get("reward") or {}).get("replay") or {}).get("fifo")
+    n_then = (old or {}).get("rollout", {}).get("n")
+    if replay and cfg.reward.replay_steps and n_then is not None and n_then != cfg.rollout.n:
+        raise ValueError(f"rollout.n={cfg.rollout.n}: {state_file} holds D's replay buffer of groups of {n_then} "
+                         f"samples (reward.replay_steps), which D cannot train on with groups of {cfg.rollout.n}: "
+                         "keep rollout.n, or resume with reward.replay_steps=0 (allowed as a change)")
     allow = list(cfg.checkpoint.allow_changes) if strict else ["*"]
     changes = check_resume_config(old, new, allow, f"{root} at step {step}", defaults=_default_config())
     if changes and _rank() == 0:
