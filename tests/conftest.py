@@ -136,6 +136,7 @@ class Server:
                 return
             except OSError:
                 time.sleep(0.1)
+        self.stop()  # never left running, also when it did not come up
         raise RuntimeError("fake OpenAI server did not start")
 
     @property

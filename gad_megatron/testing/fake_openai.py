@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -166,7 +167,22 @@ def main() -> None:
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("the fake server binds to loopback only")
     srv = FakeOpenAI(a.fault_first, a.latency_ms, a.hang_s, a.max_rps, a.judge_garbage_first)
-    web.run_app(srv.app(), host=a.host, port=a.port, print=lambda *_: print(f"ready on {a.host}:{a.port}", flush=True))
+    app = srv.app()
+    app.on_startup.append(_exit_with_parent)
+    web.run_app(app, host=a.host, port=a.port, print=lambda *_: print(f"ready on {a.host}:{a.port}", flush=True))
+
+
+async def _exit_with_parent(app) -> None:
+    """A test started this server in a session of its own: if the test's process dies (a timeout, a killed
+    worker) before stopping it, nothing else would; it exits once it has been handed to another parent."""
+    parent = os.getppid()
+
+    async def watch():
+        while os.getppid() == parent:
+            await asyncio.sleep(0.5)
+        os._exit(0)
+
+    app["parent_watch"] = asyncio.get_running_loop().create_task(watch())
 
 
 if __name__ == "__main__":
