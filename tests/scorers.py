@@ -23,3 +23,14 @@ def raises_on_count(messages, response):
     if messages[-1]["content"].startswith("count:"):
         raise KeyError("no rule for count")
     return demo.score(messages, response)
+
+
+def slow_on_count(messages, response):
+    """Hangs for a minute on 'count:' prompts, after touching $GAD_TEST_MARKER (#24 item 22)."""
+    import os
+    import time
+
+    if messages[-1]["content"].startswith("count:"):
+        open(os.environ["GAD_TEST_MARKER"], "w").close()
+        time.sleep(60)
+    return demo.score(messages, response)

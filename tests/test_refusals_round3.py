@@ -310,3 +310,37 @@ def test_a_fake_server_does_not_outlive_the_test_that_started_it(tmp_path):
     if alive:
         server.kill()
     assert not alive, "the fake server outlived the process that started it"
+
+
+def test_ctrl_c_while_a_scorer_hangs_says_so_at_once(student, tmp_path):
+    """Item 22: the first Ctrl-C was swallowed without a word for as long as the scorer ran."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from test_gad_train import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", student, tmp_path / "run", **{
+        "parallel.nproc": 1, "reward.source": "scorer", "reward.scorer": "scorers:slow_on_count",
+        "train.warmup_steps": 0, "train.critic_warmup": 0, "train.total_steps": 2, "eval.at_start": False})
+    marker, err = tmp_path / "scoring", open(tmp_path / "err", "w")
+    p = subprocess.Popen([sys.executable, "-m", "gad_megatron.trainer.cli", "--config", str(cfg)], cwd=ROOT, stderr=err,
+                         stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": f"{ROOT}:{os.path.join(ROOT, 'tests')}",
+                                                         "OMP_NUM_THREADS": "1", "GAD_TEST_MARKER": str(marker)})
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert marker.exists(), open(tmp_path / "err").read()[-3000:]
+        p.send_signal(signal.SIGINT)
+        time.sleep(3)
+        said = open(tmp_path / "err").read()
+        assert "gad-train: Ctrl-C: stopping when this step ends" in said and p.poll() is None, said[-2000:]
+        p.send_signal(signal.SIGINT)  # the second one stops at once
+        assert p.wait(timeout=30) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()

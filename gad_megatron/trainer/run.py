@@ -111,6 +111,9 @@ class StopSignal:
         if self.interrupted:
             os._exit(130)  # the second Ctrl-C
         self.interrupted = True
+        if os.environ.get("RANK", "0") == "0":  # said at once: the step (a slow scorer, a rollout) may run on a while
+            os.write(2, b"gad-train: Ctrl-C: stopping when this step ends (the last checkpoint is whole); "
+                        b"Ctrl-C again to stop now\n")
 
 
 def open_run(t) -> Run:
