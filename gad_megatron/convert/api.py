@@ -27,9 +27,10 @@ from gad_megatron.convert.megatron_ckpt import (
 from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
 from gad_megatron.models.gpt import ModelOptions, build_gpt_chunks
 from gad_megatron.models.hf_config import arch_spec_from_dir, arch_spec_from_hf, load_hf_config
+from gad_megatron.models.storage import HF_DTYPE
 
 ROLES = ("student", "discriminator")
-_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_HF_DTYPES = {hf: ours for ours, hf in HF_DTYPE.items()}
 
 
 def hf_dtype(cfg: dict) -> str:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gad_megatron.models.hf_config import ArchSpec
+from gad_megatron.models.storage import HF_DTYPE
 from gad_megatron.runtime import on_cuda  # decided once by initialize (the CPU shim implies cpu)
 
 
@@ -37,7 +38,7 @@ class ModelOptions:
     perform_initialization: bool = True
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {ours: getattr(torch, hf) for ours, hf in HF_DTYPE.items()}
 
 
 def te_available() -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from gad_megatron.models.params import total_params
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # our dtype names -> HF / torch / vLLM names
 
 
 def bytes_per_param(dtype: str) -> int:

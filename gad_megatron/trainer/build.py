@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from gad_megatron.data.teacher import DataError, DataStats, read_rows, split_heldout, tokenize_rows
+from gad_megatron.models.storage import DTYPE_BYTES, HF_DTYPE
 from gad_megatron.trainer.disk import check_free_space
 from gad_megatron.trainer.policy import Policy
 from gad_megatron.trainer.rewards import Reward, RewardContext, load_scorer, make_reward, reward_class
@@ -201,7 +202,7 @@ def check_rollout_memory(cfg, arch) -> None:
                           f"train.batch_prompts")
     if cfg.rollout.engine == "vllm":
         return
-    dtype_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.model.dtype]
+    dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     kv = cfg.rollout.max_batch_tokens * kv_bytes_per_token(arch.num_layers, arch.num_query_groups, arch.kv_channels,
                                                            dtype_bytes, p.tensor_parallel, p.pipeline_parallel)
     from gad_megatron.runtime.parallel import device_memory_bytes
@@ -289,7 +290,7 @@ def vllm_config(cfg, hf_dir: str):
     kv = cfg.rollout.kv_cache_gb
     has_weights = any(f.endswith(".safetensors") for f in os.listdir(hf_dir))
     return VLLMConfig(
-        model=hf_dir, dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.dtype],
+        model=hf_dir, dtype=HF_DTYPE[cfg.model.dtype],
         tensor_parallel_size=cfg.rollout.vllm_tensor_parallel,
         max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,

@@ -37,6 +37,14 @@ def last_stage_writer() -> bool:
     return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
 
+def from_rank0(fn):
+    """``fn()`` computed on global rank 0 alone (an engine or a remote scorer asked once), the same on every
+    rank."""
+    import torch.distributed as dist
+
+    return broadcast_from0(fn() if dist.get_rank() == 0 else None)
+
+
 def broadcast_from0(obj):
     import torch.distributed as dist
 

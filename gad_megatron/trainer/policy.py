@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from gad_megatron.data.chat import d_view
 from gad_megatron.data.teacher import EpochSampler
@@ -85,12 +84,13 @@ class Policy:
         if engine is not None and engine.collective:
             groups = engine.generate(prompts, sampling)  # every rank, same seed: the same samples everywhere
             return [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in groups]
-        box = [None]
-        if dist.get_rank() == 0:
-            box = [[[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in engine.generate(prompts, sampling)]]
+
+        def on_rank0():
+            out = [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in engine.generate(prompts, sampling)]
             engine.sleep()  # GPU, colocated: memory back to training until the next sync wakes it (no-op on CPU)
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+            return out
+
+        return passes.from_rank0(on_rank0)
 
     def rollout(self, step: int, examples: list) -> RolloutBatch:
         """n samples per prompt of the global batch, and this rank's share as Seqs (for G and as D sees them)."""

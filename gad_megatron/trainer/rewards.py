@@ -243,18 +243,16 @@ class ScorerReward(Reward):
         return cls(load_scorer(spec), ctx.tokenizer, f"reward.scorer={spec}")
 
     def score(self, batch) -> Scores:
-        import torch.distributed as dist
+        dec = self.tokenizer.decode
 
-        box = [None]
-        if dist.get_rank() == 0:
-            dec = self.tokenizer.decode
+        def on_rank0():
             students = [call_scorer(self.fn, self.where, e, dec(s[0], skip_special_tokens=True))
                         for e, g in zip(batch.examples, batch.groups) for s in g]
             teacher = [call_scorer(self.fn, self.where, e, dec(e.response, skip_special_tokens=True))
                        for e in batch.examples]
-            box = [(students, teacher)]
-        dist.broadcast_object_list(box, src=0)
-        students, teacher = box[0]
+            return students, teacher
+
+        students, teacher = passes.from_rank0(on_rank0)
         return Scores(torch.tensor(students, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64))
 
 
