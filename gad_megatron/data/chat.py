@@ -19,11 +19,14 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list:
     return list(ids)
 
 
-def d_view(tokenizer, token_ids: Sequence[int], finished: bool) -> list:
+def d_view(tokenizer, token_ids: Sequence[int], finished: bool, canonical: bool = True) -> list:
     """A student sample as the discriminator sees it: its text re-encoded exactly as the teacher's answers are
     (:func:`response_ids`), closed by the one end token when it finished and left open when it was cut off.
     A sampled tokenisation the canonical encoder would not produce, or an end token written differently,
-    would let D tell student from teacher without reading the content."""
+    would let D tell student from teacher without reading the content. ``canonical`` False
+    (``reward.canonical_text=false``, the paper's way): the sampled tokens as they are."""
+    if not canonical:
+        return list(token_ids)
     text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id

@@ -80,12 +80,11 @@ class Trainer:
 
     @property
     def budget(self) -> int:
-        return self.cfg.train.micro_batch_tokens
+        return self.policy.budget
 
     @property
     def pad(self) -> int:
-        """Sequence parallel splits the sequence over TP ranks: every micro-batch's width must divide."""
-        return self.world["tp"] if self.cfg.parallel.sequence_parallel else 1
+        return self.policy.pad
 
     @property
     def roles(self) -> dict:
@@ -154,16 +153,17 @@ def check_before_build(cfg) -> None:
             raise ConfigError(f"{key}={spec!r}: cannot be imported ({type(e).__name__}: {e})") from None
         if fn is not None and not callable(fn):
             raise ConfigError(f"{key}={spec!r}: is a {type(fn).__name__}, not a function (messages, text) -> float")
-    limit = arch_spec_from_dir(model_hf_dir(cfg.model.student)).max_position_embeddings
+    student_dir = model_hf_dir(cfg.model.student)
+    arch = arch_spec_from_dir(student_dir)
+    limit = arch.max_position_embeddings
     for name, new in (("data.max_response_tokens", cfg.data.max_response_tokens), ("eval.max_tokens", cfg.eval.max_tokens)):
         if cfg.data.max_prompt_tokens + new > limit:
             raise ConfigError(f"data.max_prompt_tokens + {name} = {cfg.data.max_prompt_tokens + new} is beyond the "
                               f"student's max_position_embeddings={limit}")
-    arch = arch_spec_from_dir(model_hf_dir(cfg.model.student))
     if cfg.train.stage == "gad" and cfg.reward.source in ("opd", "gad+opd"):
         from gad_megatron.trainer.opd import TeacherMismatch, check_server_tokenizer, check_teacher
 
-        o, student_dir = cfg.opd, model_hf_dir(cfg.model.student)
+        o = cfg.opd
         try:
             if o.url:
                 check_server_tokenizer(student_dir, o.url, o.served_model)
@@ -252,7 +252,7 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
     opts, dist_opt = model_options(cfg), cfg.parallel.use_distributed_optimizer
     arch, g_chunks, hf_dir = load_model(cfg.model.student, "student", opts)
     budget = cfg.train.micro_batch_tokens
-    pad = world["tp"] if cfg.parallel.sequence_parallel else 1
+    pad = world["tp"] if cfg.parallel.sequence_parallel else 1  # SP splits a micro-batch's width over TP ranks
     policy = Policy(cfg, world, data.tokenizer, TrainEngine(g_chunks, optim_config(cfg.g_optim, dist_opt, schedule.total)),
                     budget=budget, pad=pad)
     t = Trainer(cfg, world, arch, hf_dir, data, schedule, policy)

@@ -159,13 +159,11 @@ def advantage_parts(students: list) -> dict:
 STAGES = {"seqkd": stage_seqkd, "warmup": stage_warmup, "gad": stage_gad}
 
 
-def stage_for(t, step: int) -> tuple:
-    """(name, stage function) of ``step``."""
+def stage_for(t, step: int) -> str:
+    """The name of ``step``'s stage (a key of STAGES)."""
     if t.cfg.train.stage == "seqkd":
-        name = "seqkd"
-    else:
-        name = "warmup" if step < t.schedule.warm else "gad"
-    return name, STAGES[name]
+        return "seqkd"
+    return "warmup" if step < t.schedule.warm else "gad"
 
 
 def needs_rollout(t, stage: str, step: int) -> bool:

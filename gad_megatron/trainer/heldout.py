@@ -74,8 +74,7 @@ def _d_accuracy(t, held: list, groups: list) -> dict:
     mine = dp_share(t.world, held)
     first = t.world["dp_rank"] * len(mine)
     canonical = t.cfg.reward.canonical_text
-    units = [[teacher_seq(e)] + [Seq(e.prompt, d_view(t.tokenizer, s[0], s[2] != "length") if canonical
-                                            else list(s[0])) for s in g]
+    units = [[teacher_seq(e)] + [Seq(e.prompt, d_view(t.tokenizer, s[0], s[2] != "length", canonical)) for s in g]
              for e, g in zip(mine, groups[first : first + len(mine)])]
     scores = t.reward.heldout_scores(units)
     pair = torch.zeros(2, dtype=torch.float64)

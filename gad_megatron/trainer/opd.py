@@ -25,11 +25,9 @@ from omegaconf import OmegaConf
 
 from gad_megatron.algo.policy import low_var_kl
 from gad_megatron.trainer import passes
-from gad_megatron.trainer.batching import fill_per_token
 from gad_megatron.trainer.metrics import max_over_world, reduce_pairs
-from gad_megatron.trainer.policy import offload_chunks
-from gad_megatron.trainer.rewards import DiscriminatorReward, Reward, RewardContext, Scores
-from gad_megatron.trainer.steps import logprob_step
+from gad_megatron.trainer.policy import model_logprobs, offload_chunks
+from gad_megatron.trainer.rewards import DiscriminatorReward, Reward, RewardContext, Scores, WithDiscriminator
 
 
 def validate_opd(cfg, bad) -> None:
@@ -96,9 +94,7 @@ class MegatronTeacher:
     def logprobs(self, seqs: list) -> None:
         """Collective: ``per_token["teacher_logp"]`` of every sequence (real on the last pipeline stage)."""
         offload_chunks(self.chunks, "device", self.offload)
-        out, mbs = passes.forward(self.chunks, [[s] for s in seqs], logprob_step(self.temperature), self.budget,
-                                  self.pad)
-        fill_per_token(mbs, None if out is None else [{"teacher_logp": o["logp"]} for o in out], "teacher_logp")
+        model_logprobs(self.chunks, seqs, "teacher_logp", self.temperature, self.budget, self.pad)
         offload_chunks(self.chunks, "cpu", self.offload)
 
 
@@ -198,22 +194,20 @@ def opd_metrics(students: list, adv: list) -> dict:
         old = torch.cat([s.per_token["old_logp"] for s in students]).double()
         teacher = torch.cat([s.per_token["teacher_logp"] for s in students]).double()
         a = torch.cat(adv).double()
+        gap = (teacher - old).abs()
         count = torch.tensor(float(old.numel()), dtype=torch.float64)
-        for k, v in zip(names, (old - teacher, low_var_kl(old, teacher, 1e9), a, a * a, (teacher - old).abs())):
+        for k, v in zip(names, (old - teacher, low_var_kl(old, teacher, 1e9), a, a * a, gap)):
             pairs[k] = torch.stack([v.sum(), count])
-        gap_max = (teacher - old).abs().max().item() if old.numel() else 0.0
+        gap_max = gap.max().item() if old.numel() else 0.0
     m = reduce_pairs(pairs)
     m["opd_adv_std"] = max(0.0, m.pop("opd_adv_sq") - m["opd_adv_mean"] ** 2) ** 0.5
     m["opd_logp_gap_max"] = max_over_world(gap_max)
     return m
 
 
-class GadOpdReward(Reward):
+class GadOpdReward(WithDiscriminator):
     """``w_d x GRPO(D) + w_opd(step) x OPD``: D's scores and BT updates as in GAD, the teacher's per-token
     advantages added; both parts' weights and sizes logged."""
-
-    reads_answers = True
-    uses_discriminator = True
 
     def __init__(self, d: DiscriminatorReward, opd: OPDReward, cfg, warm: int, total: int):
         self.d, self.opd, self.cfg, self.warm, self.total = d, opd, cfg, warm, total
@@ -230,24 +224,9 @@ class GadOpdReward(Reward):
         frac = min(1.0, max(0.0, (step - self.warm) / max(1, self.total - self.warm - 1)))
         return float(o.weight + (o.weight_final - o.weight) * frac)
 
-    def engines(self) -> dict:
-        return self.d.engines()
-
     def score(self, batch) -> Scores:
         sd, so = self.d.score(batch), self.opd.score(batch)
         w = self.opd_weight(batch.step)
         m = {**so.metrics, "opd_weight": w, "reward_d_mean": sd.rewards.mean().item()}
         return Scores(sd.rewards, sd.teacher, m, token_advantages=[w * a for a in so.token_advantages],
                       sequence_weight=self.cfg.opd.weight_discriminator)
-
-    def update(self, batch) -> dict:
-        return self.d.update(batch)
-
-    def heldout_scores(self, units: list):
-        return self.d.heldout_scores(units)
-
-    def state_dict(self) -> dict:
-        return self.d.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.d.load_state_dict(state)

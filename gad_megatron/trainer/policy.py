@@ -103,7 +103,7 @@ class Policy:
             b.students += [Seq(e.prompt, toks, per_token={"rollout_logp": torch.tensor(lps, dtype=torch.float32)})
                            for toks, lps, _ in g]
             # A truncated sample has no end: D does not learn from it (its reward is algo.truncated_reward).
-            d_group = [Seq(e.prompt, d_view(self.tokenizer, toks, finish != "length") if canonical else toks,
+            d_group = [Seq(e.prompt, d_view(self.tokenizer, toks, finish != "length", canonical),
                            in_d_loss=finish != "length") for toks, _, finish in g]
             b.d_units.append([teacher_seq(e)] + d_group)
         lengths = torch.tensor([len(s[0]) for g in groups for s in g], dtype=torch.float64)
@@ -118,9 +118,7 @@ class Policy:
         """Fills ``per_token[key]`` of every sequence with G's logprobs (or ``chunks``'s, a frozen model of
         the student's shape) at ``temperature`` (default: the rollout's)."""
         temperature = self.cfg.rollout.temperature if temperature is None else temperature
-        model = self.g if chunks is None else chunks
-        out, mbs = passes.forward(model, [[s] for s in seqs], logprob_step(temperature), self.budget, self.pad)
-        fill_per_token(mbs, None if out is None else [{key: o["logp"]} for o in out], key)
+        model_logprobs(self.g if chunks is None else chunks, seqs, key, temperature, self.budget, self.pad)
 
     def reference_logprobs(self, seqs: list, temperature: float = None) -> None:
         """``per_token["ref_logp"]``: the frozen reference's (brought to the device for it when offloaded)."""
@@ -204,6 +202,13 @@ class Policy:
 
     def load_state_dict(self, state: dict) -> None:
         self.version = int(state.get("version", 0))
+
+
+def model_logprobs(model, seqs: list, key: str, temperature: float, budget: int, pad: int) -> None:
+    """Collective: ``per_token[key]`` of every sequence with ``model``'s logprobs (a TrainEngine or frozen
+    chunks: G, the reference, an OPD teacher) at ``temperature``; real on the last pipeline stage."""
+    out, mbs = passes.forward(model, [[s] for s in seqs], logprob_step(temperature), budget, pad)
+    fill_per_token(mbs, None if out is None else [{key: o["logp"]} for o in out], key)
 
 
 def offload_chunks(chunks: Optional[list], where: str, enabled: bool) -> None:

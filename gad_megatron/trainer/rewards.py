@@ -4,7 +4,8 @@ A :class:`Reward` scores the student samples of a rollout batch (and, when it ca
 :class:`Scores`: a reward per sample, which G turns into GRPO's group advantages, and optionally per-token
 advantages added to them (a white-box teacher's logprobs: ``trainer/opd.py``). It learns from the batch if it is
 trained (the GAD discriminator is), and names the models a checkpoint must hold for it. ``reward.source``
-names one in :data:`REWARDS`; a new reward is one class in one file and a line there. The trainer calls ``score`` before ``update`` in a GAD step: G's advantages come from the scores taken
+names one in :data:`REWARDS`; a new reward is one class in one file and a line there. The trainer calls
+``score`` before ``update`` in a GAD step: G's advantages come from the scores taken
 *before* the reward model learns from the same batch, as the paper's reference code does.
 
 :class:`DiscriminatorReward` is GAD's: D is a megatron GPT with a scalar head on the last token, trained by the
@@ -198,10 +199,8 @@ class DiscriminatorReward(Reward):
     def _global_groups(self, batch) -> list:
         from gad_megatron.data.chat import d_view
 
-        def seen(toks, finish):
-            return d_view(self.tokenizer, toks, finish != "length") if self.canonical else list(toks)
-
-        return [[list(e.prompt), list(e.response), [[seen(s[0], s[2]), int(s[2] != "length")] for s in g]]
+        return [[list(e.prompt), list(e.response),
+                 [[d_view(self.tokenizer, s[0], s[2] != "length", self.canonical), int(s[2] != "length")] for s in g]]
                 for e, g in zip(batch.examples, batch.groups)]
 
     def state_dict(self) -> dict:
@@ -256,27 +255,15 @@ class ScorerReward(Reward):
         return Scores(torch.tensor(students, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64))
 
 
-class MixedReward(Reward):
-    """``w_d x D + w_s x scorer``; D learns as in GAD; both parts are logged."""
+class WithDiscriminator(Reward):
+    """A reward that adds something to D's (``self.d``): D learns, is checkpointed, reads held-out answers and
+    keeps its state as in GAD."""
 
     reads_answers = True
     uses_discriminator = True
 
-    def __init__(self, d: DiscriminatorReward, scorer: ScorerReward, w_d: float, w_s: float):
-        self.d, self.scorer, self.w_d, self.w_s = d, scorer, w_d, w_s
-
-    @classmethod
-    def build(cls, ctx: RewardContext) -> "MixedReward":
-        rc = ctx.cfg.reward
-        return cls(DiscriminatorReward.build(ctx), ScorerReward.build(ctx), rc.weight_discriminator, rc.weight_scorer)
-
     def engines(self) -> dict:
         return self.d.engines()
-
-    def score(self, batch) -> Scores:
-        d, s = self.d.score(batch), self.scorer.score(batch)
-        m = {"reward_d_mean": d.rewards.mean().item(), "reward_scorer_mean": s.rewards.mean().item()}
-        return Scores(self.w_d * d.rewards + self.w_s * s.rewards, self.w_d * d.teacher + self.w_s * s.teacher, m)
 
     def update(self, batch) -> dict:
         return self.d.update(batch)
@@ -289,6 +276,23 @@ class MixedReward(Reward):
 
     def load_state_dict(self, state: dict) -> None:
         self.d.load_state_dict(state)
+
+
+class MixedReward(WithDiscriminator):
+    """``w_d x D + w_s x scorer``; D learns as in GAD; both parts are logged."""
+
+    def __init__(self, d: DiscriminatorReward, scorer: ScorerReward, w_d: float, w_s: float):
+        self.d, self.scorer, self.w_d, self.w_s = d, scorer, w_d, w_s
+
+    @classmethod
+    def build(cls, ctx: RewardContext) -> "MixedReward":
+        rc = ctx.cfg.reward
+        return cls(DiscriminatorReward.build(ctx), ScorerReward.build(ctx), rc.weight_discriminator, rc.weight_scorer)
+
+    def score(self, batch) -> Scores:
+        d, s = self.d.score(batch), self.scorer.score(batch)
+        m = {"reward_d_mean": d.rewards.mean().item(), "reward_scorer_mean": s.rewards.mean().item()}
+        return Scores(self.w_d * d.rewards + self.w_s * s.rewards, self.w_d * d.teacher + self.w_s * s.teacher, m)
 
 
 # reward.source -> "module:Class" (imported when chosen)

@@ -36,7 +36,7 @@ def train(cfg, data=None) -> dict:
     while run.step < end:
         timer, t0 = Timer(), time.perf_counter()
         batch = [t.data.train[i] for i in run.sampler.next_batch()]
-        stage, _ = stage_for(t, run.step)
+        stage = stage_for(t, run.step)
         if stage == "gad" and run.step == t.schedule.warm:
             begin_gad(t, run)
         m = run_stage(t, stage, run.step, batch, timer)
