@@ -32,6 +32,6 @@ from gad_megatron.plan.memory import (  # noqa: F401
     optimizer_shard_numels, plan_memory,
 )
 from gad_megatron.models.params import param_list, rank_params, total_params  # noqa: F401
-from gad_megatron.plan.steptime import plan_time  # noqa: F401
-from gad_megatron.plan.types import DTYPE_BYTES, GIB, GPU, GPUS, Assumptions, Layout, Workload  # noqa: F401
+from gad_megatron.models.steptime import plan_time  # noqa: F401
+from gad_megatron.models.plan_inputs import DTYPE_BYTES, GIB, GPU, GPUS, Assumptions, Layout, Workload  # noqa: F401
 from gad_megatron.plan.cli import from_config, load_arch, main  # noqa: F401

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 
 from gad_megatron.models.storage import checkpoint_bytes, disk_need_bytes
 from gad_megatron.plan.layouts import plan, search
-from gad_megatron.plan.types import GPUS, Assumptions, Layout, Workload
+from gad_megatron.models.plan_inputs import GPUS, Assumptions, Layout, Workload
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "model_configs")
@@ -35,17 +35,10 @@ def load_arch(model: str):
 
 
 def from_config(cfg) -> tuple:
-    """(model path, Layout, Workload) from a gad-train config."""
-    p, r, m, d, tr = cfg.parallel, cfg.rollout, cfg.model, cfg.data, cfg.train
-    lay = Layout(p.tensor_parallel, p.pipeline_parallel, 1, p.sequence_parallel, p.use_distributed_optimizer,
-                 m.recompute_granularity, r.vllm_tensor_parallel, r.colocated, r.sleep_between_rollouts,
-                 m.offload_reference)
-    wl = Workload(batch_prompts=tr.batch_prompts, n=r.n, max_prompt_tokens=d.max_prompt_tokens,
-                  max_response_tokens=d.max_response_tokens, micro_batch_tokens=tr.micro_batch_tokens, dtype=m.dtype,
-                  stage=tr.stage, rollout_engine="megatron" if r.engine == "megatron" else "vllm",
-                  max_batch_tokens=r.max_batch_tokens, keep_last=cfg.checkpoint.keep_last,
-                  export_hf=cfg.checkpoint.export_hf_at_end)
-    return m.student, lay, wl
+    """(model path, Layout, Workload) from a gad-train config (the trainer's own reading of it)."""
+    from gad_megatron.trainer.step_estimate import layout_and_workload
+
+    return (cfg.model.student, *layout_and_workload(cfg))
 
 
 def storage_plan(arch, wl: Workload, asm: Assumptions, time: dict) -> dict:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from gad_megatron.plan.memory import MemoryPlan, plan_memory
-from gad_megatron.plan.steptime import plan_time
-from gad_megatron.plan.types import GIB, GPU, Assumptions, Layout, Workload
+from gad_megatron.models.steptime import plan_time
+from gad_megatron.models.plan_inputs import GIB, GPU, Assumptions, Layout, Workload
 
 # ---- layouts -----------------------------------------------------------------------------------------------------
 def check_layout(arch, lay: Layout, world: int) -> list:

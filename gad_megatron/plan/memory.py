@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from gad_megatron.models.params import param_list, total_params
-from gad_megatron.plan.types import DTYPE_BYTES, GIB, GPU, Assumptions, Layout, Workload
+from gad_megatron.models.plan_inputs import DTYPE_BYTES, GIB, GPU, Assumptions, Layout, Workload
 
 # ---- memory ----------------------------------------------------------------------------------------------------
 def ddp_bucket_size(on_gpu: bool, dp: int, stage: int):

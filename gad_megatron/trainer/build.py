@@ -137,9 +137,10 @@ def plan_steps(cfg, n_train: int, stats: Optional[DataStats] = None) -> Schedule
     return Schedule(spe, total, min(warm, total))
 
 
-def check_before_build(cfg) -> None:
+def check_before_build(cfg):
     """What the config alone cannot show: the scorers import, a prompt plus an answer fit the model's positions,
-    and the run directory has room for the checkpoints. Raises ConfigError naming the key (OSError for the disk)."""
+    and the run directory has room for the checkpoints. Raises ConfigError naming the key (OSError for the disk);
+    returns the student's architecture."""
     from gad_megatron.models.hf_config import arch_spec_from_dir
     from gad_megatron.trainer.config import ConfigError
 
@@ -174,6 +175,7 @@ def check_before_build(cfg) -> None:
             raise ConfigError(str(e) if isinstance(e, TeacherMismatch) else f"{where}: {e}") from None
     check_rollout_memory(cfg, arch)
     check_free_space(cfg, arch)
+    return arch
 
 
 # Host bytes a step keeps per sampled token until its updates are done: the token id and logprob as Python

@@ -103,10 +103,16 @@ def main(argv=None) -> int:
         from gad_megatron.runtime.launch import under_launcher
         from gad_megatron.trainer.build import check_before_build, load_data, plan_steps
 
-        check_before_build(cfg)  # scorers import, lengths fit the model
+        arch = check_before_build(cfg)  # scorers import, lengths fit the model
         # Data rows are checked here too, in the launching process, before any rank starts.
         data = load_data(cfg)
         plan_steps(cfg, len(data.train), data.stats)
+        from gad_megatron.trainer.step_estimate import check_step_time, estimate_step
+
+        estimate = estimate_step(cfg, arch, data.train)
+        check_step_time(cfg, estimate)  # a step that cannot finish: refused before any rank starts
+        if not under_launcher():
+            print(f"gad-train: {estimate.describe(cfg.train.stage)}", file=sys.stderr)
         if data.stats.duplicate_ids and not under_launcher():
             print(f"gad-train: {cfg.data.train}: {data.stats.duplicate_ids} rows repeat an id seen before and were "
                   f"dropped (the first row of each id is kept)", file=sys.stderr)

@@ -147,6 +147,9 @@ class TrainSection:
     micro_batch_tokens: int = 16384  # dynamic micro-batches: rows x padded length <= this
     seed: int = 1234
     max_skipped_steps: int = 10  # non-finite steps tolerated in a row before stopping
+    # A step the planner's model estimates beyond this is refused before any rank starts (null: no limit): a
+    # step is the unit of checkpointing, and one this long is almost always a typo (rollout.n=100000).
+    max_step_hours: Optional[float] = 1.0
 
 
 @dataclass
@@ -438,6 +441,8 @@ def _validate_numbers_and_paths(cfg, bad, problems) -> None:
     walk(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), "")
     if cfg.train.max_skipped_steps < 0:
         bad("train.max_skipped_steps", "must be >= 0")
+    if cfg.train.max_step_hours is not None and not cfg.train.max_step_hours > 0:
+        bad("train.max_step_hours", "must be > 0 (null: no limit)")
     run_dir = os.path.abspath(cfg.log.run_dir)
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         bad("log.run_dir", "is a file, not a directory")

@@ -1,4 +1,5 @@
-"""The planner's inputs: GPU types, a layout, the workload and the assumptions (MFU, bandwidths)."""
+"""The planner's inputs (GPU types, a layout, the workload, the assumptions: MFU, bandwidths). They live below
+the trainer so that gad-train can say before its first step what one step will cost (models/steptime.py)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from gad_megatron.models.params import rank_params, total_params
-from gad_megatron.plan.types import DTYPE_BYTES, GPU, Assumptions, Layout, Workload
+from gad_megatron.models.plan_inputs import DTYPE_BYTES, GPU, Assumptions, Layout, Workload
 
 # ---- time ------------------------------------------------------------------------------------------------------
 def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions) -> dict:

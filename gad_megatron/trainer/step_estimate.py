@@ -1,0 +1,132 @@
+"""What one step will generate, hold and take, said before the first step, and the runs refused because one
+step cannot finish. The seconds come from the planner's model (models/steptime.py: FLOPs at an assumed MFU,
+memory-bound decode), on the run's device type; the tokens from the training data's own lengths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from gad_megatron.models.plan_inputs import GPUS, Assumptions, Layout, Workload
+from gad_megatron.models.steptime import plan_time
+
+
+def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
+                        mean_response_tokens: Optional[int] = None) -> tuple:
+    """(Layout, Workload) of a gad-train config; gad-plan reads a config through this too. The mean lengths
+    default to the planner's (LMSYS-like) ones when no data is at hand."""
+    p, r, m, d, tr = cfg.parallel, cfg.rollout, cfg.model, cfg.data, cfg.train
+    lay = Layout(p.tensor_parallel, p.pipeline_parallel, 1, p.sequence_parallel, p.use_distributed_optimizer,
+                 m.recompute_granularity, r.vllm_tensor_parallel, r.colocated, r.sleep_between_rollouts,
+                 m.offload_reference)
+    lengths = {}
+    if mean_prompt_tokens is not None:
+        lengths["mean_prompt_tokens"] = mean_prompt_tokens
+    if mean_response_tokens is not None:
+        lengths["mean_response_tokens"] = mean_response_tokens
+    wl = Workload(batch_prompts=tr.batch_prompts, n=r.n, max_prompt_tokens=d.max_prompt_tokens,
+                  max_response_tokens=d.max_response_tokens, micro_batch_tokens=tr.micro_batch_tokens,
+                  dtype=m.dtype, stage=tr.stage, rollout_engine="megatron" if r.engine == "megatron" else "vllm",
+                  max_batch_tokens=r.max_batch_tokens, keep_last=cfg.checkpoint.keep_last,
+                  export_hf=cfg.checkpoint.export_hf_at_end, **lengths)
+    return lay, wl
+
+
+def device_gpu(device: Optional[str]):
+    """The planner's entry for the device the ranks will use (``parallel.device``; unset: cuda when available,
+    as the ranks decide). The GPU's name comes from nvidia-smi, not torch.cuda, so that the launching process
+    holds no CUDA context; an unknown GPU counts as an H100."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return GPUS["cpu"]
+    name = ""
+    if shutil.which("nvidia-smi"):
+        try:
+            name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                  text=True, timeout=20).stdout.lower()
+        except (OSError, subprocess.SubprocessError):
+            name = ""
+    for key, gpu in (("h200", "h200"), ("a100", "a100-80gb")):
+        if key in name:
+            return GPUS[gpu]
+    return GPUS["h100-80gb"]
+
+
+@dataclass
+class StepEstimate:
+    samples: int  # student samples one step generates (all ranks)
+    new_tokens_max: int  # their tokens at most (samples x rollout.max_tokens)
+    tokens_held: int  # prompt + answer tokens a step's batch holds (the samples and the teacher rows), at most
+    gad_step_s: float
+    warmup_step_s: float
+    device: str
+    mfu: float
+
+    def describe(self, stage: str) -> str:
+        if stage == "seqkd":
+            return (f"one SeqKD step holds up to {self.tokens_held:,} tokens; the planner's model "
+                    f"({self.device}, MFU {self.mfu}) estimates ~{_human(self.gad_step_s)} a step")
+        return (f"one GAD step generates {self.samples:,} samples (up to {self.new_tokens_max:,} new tokens) and holds "
+                f"up to {self.tokens_held:,} tokens; the planner's model ({self.device}, MFU {self.mfu}) estimates "
+                f"~{_human(self.gad_step_s)} a GAD step, ~{_human(self.warmup_step_s)} a warmup step")
+
+
+def _human(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_step(cfg, arch, examples) -> StepEstimate:
+    """The step of this config on this data, as the planner models it (the data's mean prompt and answer
+    lengths; the samples' decode runs to the data's mean answer length, its tail to rollout.max_tokens)."""
+    n_ex = max(1, len(examples))
+    mean_p = max(1, round(sum(len(e.prompt) for e in examples) / n_ex))
+    mean_r = max(1, round(sum(len(e.response) for e in examples) / n_ex))
+    lay, wl = layout_and_workload(cfg, mean_p, mean_r)
+    gpu, asm = device_gpu(cfg.parallel.device), Assumptions()
+    world = cfg.parallel.nproc
+    t = plan_time(arch, lay, world, wl, gpu, asm)
+    batch = max(cfg.train.batch_prompts, cfg.gad_stage.batch_prompts or 0)
+    samples = batch * cfg.rollout.n
+    max_new = cfg.rollout.max_tokens or cfg.data.max_response_tokens
+    held = samples * (cfg.data.max_prompt_tokens + max_new) + batch * (cfg.data.max_prompt_tokens + cfg.data.max_response_tokens)
+    return StepEstimate(samples, samples * max_new, held, t["gad_step_s"], t["warmup_step_s"], gpu.name, asm.mfu)
+
+
+def slurm_seconds_left(env=None) -> Optional[float]:
+    """Seconds until this Slurm job's end (SLURM_JOB_END_TIME, set by Slurm >= 23.02), None outside one."""
+    env = os.environ if env is None else env
+    end = env.get("SLURM_JOB_END_TIME")
+    if not end or not end.isdigit() or int(end) == 0:
+        return None
+    return int(end) - time.time()
+
+
+def check_step_time(cfg, est: StepEstimate, env=None) -> None:
+    """A step estimated beyond ``train.max_step_hours``, or beyond what is left of the Slurm job, never
+    reaches its checkpoint: refused with the numbers, before any rank starts."""
+    from gad_megatron.trainer.config import ConfigError
+
+    step_s = est.warmup_step_s if cfg.train.stage == "seqkd" else max(est.gad_step_s, est.warmup_step_s)
+    what = (f"{est.samples // cfg.rollout.n} prompts x rollout.n={cfg.rollout.n}: {est.samples:,} samples, up to "
+            f"{est.new_tokens_max:,} new tokens a step" if cfg.train.stage == "gad" else
+            f"train.batch_prompts={cfg.train.batch_prompts}: up to {est.tokens_held:,} tokens a step")
+    what += f"; the planner's model ({est.device}, MFU {est.mfu}) estimates ~{_human(step_s)} a step"
+    limit = cfg.train.max_step_hours
+    if limit is not None and step_s > limit * 3600:
+        raise ConfigError(f"{what}, beyond train.max_step_hours={limit}: lower rollout.n, train.batch_prompts or "
+                          f"rollout.max_tokens (or raise train.max_step_hours; null: no limit)")
+    left = slurm_seconds_left(env)
+    if left is not None and step_s > left:
+        raise ConfigError(f"{what}, and this Slurm job ends in {_human(max(0.0, left))}: no step could finish and "
+                          f"be checkpointed; lower the step's size or ask for a longer job")
