@@ -87,6 +87,14 @@ def test_config_that_disagrees_with_the_checkpoint(ckpt, tmp_path):
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob("export.tmp-*"))
 
 
+def _signal_all(procs, sig) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def test_kill_stops_every_rank_and_the_next_run_cleans_up(hf_models, tmp_path):
     """Items 8 + 10: kill of a TP2 gad-convert leaves no rank running; kill -9 mid-write leaves a temp dir
     that the next run removes (and reports) before writing a whole checkpoint."""
@@ -94,18 +102,35 @@ def test_kill_stops_every_rank_and_the_next_run_cleans_up(hf_models, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "gad_megatron.convert.cli", "hf-to-mcore", "--hf", hf, "--out", str(out), "--tp", "2"]
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        launcher = psutil.Process(proc.pid)
-        deadline, ranks = time.time() + 120, []
-        while time.time() < deadline:
-            ranks = [p for p in launcher.children(recursive=True) if "gad_megatron.convert.cli" in " ".join(p.cmdline())
-                     and "torch.distributed.run" not in " ".join(p.cmdline())]
-            if len(ranks) == 2 and (sig == signal.SIGTERM or list(tmp_path.glob("ckpt.tmp-*"))):
-                break
-            time.sleep(0.02)
-        assert len(ranks) == 2, "ranks did not start"
-        everyone = [launcher] + launcher.children(recursive=True)
+        # kill -9 must land while the temp dir exists and the checkpoint is not yet published. The tiny model's
+        # write takes milliseconds, and on a loaded machine this loop once saw the temp dir only after the ranks
+        # had renamed it (the checkpoint existed: the test failed, not the tool). So the ranks are frozen
+        # (SIGSTOP) the moment the temp dir is seen, and the precondition is checked on the frozen state; a
+        # write that finished before the freeze is a missed window, started over (never a pass).
+        for attempt in range(5):
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            launcher = psutil.Process(proc.pid)
+            deadline, ranks = time.time() + 120, []
+            while time.time() < deadline:
+                ranks = [p for p in launcher.children(recursive=True) if "gad_megatron.convert.cli" in " ".join(p.cmdline())
+                         and "torch.distributed.run" not in " ".join(p.cmdline())]
+                if len(ranks) == 2 and (sig == signal.SIGTERM or list(tmp_path.glob("ckpt.tmp-*"))):
+                    break
+                time.sleep(0.005)
+            assert len(ranks) == 2, "ranks did not start"
+            everyone = [launcher] + launcher.children(recursive=True)
+            if sig == signal.SIGKILL:
+                _signal_all(ranks, signal.SIGSTOP)
+                if out.exists():  # missed the window: the write was published before the freeze
+                    _signal_all(everyone, signal.SIGKILL)
+                    proc.wait(timeout=30)
+                    shutil.rmtree(out)
+                    continue
+            break
+        else:
+            pytest.fail("5 tries never froze the ranks mid-write")
         os.kill(proc.pid, sig)  # the launcher alone, as `kill PID` does
+        _signal_all(ranks, signal.SIGCONT)
         proc.wait(timeout=30)
         gone, alive = psutil.wait_procs(everyone, timeout=20)
         assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "a rank outlived gad-convert"

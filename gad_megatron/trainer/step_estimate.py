@@ -38,13 +38,10 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
 
 def device_gpu(device: Optional[str]):
     """The planner's entry for the device the ranks will use (``parallel.device``; unset: cuda when available,
-    as the ranks decide). The GPU's name comes from nvidia-smi, not torch.cuda, so that the launching process
-    holds no CUDA context; an unknown GPU counts as an H100."""
-    if device is None:
-        import torch
+    as the runtime decides). The GPU's name comes from nvidia-smi; an unknown GPU counts as an H100."""
+    from gad_megatron.runtime.parallel import device_memory_bytes
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
+    if device_memory_bytes(device) is None:  # the runtime's own decision: no GPU to compute on
         return GPUS["cpu"]
     name = ""
     if shutil.which("nvidia-smi"):
