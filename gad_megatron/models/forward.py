@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 import torch
 
+from gad_megatron.runtime.parallel import model_forward_region
+
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
@@ -57,7 +59,8 @@ def model_call(model, batch, labels=None):
     t = batch["tokens"].to(dev)
     pos = batch.get("position_ids")
     pos = position_ids_for(t) if pos is None else pos.to(dev)
-    return model(t, pos, None, labels=None if labels is None else labels.to(dev))
+    with model_forward_region():
+        return model(t, pos, None, labels=None if labels is None else labels.to(dev))
 
 
 def full_logits(chunks, microbatches: list) -> Optional[list]:

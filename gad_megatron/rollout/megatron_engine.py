@@ -213,7 +213,7 @@ class MegatronEngine(RolloutEngine):
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from gad_megatron.runtime.parallel import comm_device
+        from gad_megatron.runtime.parallel import comm_device, model_forward_region
 
         model, (b, s) = self.model, tokens.shape
         dev = next(model.parameters()).device
@@ -223,7 +223,8 @@ class MegatronEngine(RolloutEngine):
             dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(buf.to(dev))
         positions = torch.arange(offset, offset + s, device=dev).unsqueeze(0).expand(b, s)
-        out = model(tokens.to(dev), positions, mask, inference_context=ctx, runtime_gather_output=True)
+        with model_forward_region():
+            out = model(tokens.to(dev), positions, mask, inference_context=ctx, runtime_gather_output=True)
         ctx.increment_sequence_len_offset(s)
         self.last_stats["forwards"] += 1
         if not ps.is_pipeline_last_stage():

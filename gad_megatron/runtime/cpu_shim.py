@@ -7,7 +7,11 @@ places that move between releases. Rather than patching call sites by line, this
 * installs a process-wide ``TorchFunctionMode`` that rewrites every CUDA device request to CPU,
 * stubs the few ``torch.cuda`` functions megatron calls for bookkeeping (device index, sync, events, streams),
 * swaps megatron's CUDA RNG tracker for one that forks the CPU generator,
-* answers ``.type()`` (no-argument form) with the CUDA spelling megatron's optimizer asserts on.
+* answers ``.type()`` (no-argument form) with the CUDA spelling megatron's optimizer asserts on,
+* and lets a model's own forward run outside that redirect (:func:`redirect_paused`): there megatron asks for a
+  device only through ``torch.cuda.current_device()`` (stubbed to the CPU device) and its two cached mask
+  builders (made CPU ones here), and the redirect costs a Python call per torch op (~10 % of a SmolLM2 decode
+  step or G update, ``benchmarks/smollm2.py``).
 
 It is imported only by :func:`gad_megatron.runtime.parallel.initialize` when the device is CPU, and must be
 applied in every process before a model is built. GPU runs never import it.
@@ -23,6 +27,8 @@ from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
 _LOCK = threading.Lock()
+_MODE = None  # the process's redirect, entered once by apply()
+_PAUSE = threading.local()
 
 
 def _is_cuda_device(device) -> bool:
@@ -164,9 +170,55 @@ def _redirect_in_backward() -> None:
     autograd_function.BackwardCFunction.apply = apply_with_redirect
 
 
+def _cpu_mask_builders() -> None:
+    """megatron's default causal / sliding-window masks (lru-cached, ``device="cuda"``): the only device requests
+    left in a model's forward once ``current_device()`` answers the CPU device. Rebuilt on the CPU here, so the
+    forward needs no redirect. fused_softmax imported them by name, so both bindings are replaced."""
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tutils
+
+    @functools.lru_cache(maxsize=None)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    megatrons_sliding = tutils.get_sliding_window_causal_mask
+
+    @functools.lru_cache(maxsize=None)
+    def get_sliding_window_causal_mask(sq, skv, window_size):
+        with _CudaToCpuMode():  # megatron's own construction, its device request redirected
+            return megatrons_sliding(sq, skv, window_size)
+
+    for mod in (tutils, fused_softmax):
+        if hasattr(mod, "get_default_causal_mask"):
+            mod.get_default_causal_mask = get_default_causal_mask
+        if hasattr(mod, "get_sliding_window_causal_mask"):
+            mod.get_sliding_window_causal_mask = get_sliding_window_causal_mask
+
+
+@contextlib.contextmanager
+def redirect_paused():
+    """A model's forward without the device redirect (see the module's docstring); nested calls and other
+    threads keep whatever they had. A request for a CUDA device inside fails loudly (torch has no CUDA here):
+    never a silent wrong device."""
+    from torch.overrides import _get_current_function_mode, _pop_mode_temporarily
+
+    depth = getattr(_PAUSE, "depth", 0)
+    if depth or _MODE is None or _get_current_function_mode() is not _MODE:
+        yield
+        return
+    _PAUSE.depth = 1
+    try:
+        with _pop_mode_temporarily():
+            yield
+    finally:
+        _PAUSE.depth = 0
+
+
 def apply() -> None:
     """Idempotent; call before building any megatron model in this process."""
-    global _APPLIED
+    global _APPLIED, _MODE
     with _LOCK:
         if _APPLIED:
             return
@@ -174,9 +226,11 @@ def apply() -> None:
 
         _patch_torch_cuda()
         # Entered and never exited: the redirect must cover the whole life of the process.
-        _CudaToCpuMode().__enter__()
+        _MODE = _CudaToCpuMode()
+        _MODE.__enter__()
         _redirect_in_backward()
         _install_cpu_rng_tracker()
+        _cpu_mask_builders()
         _APPLIED = True
 
 

@@ -6,6 +6,7 @@ The student, the discriminator and the frozen reference model are all built on t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -85,6 +86,16 @@ def device() -> torch.device:
     GPU (``parallel.device=cpu``) stays on the CPU everywhere. Before ``initialize``: cuda when available."""
     kind = _DEVICE or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+
+
+def model_forward_region():
+    """Around a model's own forward: on CPU it runs outside the CPU shim's device redirect (a Python call per torch
+    op; nothing in the forward needs it), on GPU a no-op. Collectives and schedules stay outside it."""
+    if _DEVICE == "cpu":
+        from gad_megatron.runtime import cpu_shim  # imported already by initialize on CPU
+
+        return cpu_shim.redirect_paused()
+    return contextlib.nullcontext()
 
 
 def on_cuda() -> bool:

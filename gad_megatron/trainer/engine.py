@@ -114,9 +114,11 @@ class TrainEngine:
 
         from gad_megatron.runtime.parallel import comm_device
 
-        # Every main_grad is a view into a DDP buffer's flat grad_data: one isfinite per buffer on the device,
-        # combined there, and a single host sync (the item() below) per step.
-        checks = [torch.isfinite(buf.grad_data).all() for c in self.chunks
+        # Every main_grad is a view into a DDP buffer's flat grad_data. An inf or NaN anywhere makes the sum inf or
+        # NaN (a sum overflowing fp32, gradients ~1e30, counts as non-finite too: skipped): one read of the
+        # buffer and no buffer-sized mask (isfinite().all() took 6 % of SmolLM2's update on CPU), combined on the
+        # device, one host sync (the item() below) per step.
+        checks = [torch.isfinite(buf.grad_data.sum()) for c in self.chunks
                   for buf in c.buffers + c.expert_parallel_buffers]
         ok = torch.stack(checks).all() if checks else torch.tensor(True)
         flag = ok.to(device=comm_device(), dtype=torch.float32).reshape(1)

@@ -24,16 +24,17 @@ def _pair(total, count):
 
 
 def sft_step(model, batch):
-    """Cross-entropy on the teacher's answer tokens only (the warmup's G loss, and SeqKD)."""
-    logits = model_call(model, batch)
+    """Cross-entropy on the teacher's answer tokens only (the warmup's G loss, and SeqKD). The last stage's
+    GPTModel computes it itself from the labels (megatron's vocab-parallel cross-entropy on its [s, b, V] logits,
+    the same function at temperature 1): no [b, s, V] transpose copy and no scaled copy of the logits."""
+    per_token_nll = model_call(model, batch, labels=batch["labels"])
 
-    def loss_func(logits):
-        mask = batch["loss_mask"].to(logits.device)
-        nll = -vocab_parallel_logprobs(logits, batch["labels"], 1.0)
+    def loss_func(nll):
+        mask = batch["loss_mask"].to(nll.device)
         total, n = (nll * mask).sum(), mask.sum()
         return total, n.to(torch.int), {"sft_loss": _pair(total, n)}
 
-    return logits, loss_func
+    return per_token_nll, loss_func
 
 
 def logprob_step(temperature: float):
