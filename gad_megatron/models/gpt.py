@@ -155,7 +155,8 @@ def build_transformer_config(arch: ArchSpec, opts: ModelOptions):
 
 
 def layer_spec(arch: ArchSpec, opts: ModelOptions):
-    """TE layer spec (fused norms, FP8) when TE is used; otherwise megatron's local spec with our RMSNorm."""
+    """TE layer spec (fused norms, FP8) when TE is used; otherwise megatron's local spec with our RMSNorm (and,
+    on CPU, torch's fused attention as its core attention)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_transformer_engine(opts):
@@ -168,6 +169,10 @@ def layer_spec(arch: ArchSpec, opts: ModelOptions):
     if arch.qk_layernorm:
         spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
+    if not on_cuda():  # torch's fused attention kernel for megatron's unfused one (models/sdpa_attention.py)
+        from gad_megatron.models.sdpa_attention import SDPADotProductAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     return spec
 
 
