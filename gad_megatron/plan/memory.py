@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 from gad_megatron.models.params import param_list, total_params
 from gad_megatron.models.plan_inputs import DTYPE_BYTES, GIB, GPU, Assumptions, Layout, Workload
@@ -84,7 +85,11 @@ def fp32_params(role: str, dtype: str) -> tuple:
     return ("output_layer.weight",) if role == "discriminator" and dtype != "fp32" else ()
 
 
-def activation_bytes_per_token_layer(arch, lay: Layout, dtype: str, seq_len: int, flash: bool) -> float:
+def activation_bytes_per_token_layer(arch, lay: Layout, dtype: str, seq_len: int, flash: bool,
+                                     local_spec: Optional[bool] = None) -> float:
+    """``flash``: a fused attention kernel (TE / flash on GPU, torch's SDPA on CPU) keeps no s x s probabilities;
+    ``local_spec`` (default: neither flash nor selective recompute): megatron's local layers, whose unfused ops
+    keep extra copies."""
     b = DTYPE_BYTES[dtype]
     h, f = arch.hidden_size, arch.ffn_hidden_size
     q, kv = arch.num_attention_heads * arch.kv_channels, arch.num_query_groups * arch.kv_channels
@@ -95,10 +100,13 @@ def activation_bytes_per_token_layer(arch, lay: Layout, dtype: str, seq_len: int
     per = b * (4 * hs + (q + 2 * kv) / t + q / t + 2 * f / t + f / t)
     if lay.recompute == "selective" or flash:
         per += 4 * arch.num_attention_heads / t  # softmax statistics (logsumexp) of the fused kernel
-    else:
-        # The unfused (local-spec) path: the probabilities (softmax in fp32, then a copy in the compute dtype),
-        # q/k/v transposed copies, rotary outputs, SiLU's input and output, fp32 norm statistics / upcasts.
+    else:  # the probabilities (softmax in fp32, then a copy in the compute dtype)
         per += (arch.num_attention_heads / t) * seq_len * (b + (4 if b < 4 else 0))
+    if local_spec is None:
+        local_spec = not (flash or lay.recompute == "selective")
+    if local_spec:
+        # local-spec layers: q/k/v transposed copies, rotary outputs, SiLU's input and output, fp32 norm
+        # statistics / upcasts.
         per += b * (2 * f / t + (q + 2 * kv) / t + (q + kv) / t)
         per += 2 * hs * 4 if b < 4 else 0
     return per
