@@ -215,9 +215,13 @@ def test_recompute_gives_the_same_gradients_at_a_lower_peak(tmp_path):
         for k, g in base.items():
             rel = ((grads[k] - g).norm() / g.norm().clamp_min(1e-12)).item()
             assert rel <= 1e-6, (mode, k, rel)
+    # Full recomputation keeps each layer's input only. Selective recomputes megatron's core attention, which on
+    # CPU is now torch's fused kernel (models/sdpa_attention.py): it keeps no s x s probabilities, so selective
+    # has nothing left to save here (measured 2026-12-06: none / selective / full 279 / 278 / 103 MiB for G;
+    # 555 / 428 / 244 with megatron's unfused attention) and must only not cost more.
     for role in ("student", "discriminator"):
         none, selective, full = (peak[m][role] for m in ("none", "selective", "full"))
-        assert selective < none - 50 and full < selective - 50, (role, none, selective, full)
+        assert full < none - 50 and selective <= none + 5, (role, none, selective, full)
 
 
 # ------------------------------------------------------------------------------------------------------------
