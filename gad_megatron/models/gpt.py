@@ -169,9 +169,10 @@ def layer_spec(arch: ArchSpec, opts: ModelOptions):
     if arch.qk_layernorm:
         spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
-    if not on_cuda():  # torch's fused attention kernel for megatron's unfused one (models/sdpa_attention.py)
-        from gad_megatron.models.sdpa_attention import SDPADotProductAttention
+    if not on_cuda():  # torch's fused attention kernel, keys cached after RoPE (models/sdpa_attention.py)
+        from gad_megatron.models.sdpa_attention import RopeCachedSelfAttention, SDPADotProductAttention
 
+        spec.submodules.self_attention.module = RopeCachedSelfAttention
         spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     return spec
 
