@@ -28,7 +28,6 @@ from torch.overrides import TorchFunctionMode
 _APPLIED = False
 _LOCK = threading.Lock()
 _MODE = None  # the process's redirect, entered once by apply()
-_PAUSE = threading.local()
 
 
 def _is_cuda_device(device) -> bool:
@@ -199,21 +198,16 @@ def _cpu_mask_builders() -> None:
 
 @contextlib.contextmanager
 def redirect_paused():
-    """A model's forward without the device redirect (see the module's docstring); nested calls and other
-    threads keep whatever they had. A request for a CUDA device inside fails loudly (torch has no CUDA here):
+    """A model's forward without the device redirect (see the module's docstring); a nested call finds it
+    paused already and leaves it so. A request for a CUDA device inside fails loudly (torch has no CUDA here):
     never a silent wrong device."""
     from torch.overrides import _get_current_function_mode, _pop_mode_temporarily
 
-    depth = getattr(_PAUSE, "depth", 0)
-    if depth or _MODE is None or _get_current_function_mode() is not _MODE:
+    if _MODE is None or _get_current_function_mode() is not _MODE:  # not applied, or already paused here
         yield
         return
-    _PAUSE.depth = 1
-    try:
-        with _pop_mode_temporarily():
-            yield
-    finally:
-        _PAUSE.depth = 0
+    with _pop_mode_temporarily():
+        yield
 
 
 def apply() -> None:
