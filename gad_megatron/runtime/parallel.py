@@ -103,13 +103,24 @@ def on_cuda() -> bool:
     return device().type == "cuda"
 
 
-def device_memory_bytes(wanted: Optional[str] = None) -> Optional[int]:
-    """Total memory of the GPU this process would compute on (``wanted``: ``parallel.device``; None: cuda when
-    available); None when it would compute on the CPU."""
+def _gpu_properties(wanted: Optional[str]):
     kind = wanted or _DEVICE or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind != "cuda" or not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return torch.cuda.get_device_properties(torch.cuda.current_device())
+
+
+def device_memory_bytes(wanted: Optional[str] = None) -> Optional[int]:
+    """Total memory of the GPU this process would compute on (``wanted``: ``parallel.device``; None: cuda when
+    available); None when it would compute on the CPU."""
+    props = _gpu_properties(wanted)
+    return None if props is None else props.total_memory
+
+
+def device_name(wanted: Optional[str] = None) -> Optional[str]:
+    """The name of that GPU (e.g. "NVIDIA H200"); None when the process would compute on the CPU."""
+    props = _gpu_properties(wanted)
+    return None if props is None else props.name
 
 
 def comm_device() -> torch.device:

@@ -5,8 +5,6 @@ memory-bound decode), on the run's device type; the tokens from the training dat
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -38,20 +36,15 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
 
 def device_gpu(device: Optional[str]):
     """The planner's entry for the device the ranks will use (``parallel.device``; unset: cuda when available,
-    as the runtime decides). The GPU's name comes from nvidia-smi; an unknown GPU counts as an H100."""
-    from gad_megatron.runtime.parallel import device_memory_bytes
+    as the runtime decides). Every rank asks (under srun there is no launching process to ask for them), so
+    the name comes from torch, not from a subprocess; an unknown GPU counts as an H100."""
+    from gad_megatron.runtime.parallel import device_name
 
-    if device_memory_bytes(device) is None:  # the runtime's own decision: no GPU to compute on
+    name = device_name(device)
+    if name is None:  # the runtime's own decision: no GPU to compute on
         return GPUS["cpu"]
-    name = ""
-    if shutil.which("nvidia-smi"):
-        try:
-            name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                  text=True, timeout=20).stdout.lower()
-        except (OSError, subprocess.SubprocessError):
-            name = ""
     for key, gpu in (("h200", "h200"), ("a100", "a100-80gb")):
-        if key in name:
+        if key in name.lower():
             return GPUS[gpu]
     return GPUS["h100-80gb"]
 
@@ -66,13 +59,15 @@ class StepEstimate:
     device: str
     mfu: float
 
+    def planner_says(self, seconds: float) -> str:
+        return f"the planner's model ({self.device}, MFU {self.mfu}) estimates ~{_human(seconds)}"
+
     def describe(self, stage: str) -> str:
         if stage == "seqkd":
-            return (f"one SeqKD step holds up to {self.tokens_held:,} tokens; the planner's model "
-                    f"({self.device}, MFU {self.mfu}) estimates ~{_human(self.gad_step_s)} a step")
+            return f"one SeqKD step holds up to {self.tokens_held:,} tokens; {self.planner_says(self.gad_step_s)} a step"
         return (f"one GAD step generates {self.samples:,} samples (up to {self.new_tokens_max:,} new tokens) and holds "
-                f"up to {self.tokens_held:,} tokens; the planner's model ({self.device}, MFU {self.mfu}) estimates "
-                f"~{_human(self.gad_step_s)} a GAD step, ~{_human(self.warmup_step_s)} a warmup step")
+                f"up to {self.tokens_held:,} tokens; {self.planner_says(self.gad_step_s)} a GAD step, "
+                f"~{_human(self.warmup_step_s)} a warmup step")
 
 
 def _human(seconds: float) -> str:
@@ -118,7 +113,7 @@ def check_step_time(cfg, est: StepEstimate, env=None) -> None:
     what = (f"{est.samples // cfg.rollout.n} prompts x rollout.n={cfg.rollout.n}: {est.samples:,} samples, up to "
             f"{est.new_tokens_max:,} new tokens a step" if cfg.train.stage == "gad" else
             f"train.batch_prompts={cfg.train.batch_prompts}: up to {est.tokens_held:,} tokens a step")
-    what += f"; the planner's model ({est.device}, MFU {est.mfu}) estimates ~{_human(step_s)} a step"
+    what += f"; {est.planner_says(step_s)} a step"
     limit = cfg.train.max_step_hours
     if limit is not None and step_s > limit * 3600:
         raise ConfigError(f"{what}, beyond train.max_step_hours={limit}: lower rollout.n, train.batch_prompts or "
