@@ -1,0 +1,9 @@
+#!/bin/bash
+# Pre-registered (2026-12-06, after seed 2's gad@1e-6 result, before this seed's): seed 1 of the same, with a
+# new warm start (today's code) and its own seqkd row.
+cd "$(dirname "$0")/../.."  # the repository root
+export GAD_SMOLLM2=$(.venv/bin/gad-convert smollm2)
+common="--config examples/smollm2/gad.yaml --out runs/ablation_smollm2_glr --seeds 1 --timeout 7200 --warmup-steps 60 --steps 16"
+over="train.d_warmup_last=12 log.progress=false log.tensorboard=false checkpoint.export_hf_at_end=false"
+.venv/bin/python tools/ablate.py local $common --variants gad $over gad_stage.g_lr=1e-6 || exit 1
+exec .venv/bin/python tools/ablate.py local $common --variants seqkd $over
