@@ -128,17 +128,24 @@ def test_a_complete_last_line_is_never_truncated(server_factory, tmp_path):
 
 
 def test_two_runs_on_one_output_pay_once(server_factory, tmp_path):
-    """Item 5: a second gad-collect on the same --out is refused while the first runs."""
-    srv = server_factory("--latency-ms", "300")
+    """Item 5: a second gad-collect on the same --out is refused while the first runs. The server holds the
+    first run's first request until the second has been refused: the first is mid-run for certain (CI once
+    saw a 300 ms latency x 10 prompts finish before the second process had started)."""
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    srv = server_factory("--hold-file", str(hold))
     prompts = [f"slow {i}" for i in range(10)]
     pf = write_prompts(tmp_path / "p.jsonl", prompts)
     out = tmp_path / "out.jsonl"
-    first = collect(srv.url, pf, out, "--max-in-flight", 1, wait=False)
-    deadline = time.time() + 60
+    first = collect(srv.url, pf, out, "--max-in-flight", 1, "--timeout", 300, wait=False)
+    deadline = time.time() + 120
     while time.time() < deadline and srv.stats()["total"] == 0:
         time.sleep(0.05)
+    assert srv.stats()["total"] == 1 and first.poll() is None
     second = collect(srv.url, pf, out)
     one_line_error(second, "gad-collect", "being written by another running gad-collect")
+    assert first.poll() is None and srv.stats()["total"] == 1
+    hold.unlink()
     first.communicate(timeout=120)
     assert first.returncode == 0
     assert all(srv.stats()["requests"][p] == 1 for p in prompts)

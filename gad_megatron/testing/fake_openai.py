@@ -26,8 +26,11 @@ FAULT_KINDS = ("429", "500", "timeout", "malformed", "truncated")
 
 class FakeOpenAI:
     def __init__(self, fault_first: int = 0, latency_ms: float = 0.0, hang_s: float = 30.0, max_rps: float = 0.0,
-                 judge_garbage_first: int = 0):
+                 judge_garbage_first: int = 0, hold_file: str = ""):
         self.fault_first = fault_first
+        # While this file exists every request waits before answering: a test can keep a client mid-run for
+        # exactly as long as it needs (a latency only makes that likely, and a loaded machine beats it).
+        self.hold_file = hold_file
         self.latency = latency_ms / 1000.0
         self.hang_s = hang_s
         self.max_rps = max_rps
@@ -88,6 +91,8 @@ class FakeOpenAI:
         attempt = self.requests[prompt]
         self.requests[prompt] += 1
         self.total += 1
+        while self.hold_file and os.path.exists(self.hold_file):
+            await asyncio.sleep(0.02)
         await self._pace()
         if self.latency:
             await asyncio.sleep(self.latency)
@@ -163,10 +168,11 @@ def main() -> None:
     ap.add_argument("--hang-s", type=float, default=30.0)
     ap.add_argument("--max-rps", type=float, default=0.0)
     ap.add_argument("--judge-garbage-first", type=int, default=0)
+    ap.add_argument("--hold-file", default="", help="requests wait while this file exists")
     a = ap.parse_args()
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("the fake server binds to loopback only")
-    srv = FakeOpenAI(a.fault_first, a.latency_ms, a.hang_s, a.max_rps, a.judge_garbage_first)
+    srv = FakeOpenAI(a.fault_first, a.latency_ms, a.hang_s, a.max_rps, a.judge_garbage_first, a.hold_file)
     app = srv.app()
     app.on_startup.append(_exit_with_parent)
     web.run_app(app, host=a.host, port=a.port, print=lambda *_: print(f"ready on {a.host}:{a.port}", flush=True))
