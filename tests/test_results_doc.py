@@ -19,15 +19,20 @@ def _cell(runs: list, key: str) -> str:
 
 
 # (a table row's first cell, the runs behind it): docs/ablation_smollm2 is the recipe's ablation, and
-# docs/ablation_smollm2_glr GAD at G lr 1e-6 (its seed 1 warm start and seqkd repeat the first table's).
+# docs/ablation_smollm2_glr GAD at G lr 1e-6 (its seed 1 warm start and seqkd repeat the first table's; its
+# seed 2 runs from the first table's seed-2 warm start).
 ROWS = [
     ("warm start (step 60) | 2", ["ablation_smollm2/warm_seed1", "ablation_smollm2/warm_seed2"]),
     ("`seqkd` (SFT continued) | 2", ["ablation_smollm2/seqkd/seed1", "ablation_smollm2/seqkd/seed2"]),
     ("`gad` (paper) | 2", ["ablation_smollm2/gad/seed1", "ablation_smollm2/gad/seed2"]),
     ("`gad+fixes` | 1", ["ablation_smollm2/gad+fixes/seed1"]),
     ("`oracle` (GRPO on the scorer) | 1", ["ablation_smollm2/oracle/seed1"]),
-    ("`seqkd` (SFT continued, lr 1e-5)", ["ablation_smollm2_glr/seqkd/seed1", "ablation_smollm2/seqkd/seed2"]),
-    ("`gad`, G lr 1e-6", ["ablation_smollm2_glr/gad/seed1", "ablation_smollm2_glr/gad/seed2"]),
+    ("warm start (step 60), seeds 1-3", ["ablation_smollm2_glr/warm_seed1", "ablation_smollm2/warm_seed2",
+                                         "ablation_smollm2_glr/warm_seed3"]),
+    ("`seqkd` (SFT continued, lr 1e-5)", ["ablation_smollm2_glr/seqkd/seed1", "ablation_smollm2/seqkd/seed2",
+                                          "ablation_smollm2_glr/seqkd/seed3"]),
+    ("`gad`, G lr 1e-6", ["ablation_smollm2_glr/gad/seed1", "ablation_smollm2_glr/gad/seed2",
+                          "ablation_smollm2_glr/gad/seed3"]),
 ]
 
 
@@ -43,4 +48,19 @@ def test_smollm2_table_rows_are_the_committed_runs_numbers(first, runs):
 def test_smollm2_verdicts_are_written():
     text = open(os.path.join(DOCS, "results.md")).read()
     assert "**Verdict (2 seeds for `seqkd` and `gad`, 1 for the others): GAD did not beat SeqKD" in text
-    assert "**Verdict (2 seeds): at the paper's learning rate GAD" in text
+    assert "**Verdict (3 seeds): at the paper's learning rate GAD does not beat SeqKD." in text
+
+
+def test_smollm2_per_seed_rows_are_the_committed_runs_numbers():
+    """The lr-1e-6 per-seed table: each seed's greedy / sampled scores and the differences written there."""
+    text = open(os.path.join(DOCS, "results.md")).read()
+    after = lambda run: json.load(open(os.path.join(DOCS, run, "summary.json")))["evals"]["after"]
+    warm = {1: "ablation_smollm2_glr/warm_seed1", 2: "ablation_smollm2/warm_seed2", 3: "ablation_smollm2_glr/warm_seed3"}
+    seqkd = {1: "ablation_smollm2_glr/seqkd/seed1", 2: "ablation_smollm2/seqkd/seed2", 3: "ablation_smollm2_glr/seqkd/seed3"}
+    for seed in (1, 2, 3):
+        w, s, g = after(warm[seed]), after(seqkd[seed]), after(f"ablation_smollm2_glr/gad/seed{seed}")
+        pair = lambda e: f"{e['heldout_score']:.4f} / {e['heldout_score_sampled']:.4f}"
+        diff = lambda a, b: (f"{a['heldout_score'] - b['heldout_score']:+.3f} / "
+                             f"{a['heldout_score_sampled'] - b['heldout_score_sampled']:+.3f}")
+        row = f"| {seed} | {pair(w)} | {pair(s)} | {pair(g)} | {diff(g, s)} | {diff(g, w)} |"
+        assert row in text, row
