@@ -92,15 +92,19 @@ def test_guards_stop_a_collapsing_run_and_say_why(student, warm_start, tmp_path)
 
 
 def test_stage_lrs_and_replay_buffer_resume_bit_exact(student, tmp_path):
-    over = {"reward.replay_steps": 2, "gad_stage.g_lr": 5e-4, "gad_stage.g_schedule": "constant",
-            "g_optim.lr": 2e-3, "g_optim.schedule": "constant"}
+    """The GAD stage's own lr and batch (gad_stage.*) from its first step on, and a resume inside the stage
+    (replay buffer included) equal to the uninterrupted run."""
+    over = {"reward.replay_steps": 3, "gad_stage.g_lr": 5e-4, "gad_stage.g_schedule": "constant",
+            "gad_stage.batch_prompts": 4, "g_optim.lr": 2e-3, "g_optim.schedule": "constant"}
     a = tmp_path / "a"
     run_train(write_config(tmp_path / "a.yaml", student, a, **over))
     stage_lr = {(r["stage"], r["g_lr"]) for r in rows(a) if "g_lr" in r}
     assert stage_lr == {("warmup", 2e-3), ("gad", 5e-4)}, stage_lr
     state = json.load(open(a / "checkpoints" / "trainer" / "iter_0000006" / "state.json"))
     fifo = state["reward"]["replay"]["fifo"]
-    assert len(fifo) == 2 and all(len(groups) == 8 for groups in fifo)  # the last 2 steps' 8 prompts each
+    # The last 3 steps are the 3 GAD steps, gad_stage.batch_prompts=4 prompts each (train.batch_prompts=8; the
+    # first GAD step used to draw its batch before the stage's batch size was set: 8).
+    assert [len(groups) for groups in fifo] == [4, 4, 4], [len(groups) for groups in fifo]
     c = tmp_path / "c"
     cfg = write_config(tmp_path / "c.yaml", student, c, **over)
     kill9_after_step(cfg, c, 5)

@@ -35,10 +35,10 @@ def train(cfg, data=None) -> dict:
     end = min(t.schedule.total, cfg.train.stop_after or t.schedule.total)
     while run.step < end:
         timer, t0 = Timer(), time.perf_counter()
-        batch = [t.data.train[i] for i in run.sampler.next_batch()]
         stage = stage_for(t, run.step)
         if stage == "gad" and run.step == t.schedule.warm:
-            begin_gad(t, run)
+            begin_gad(t, run)  # before the batch is drawn: the first GAD step has gad_stage.batch_prompts too
+        batch = [t.data.train[i] for i in run.sampler.next_batch()]
         m = run_stage(t, stage, run.step, batch, timer)
         run.step += 1
         record_step(t, run, stage, m, timer, t0)
