@@ -33,6 +33,10 @@ ROWS = [
                                           "ablation_smollm2_glr/seqkd/seed3"]),
     ("`gad`, G lr 1e-6", ["ablation_smollm2_glr/gad/seed1", "ablation_smollm2_glr/gad/seed2",
                           "ablation_smollm2_glr/gad/seed3"]),
+    # docs/ablation_smollm2_steps: 32 steps from the seed-1 warm start above
+    ("warm start (step 60), seed 1", ["ablation_smollm2_glr/warm_seed1"]),
+    ("`seqkd`, 32 steps", ["ablation_smollm2_steps/seqkd/seed1"]),
+    ("`gad`, G lr 1e-6, 32 steps", ["ablation_smollm2_steps/gad/seed1"]),
 ]
 
 
@@ -49,6 +53,7 @@ def test_smollm2_verdicts_are_written():
     text = open(os.path.join(DOCS, "results.md")).read()
     assert "**Verdict (2 seeds for `seqkd` and `gad`, 1 for the others): GAD did not beat SeqKD" in text
     assert "**Verdict (3 seeds): at the paper's learning rate GAD does not beat SeqKD." in text
+    assert "**Verdict (1 seed, exploratory): twice the steps did not close GAD's gap to SeqKD, it widened it" in text
 
 
 def test_smollm2_per_seed_rows_are_the_committed_runs_numbers():
