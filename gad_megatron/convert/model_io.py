@@ -24,6 +24,9 @@ class LocalShard:
     slices: tuple  # where ``data`` sits inside the full per-layer tensor
     full_shape: tuple
     is_main_replica: bool
+    # this rank's copy is a whole model's own (replica_id's pipeline entry 0: not the tied output layer of the
+    # last stage), whatever its TP / DP copy index: what a weight sync into an engine led by this rank reads
+    is_model_copy: bool = True
 
 
 def _flatten(sd) -> Iterator:
@@ -60,7 +63,8 @@ def local_shards(chunks) -> list:
                     layer = int(st.global_offset[0])
                 offs = st.global_offset[p:]
                 slices = tuple(slice(o, o + s) for o, s in zip(offs, st.data.shape))
-                out.append(LocalShard(st.key, layer, st.data, slices, tuple(st.global_shape[p:]), _is_main(st)))
+                out.append(LocalShard(st.key, layer, st.data, slices, tuple(st.global_shape[p:]), _is_main(st),
+                                      _is_main(st, model_copy=True)))
     return out
 
 
@@ -72,12 +76,16 @@ def _whole_factory(obj, pieces: list) -> Optional[LocalShard]:
     if tuple(obj.data.shape) != full_shape or sum(st.data.numel() for st in pieces) != obj.data.numel():
         return None
     layer = int(pieces[0].global_offset[0]) if obj.key.startswith(LAYER_PREFIX) else None
-    return LocalShard(obj.key, layer, obj.data, tuple(slice(0, n) for n in full_shape), full_shape, _is_main(pieces[0]))
+    return LocalShard(obj.key, layer, obj.data, tuple(slice(0, n) for n in full_shape), full_shape, _is_main(pieces[0]),
+                      _is_main(pieces[0], model_copy=True))
 
 
-def _is_main(st) -> bool:
-    """megatron's replica_id is an int or a tuple; the main replica is all zeros."""
+def _is_main(st, model_copy: bool = False) -> bool:
+    """megatron's replica_id is an int or a tuple (pipeline copy, TP copy, DP rank); the main replica is all
+    zeros. ``model_copy``: only the pipeline entry is read (every TP and DP rank holds its model's copy)."""
     replica = st.replica_id if isinstance(st.replica_id, tuple) else (st.replica_id,)
+    if model_copy and len(replica) == 3:
+        replica = replica[:1]
     return all(r == 0 for r in replica)
 
 

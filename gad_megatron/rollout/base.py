@@ -19,11 +19,12 @@ class SamplingConfig:
     top_k: int = -1
     max_tokens: int = 1536
     stop_token_ids: list = field(default_factory=list)
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # the step's seed; each request's own is rollout.topology.request_seed(seed, index)
+    index_base: int = 0  # the global batch index of the first prompt passed (an engine's block of the prompts)
 
     def greedy(self, max_tokens: Optional[int] = None) -> "SamplingConfig":
         return SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens or self.max_tokens,
-                              stop_token_ids=list(self.stop_token_ids), seed=self.seed)
+                              stop_token_ids=list(self.stop_token_ids), seed=self.seed, index_base=self.index_base)
 
 
 @dataclass

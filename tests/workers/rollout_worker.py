@@ -43,7 +43,7 @@ def main():
     if rank == 0:
         res["gap_before_sync"] = list(gap)
         try:
-            sync._judge(gap)
+            sync._judge(gap, [gap])
             res["judge_before_sync"] = "accepted"
         except RuntimeError as e:
             res["judge_before_sync"] = str(e)
