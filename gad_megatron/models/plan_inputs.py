@@ -9,6 +9,15 @@ from typing import Optional
 from gad_megatron.models.storage import DTYPE_BYTES  # noqa: F401  (the planner's inputs name it here)
 
 GIB = 1024**3
+GPUS_PER_NODE = 8  # the planner's nodes (gad-plan --gpus-per-node sets the world, not this)
+
+
+def planned_topology(world: int, rollout_tp: int):
+    """The rollout engines the trainer builds for this world (``runtime.topology``, the one function both
+    read): ``world / rollout_tp`` engines of ``rollout_tp`` GPUs, none across nodes."""
+    from gad_megatron.runtime.topology import rollout_topology
+
+    return rollout_topology(world, rollout_tp, min(world, GPUS_PER_NODE))
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,10 @@ class Workload:
     rollout_engine: str = "vllm"
     max_batch_tokens: int = 131072
     keep_last: int = 3  # checkpoints kept (checkpoint.keep_last): the run directory's disk need
+    # vLLM's memory budget (rollout.gpu_memory_utilization; rollout.kv_cache_gb instead when set): a colocated
+    # engine starts only when that share of the GPU is free, whatever its weights and KV cache need
+    gpu_memory_utilization: float = 0.7
+    kv_cache_gb: Optional[float] = None
     export_hf: bool = True  # checkpoint.export_hf_at_end
 
 

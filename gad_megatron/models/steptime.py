@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from gad_megatron.models.params import rank_params, total_params
-from gad_megatron.models.plan_inputs import DTYPE_BYTES, GPU, Assumptions, Layout, Workload
+from gad_megatron.models.plan_inputs import DTYPE_BYTES, GPU, Assumptions, Layout, Workload, planned_topology
 
 # ---- time ------------------------------------------------------------------------------------------------------
 def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions) -> dict:
@@ -46,7 +46,7 @@ def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assump
                                 "d_update": (T + T_teacher, 3), "g_update": (T, 3)}.items():
         t[k] += tp_comm(tokens, passes)
     # Rollout: memory-bound decode, per engine, in waves of max_num_seqs samples.
-    engines = world // lay.rollout_tp
+    engines = planned_topology(world, lay.rollout_tp).engines
     per_engine = math.ceil(samples / engines)
     waves = math.ceil(per_engine / asm.max_num_seqs)
     steps = min(wl.max_response_tokens, wl.mean_response_tokens * asm.decode_tail)

@@ -27,7 +27,7 @@ the DP gradient reduction, and the weight sync. The assumptions are arguments, p
 """
 
 from gad_megatron.plan.layouts import Plan, check_layout, plan, search  # noqa: F401
-from gad_megatron.plan.memory import (  # noqa: F401
+from gad_megatron.models.memory import (  # noqa: F401
     MemoryPlan, activation_bytes_per_token_layer, ddp_bucket_size, fp32_params, grad_buffer_layout, grad_bytes, optimizer_bytes,
     optimizer_shard_numels, plan_memory,
 )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from gad_megatron.plan.memory import MemoryPlan, plan_memory
+from gad_megatron.models.memory import MemoryPlan, plan_memory, vllm_start_refusal
 from gad_megatron.models.steptime import plan_time
-from gad_megatron.models.plan_inputs import GIB, GPU, Assumptions, Layout, Workload
+from gad_megatron.models.plan_inputs import GIB, GPU, Assumptions, Layout, Workload, planned_topology
 
 # ---- layouts -----------------------------------------------------------------------------------------------------
 def check_layout(arch, lay: Layout, world: int) -> list:
@@ -21,8 +21,14 @@ def check_layout(arch, lay: Layout, world: int) -> list:
         problems.append(str(e))
     if arch.vocab_size % lay.tp:
         problems.append(f"vocab_size={arch.vocab_size} is not divisible by TP={lay.tp}")
-    if world % lay.rollout_tp or arch.num_query_groups % min(lay.rollout_tp, arch.num_query_groups):
-        problems.append(f"rollout TP {lay.rollout_tp} does not divide the world ({world}) / the KV heads")
+    from gad_megatron.runtime.topology import TopologyError
+
+    try:
+        planned_topology(world, lay.rollout_tp)
+    except TopologyError as e:
+        problems.append(str(e))
+    if arch.num_query_groups % min(lay.rollout_tp, arch.num_query_groups):
+        problems.append(f"rollout TP {lay.rollout_tp} does not divide the {arch.num_query_groups} KV heads")
     if lay.tp > 8 or lay.rollout_tp > 8:
         problems.append("TP beyond one node (8 GPUs) crosses the network on every layer")
     return problems
@@ -54,7 +60,10 @@ def plan(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions
     if problems:
         return Plan(lay, world, False, problems, workload=wl)
     mem = plan_memory(arch, lay, world, wl, gpu, asm)
-    if mem.peak > gpu.memory_gib * GIB:
+    refusal = vllm_start_refusal(mem, wl, gpu)
+    if refusal:
+        problems.append(refusal)
+    elif mem.peak > gpu.memory_gib * GIB:
         problems.append(f"needs {mem.peak / GIB:.1f} GiB per GPU ({'rollout' if mem.rollout_phase > mem.train_phase else 'training'} "
                         f"phase), the {gpu.name} has {gpu.memory_gib}")
     return Plan(lay, world, not problems, problems, mem, plan_time(arch, lay, world, wl, gpu, asm), wl)

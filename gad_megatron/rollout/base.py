@@ -19,7 +19,7 @@ class SamplingConfig:
     top_k: int = -1
     max_tokens: int = 1536
     stop_token_ids: list = field(default_factory=list)
-    seed: Optional[int] = None  # the step's seed; each request's own is rollout.topology.request_seed(seed, index)
+    seed: Optional[int] = None  # the step's seed; each request's own is runtime.topology.request_seed(seed, index)
     index_base: int = 0  # the global batch index of the first prompt passed (an engine's block of the prompts)
 
     def greedy(self, max_tokens: Optional[int] = None) -> "SamplingConfig":

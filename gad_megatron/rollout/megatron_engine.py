@@ -34,13 +34,6 @@ from gad_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
 from gad_megatron.rollout.sampling import sample_seeds, sample_tokens
 
 
-def kv_bytes_per_token(num_layers: int, num_query_groups: int, kv_channels: int, dtype_bytes: int, tp: int = 1,
-                       pp: int = 1) -> int:
-    """KV-cache bytes one (sample x token) takes on one rank: K and V for the rank's layers and query groups
-    (the engine's cache, ``gad-plan``'s ``megatron_kv`` and the trainer's memory check all use this)."""
-    return 2 * -(-num_layers // pp) * max(1, num_query_groups // tp) * kv_channels * dtype_bytes
-
-
 def _uses_transformer_engine(model) -> bool:
     return any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine") for m in model.modules())
 

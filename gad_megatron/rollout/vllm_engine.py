@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from gad_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
-from gad_megatron.rollout.topology import request_seed
+from gad_megatron.runtime.topology import request_seed
 from gad_megatron.rollout.transport import make_transport
 from gad_megatron.runtime.signals import ignored_by_children
 
@@ -118,7 +118,7 @@ class VLLMEngine(RolloutEngine):
             detokenize=_has_tokenizer(self.cfg.model),
         )
         # One seed per request, from the prompt's index in the global batch: an engine's block of the prompts
-        # samples the same tokens as one engine given them all (rollout/topology.py).
+        # samples the same tokens as one engine given them all (runtime/topology.py).
         params = [SamplingParams(**common, seed=None if sampling.seed is None
                                  else request_seed(sampling.seed, sampling.index_base + i)) for i in range(len(prompts))]
         outs = []

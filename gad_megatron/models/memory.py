@@ -7,9 +7,16 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from gad_megatron.models.params import param_list, total_params
-from gad_megatron.models.plan_inputs import DTYPE_BYTES, GIB, GPU, Assumptions, Layout, Workload
+from gad_megatron.models.plan_inputs import DTYPE_BYTES, GIB, GPU, Assumptions, Layout, Workload, planned_topology
 
 # ---- memory ----------------------------------------------------------------------------------------------------
+def kv_bytes_per_token(num_layers: int, num_query_groups: int, kv_channels: int, dtype_bytes: int, tp: int = 1,
+                       pp: int = 1) -> int:
+    """KV-cache bytes one (sample x token) takes on one rank: K and V for the rank's layers and query groups
+    (the megatron engine's cache, ``gad-plan``'s ``megatron_kv`` and the trainer's memory check all use this)."""
+    return 2 * -(-num_layers // pp) * max(1, num_query_groups // tp) * kv_channels * dtype_bytes
+
+
 def ddp_bucket_size(on_gpu: bool, dp: int, stage: int):
     """Megatron DDP's bucket size as TrainEngine configures it: buckets only where the grad reduction overlaps
     the backward (GPU), only on the first pipeline stage, max(40M, 1M x DP) parameters; otherwise one bucket."""
@@ -124,6 +131,10 @@ class MemoryPlan:
     vllm_kv: float
     overhead: float
     megatron_kv: float = 0.0  # the megatron engine's KV cache (rollout phase only)
+    # what vLLM takes in the rollout phase: gpu_memory_utilization x the GPU (it starts only when that much is
+    # free; the KV cache fills what its weights leave), or its weights + kv_cache_gb + overhead when set
+    vllm_share: float = 0.0
+    resident_rollout: float = 0.0  # training state that stays on the GPU while vLLM runs (colocated)
     train_phase: float = 0.0
     rollout_phase: float = 0.0
     peak: float = 0.0
@@ -158,7 +169,7 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
         acts += activation_bytes_per_token_layer(arch, replace(lay, recompute=None), wl.dtype, seq, asm.flash_attention) * mb_tokens
     logits = mb_tokens * (arch.vocab_size / lay.tp) * 4 * 2  # fp32 logits + their softmax for the backward
     vllm_w = total_params(arch) * b / lay.rollout_tp if wl.stage == "gad" else 0.0
-    engines = world // lay.rollout_tp
+    engines = planned_topology(world, lay.rollout_tp).engines
     samples = math.ceil(wl.batch_prompts * wl.n / engines)
     kv_per_token = 2 * arch.num_layers * arch.num_query_groups * arch.kv_channels * b / lay.rollout_tp
     # Paged KV: the tokens the running sequences actually hold (a wave's longest answers set the need).
@@ -172,22 +183,37 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
         # No second copy of the weights; the cache holds a batch's samples x (longest prompt + max tokens) for
         # this rank's layers and query groups, and is freed before G and D train.
         rows_tokens = min(wl.max_batch_tokens, samples * engines // (dp or 1) * seq)
-        from gad_megatron.rollout.megatron_engine import kv_bytes_per_token
-
         megatron_kv = rows_tokens * kv_bytes_per_token(arch.num_layers, arch.num_query_groups, arch.kv_channels, b,
                                                        lay.tp, lay.pp)
         vllm_w = vllm_kv = 0.0
         vllm = megatron_kv
         lay = replace(lay, sleep=True, colocated=True)
+    share = vllm
+    if wl.rollout_engine != "megatron" and wl.stage == "gad" and gpu.name != "cpu":
+        share = (vllm_w + wl.kv_cache_gb * GIB + asm.vllm_overhead_gib * GIB if wl.kv_cache_gb is not None
+                 else max(vllm, wl.gpu_memory_utilization * gpu.memory_gib * GIB))
     if lay.colocated:
         train_phase = resident + acts + logits + (0 if lay.sleep else vllm)
-        rollout_phase = resident + vllm
+        rollout_phase = resident + share
     else:
         train_phase = resident + acts + logits
-        rollout_phase = vllm  # on the engine's own GPUs
-    mp = MemoryPlan(weights, grads, optim, acts, logits, reference, vllm_w, vllm_kv, overhead, megatron_kv)
+        rollout_phase = share  # on the engine's own GPUs
+    mp = MemoryPlan(weights, grads, optim, acts, logits, reference, vllm_w, vllm_kv, overhead, megatron_kv,
+                    vllm_share=share, resident_rollout=resident if lay.colocated else 0.0)
     mp.train_phase, mp.rollout_phase = train_phase, rollout_phase
     mp.peak = max(train_phase, rollout_phase)
     return mp
 
 
+def vllm_start_refusal(mem: MemoryPlan, wl: Workload, gpu: GPU) -> str:
+    """One line with the numbers when a colocated vLLM engine cannot start: the training state left on the GPU
+    in the rollout phase plus the share vLLM asks for exceed the GPU; '' when it can."""
+    if not mem.resident_rollout or not mem.vllm_share or mem.rollout_phase <= gpu.memory_gib * GIB:
+        return ""
+    asks = (f"rollout.kv_cache_gb={wl.kv_cache_gb} (+ its weights and overhead)" if wl.kv_cache_gb is not None
+            else f"rollout.gpu_memory_utilization={wl.gpu_memory_utilization}")
+    return (f"vLLM cannot start in the rollout phase: {mem.resident_rollout / GIB:.1f} GiB of training state stays "
+            f"on each GPU (weights {mem.weights / GIB:.1f}, grads {mem.grads / GIB:.1f}, optimizer "
+            f"{mem.optimizer / GIB:.1f}, reference {mem.reference / GIB:.1f}, overhead {mem.overhead / GIB:.1f}) and "
+            f"vLLM at {asks} asks for {mem.vllm_share / GIB:.1f} GiB: {mem.rollout_phase / GIB:.1f} GiB > the "
+            f"{gpu.name}'s {gpu.memory_gib:g} GiB")
