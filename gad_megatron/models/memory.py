@@ -198,8 +198,12 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
     else:
         train_phase = resident + acts + logits
         rollout_phase = share  # on the engine's own GPUs
+    if lay.colocated:  # what rollout.offload moves to the host for the rollout phase
+        away = (grads * ("grads" in lay.offload) + optim * ("optimizer" in lay.offload)
+                + weights * ("params" in lay.offload and wl.rollout_engine != "megatron"))
+        rollout_phase -= away
     mp = MemoryPlan(weights, grads, optim, acts, logits, reference, vllm_w, vllm_kv, overhead, megatron_kv,
-                    vllm_share=share, resident_rollout=resident if lay.colocated else 0.0)
+                    vllm_share=share, resident_rollout=rollout_phase - share if lay.colocated else 0.0)
     mp.train_phase, mp.rollout_phase = train_phase, rollout_phase
     mp.peak = max(train_phase, rollout_phase)
     return mp
@@ -213,7 +217,15 @@ def vllm_start_refusal(mem: MemoryPlan, wl: Workload, gpu: GPU) -> str:
     asks = (f"rollout.kv_cache_gb={wl.kv_cache_gb} (+ its weights and overhead)" if wl.kv_cache_gb is not None
             else f"rollout.gpu_memory_utilization={wl.gpu_memory_utilization}")
     return (f"vLLM cannot start in the rollout phase: {mem.resident_rollout / GIB:.1f} GiB of training state stays "
-            f"on each GPU (weights {mem.weights / GIB:.1f}, grads {mem.grads / GIB:.1f}, optimizer "
-            f"{mem.optimizer / GIB:.1f}, reference {mem.reference / GIB:.1f}, overhead {mem.overhead / GIB:.1f}) and "
+            f"on each GPU (of weights {mem.weights / GIB:.1f}, grads {mem.grads / GIB:.1f}, optimizer "
+            f"{mem.optimizer / GIB:.1f}, reference {mem.reference / GIB:.1f}, overhead {mem.overhead / GIB:.1f}; "
+            f"rollout.offload moves grads / optimizer / params to the host) and "
             f"vLLM at {asks} asks for {mem.vllm_share / GIB:.1f} GiB: {mem.rollout_phase / GIB:.1f} GiB > the "
             f"{gpu.name}'s {gpu.memory_gib:g} GiB")
+
+
+def offloaded_bytes(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions) -> float:
+    """Bytes ``rollout.offload`` moves to the host (and back) each rollout, per GPU."""
+    mp = plan_memory(arch, lay, world, wl, gpu, asm)
+    return (mp.grads * ("grads" in lay.offload) + mp.optimizer * ("optimizer" in lay.offload)
+            + mp.weights * ("params" in lay.offload and wl.rollout_engine != "megatron"))

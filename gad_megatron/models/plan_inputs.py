@@ -50,6 +50,8 @@ class Layout:
     colocated: bool = True
     sleep: bool = True  # vLLM releases its memory while G and D train (colocated, GPU)
     offload_reference: bool = False
+    # training state on the host while the rollout engine runs (rollout.offload): grads, optimizer, params
+    offload: tuple = ()
 
     def describe(self, world: int) -> str:
         dp = world // (self.tp * self.pp * self.cp)
@@ -57,6 +59,7 @@ class Layout:
         bits += ["SP"] * self.sp + ["distopt"] * self.distributed_optimizer
         bits += [f"recompute={self.recompute}"] * bool(self.recompute) + [f"rolloutTP{self.rollout_tp}"]
         bits += ["colocated" if self.colocated else "split-engine"] + ["ref-offload"] * self.offload_reference
+        bits += [f"offload={'+'.join(self.offload)}"] * bool(self.offload)
         return " ".join(bits)
 
 
@@ -96,6 +99,7 @@ class Assumptions:
     vllm_overhead_gib: float = 2.0  # vLLM's own context, CUDA graphs
     ckpt_write_gbs: float = 2.0  # the run directory's write bandwidth for one checkpoint, GB/s (all ranks together)
     signal_slack_s: float = 60.0  # after the checkpoint: exit, the stop marker, the requeue
+    pcie_gbs: float = 25.0  # host <-> GPU copies (offloaded training state, the offloaded reference), GB/s
 
 
 

@@ -64,10 +64,15 @@ def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assump
     # Weight sync: a device copy (CUDA IPC) or a broadcast to the engine GPUs (NCCL).
     t["weight_sync"] = P * b / (gpu.hbm_tbs * 1e12 * 0.5) if lay.colocated else P * b / bw
     if lay.offload_reference:  # the reference's shard comes over PCIe (~25 GB/s) for its forward
-        t["reference"] += P * b / (lay.tp * lay.pp) / 25e9
+        t["reference"] += P * b / (lay.tp * lay.pp) / (asm.pcie_gbs * 1e9)
+    if lay.offload and lay.colocated and wl.stage == "gad":  # out before the engine wakes, back after: G's and D's
+        from gad_megatron.models.memory import offloaded_bytes
+
+        t["offload"] = 2 * offloaded_bytes(arch, lay, world, wl, gpu, asm) / (asm.pcie_gbs * 1e9)
     gad_step = sum(t.values())
     # Warmup step: rollout (for D's student samples), D scores + update, G cross-entropy on teacher answers.
-    warm_step = t["rollout"] + t["d_scores"] + t["d_update"] + 3 * fwd(T_teacher) / rate + t["dp_grad_reduce"] + t["weight_sync"]
+    warm_step = (t["rollout"] + t["d_scores"] + t["d_update"] + 3 * fwd(T_teacher) / rate + t["dp_grad_reduce"]
+                 + t["weight_sync"] + t.get("offload", 0.0))
     total = wl.gad_steps * gad_step + wl.warmup_steps * warm_step
     if wl.stage == "seqkd":  # G's cross-entropy on the teacher answers, every step
         sft = 3 * fwd(T_teacher) * recompute / rate * bubble + tp_comm(T_teacher, 3) + t["dp_grad_reduce"] / 2

@@ -69,6 +69,10 @@ def plan(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions
     return Plan(lay, world, not problems, problems, mem, plan_time(arch, lay, world, wl, gpu, asm), wl)
 
 
+# What rollout.offload may move, as the search tries it (parameters last: the sync must read them first).
+OFFLOAD_CHOICES = ((), ("grads", "optimizer"), ("grads", "optimizer", "params"))
+
+
 def search(arch, world: int, wl: Workload, gpu: GPU, asm: Assumptions = Assumptions(), colocated: bool = True) -> list:
     """Every layout worth trying, fitting ones first, ranked by predicted run time."""
     out = []
@@ -80,9 +84,10 @@ def search(arch, world: int, wl: Workload, gpu: GPU, asm: Assumptions = Assumpti
                 for rec in (None, "selective", "full"):
                     for rtp in ((1, 2, 4, 8) if wl.stage == "gad" else (1,)):
                         for off in ((False, True) if wl.stage == "gad" else (False,)):
-                            for mbt in (4096, 8192, 16384):
-                                lay = Layout(tp, pp, 1, tp > 1, do, rec, rtp, colocated, True, off)
-                                out.append(plan(arch, lay, world, replace(wl, micro_batch_tokens=mbt), gpu, asm))
+                            for away in (OFFLOAD_CHOICES if wl.stage == "gad" and colocated else ((),)):
+                                for mbt in (4096, 8192, 16384):
+                                    lay = Layout(tp, pp, 1, tp > 1, do, rec, rtp, colocated, True, off, away)
+                                    out.append(plan(arch, lay, world, replace(wl, micro_batch_tokens=mbt), gpu, asm))
     # Fastest first; among equal times, the one with the most memory to spare.
     ok = sorted((p for p in out if p.fits), key=lambda p: (p.time["run_hours"], p.memory.peak))
     return ok + [p for p in out if not p.fits and p.memory is not None]

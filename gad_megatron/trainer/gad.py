@@ -92,8 +92,10 @@ def stage_warmup(t, step: int, examples: list, b, timer) -> dict:
 def stage_gad(t, step: int, examples: list, b, timer) -> dict:
     cfg, n, g = t.cfg, t.cfg.rollout.n, t.policy
     m = dict(b.metrics)
-    with timer("old_logprobs"):
-        g.logprobs(b.students, "old_logp")
+    one_pass = g_learns(t, step) and g.one_pass(t.reward)  # the update's forward gives the old logprobs
+    if not one_pass:
+        with timer("old_logprobs"):
+            g.logprobs(b.students, "old_logp")
     with timer("ref_logprobs"):
         g.reference_logprobs(b.students)
     with timer("d_scores"):
@@ -108,7 +110,8 @@ def stage_gad(t, step: int, examples: list, b, timer) -> dict:
         s.advantage = float(adv[b.first * n + j])
         if sc.token_advantages is not None:
             s.per_token["token_adv"] = sc.token_advantages[j]
-    m.update(logprob_gap(b.students))
+    if not one_pass:
+        m.update(logprob_gap(b.students))
     if sc.token_advantages is not None:
         m.update(advantage_parts(b.students))
     m.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
@@ -118,6 +121,8 @@ def stage_gad(t, step: int, examples: list, b, timer) -> dict:
     if g_learns(t, step):
         with timer("g_update"):
             m.update(g.grpo_update(b.students))
+        if one_pass:
+            m.update(logprob_gap(b.students))
         with timer("sync"):
             m.update(g.sync(step))
     m["tokens"] = b.tokens

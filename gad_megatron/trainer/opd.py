@@ -165,6 +165,8 @@ def make_teacher(ctx: RewardContext):
 class OPDReward(Reward):
     """The teacher's per-token advantages on G's samples; rewards are all 0 (no sequence-level signal)."""
 
+    reads_old_logprobs = True
+
     def __init__(self, teacher, cfg):
         self.teacher, self.cfg = teacher, cfg
         self.coef, self.clamp = cfg.opd.coef, cfg.opd.adv_clamp
@@ -208,6 +210,8 @@ def opd_metrics(students: list, adv: list) -> dict:
 class GadOpdReward(WithDiscriminator):
     """``w_d x GRPO(D) + w_opd(step) x OPD``: D's scores and BT updates as in GAD, the teacher's per-token
     advantages added; both parts' weights and sizes logged."""
+
+    reads_old_logprobs = True
 
     def __init__(self, d: DiscriminatorReward, opd: OPDReward, cfg, warm: int, total: int):
         self.d, self.opd, self.cfg, self.warm, self.total = d, opd, cfg, warm, total

@@ -28,8 +28,10 @@ def forward(model, units: list, step_fn, budget: int, pad: int) -> tuple:
 
 
 def update(engine, units: list, step_fn, budget: int, pad: int) -> dict:
-    mbs, _ = microbatches(units, budget, pad)
-    return engine.train_step(mbs, step_fn)
+    """One optimizer step of ``engine`` over packed units; its result plus ``seqs`` (the Seq lists per
+    micro-batch)."""
+    mbs, seqs = microbatches(units, budget, pad)
+    return {**engine.train_step(mbs, step_fn), "seqs": seqs}
 
 
 def last_stage_writer() -> bool:

@@ -176,7 +176,10 @@ class Policy:
                 chunk = student_seqs[k * per : (k + 1) * per]
                 res = passes.update(self.g, [[s] for s in chunk], step_fn, self.budget, self.pad)
                 self.version += 1
-                for name, v in (sum_outputs(res["outputs"]) or zero_pairs(names)).items():
+                if "old_logp" not in chunk[0].per_token:  # one pass: the update's own logprobs are the old ones
+                    outs = res["outputs"] or None  # the last pipeline stage's; zeros elsewhere (never read there)
+                    fill_per_token(res["seqs"], outs and [{"old_logp": o["logp"]} for o in outs], "old_logp")
+                for name, v in (sum_outputs(res["outputs"], names) or zero_pairs(names)).items():
                     acc[name] = acc.get(name, 0) + v
                 norms.append(res["grad_norm"])
                 skipped += int(res["skipped"])
@@ -184,6 +187,12 @@ class Policy:
         m = reduce_pairs(acc)
         m.update(g_grad_norm=sum(norms) / len(norms), g_lr=lr, g_skipped=int(skipped > 0))
         return m
+
+    def one_pass(self, reward) -> bool:
+        """The GRPO update computes the old logprobs itself (one mini-batch, one epoch, a reward that does not
+        read them first): no separate forward."""
+        a = self.cfg.algo
+        return a.one_pass and a.ppo_mini_batches == 1 and a.ppo_epochs == 1 and not reward.reads_old_logprobs
 
     def enter_gad_stage(self, total_gad_steps: int) -> None:
         """G's fresh learning-rate schedule over the GAD steps (``gad_stage.g_*``; its Adam moments stay)."""

@@ -60,6 +60,7 @@ class Reward:
     collective."""
 
     uses_discriminator = False  # the trainer builds D (a copy of the student with a scalar head) for it
+    reads_old_logprobs = False  # its score reads G's old logprobs: they are computed before it (no one-pass update)
 
     @classmethod
     def build(cls, ctx: RewardContext) -> "Reward":

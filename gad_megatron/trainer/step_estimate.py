@@ -20,7 +20,7 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
     p, r, m, d, tr = cfg.parallel, cfg.rollout, cfg.model, cfg.data, cfg.train
     lay = Layout(p.tensor_parallel, p.pipeline_parallel, 1, p.sequence_parallel, p.use_distributed_optimizer,
                  m.recompute_granularity, r.vllm_tensor_parallel, r.colocated, r.sleep_between_rollouts,
-                 m.offload_reference)
+                 m.offload_reference, tuple(r.offload))
     lengths = {}
     if mean_prompt_tokens is not None:
         lengths["mean_prompt_tokens"] = mean_prompt_tokens

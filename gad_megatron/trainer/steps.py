@@ -136,7 +136,9 @@ def policy_step(temperature: float, algo):
             dev = logits.device
             mask = batch["loss_mask"].to(dev)
             logp = vocab_parallel_logprobs(logits, batch["labels"], temperature)
-            old, ref = batch["old_logp"].to(dev), batch["ref_logp"].to(dev)
+            # One pass (no separate old-logprob forward): the old policy is this forward's, detached.
+            old = batch["old_logp"].to(dev) if "old_logp" in batch else logp.detach()
+            ref = batch["ref_logp"].to(dev)
             adv = batch["advantages"].to(dev).unsqueeze(1)
             if "token_adv" in batch:  # the reward's per-token channel (OPD): added at each sampled token
                 adv = adv + batch["token_adv"].to(dev)
@@ -166,6 +168,8 @@ def policy_step(temperature: float, algo):
                 "tis_clipfrac": _pair((capped * mask).sum(), tokens),
                 "ratio": _pair((torch.exp(logp.detach() - old) * mask).sum(), tokens),
             }
+            if "old_logp" not in batch:
+                logs["logp"] = logp.detach().cpu()  # the old logprobs the separate forward would have given
             return total, n.to(torch.int), logs
 
         return logits, loss_func
