@@ -67,18 +67,28 @@ def test_chat_template_applied_once_for_engine_and_trainer(rollout):
         assert (finish == "stop") == (toks[-1] == 1)  # <|end|> closes the turn
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 2), (1, 2)])
-def test_weight_sync_gather_rebuilds_every_hf_tensor(hf_models, tmp_path, tp, pp):
-    """TP shards all-gathered, PP stages sent to rank 0 one tensor at a time; tied embeddings sent once."""
+@pytest.mark.parametrize("tp,pp,world,rtp", [(2, 2, 4, 1), (1, 2, 2, 2), (2, 1, 4, 2)],
+                         ids=["TP2PP2-every-rank-leads", "PP2-one-engine", "TP2DP2-engines-of-2"])
+def test_weight_sync_gather_rebuilds_every_hf_tensor(hf_models, tmp_path, tp, pp, world, rtp):
+    """TP shards all-gathered, PP stages sent point-to-point one tensor at a time, tied embeddings sent once: on
+    every rank that leads a rollout engine (TP rank 1, the last stage, DP rank 1 among them: a leader on DP rank
+    1 used to get no tensor at all), nothing on the others."""
+    from gad_megatron.runtime.topology import rollout_topology
+
     models = {n: hf_models[n] for n in ("qwen2_tied", "llama31", "qwen3")}
     out = tmp_path / "g.json"
-    run_ranks(tp * pp, "sync_gather_worker.py", tp, pp, json.dumps(models), out)
+    run_ranks(world, "sync_gather_worker.py", tp, pp, rtp, json.dumps(models), out)
     per_rank = read_json(out)
+    leaders = rollout_topology(world, rtp).leaders
+    assert len(leaders) == world // rtp
     for name in models:
-        r = per_rank[0][name]
-        assert r["missing"] == [] and r["extra"] == [] and r["max_diff"] == 0.0, (name, r)
-        assert r["buckets"] > 1
-        assert all(other[name]["delivered_elsewhere"] == 0 for other in per_rank[1:])
+        for rank, r in enumerate(per_rank):
+            if rank in leaders:
+                r = r[name]
+                assert r["missing"] == [] and r["extra"] == [] and r["max_diff"] == 0.0, (rank, name, r)
+                assert r["buckets"] > 1
+            else:
+                assert r[name]["delivered_elsewhere"] == 0
 
 
 def test_inprocess_engine_transport(tmp_path):

@@ -85,6 +85,7 @@ class Workload:
     # engine starts only when that share of the GPU is free, whatever its weights and KV cache need
     gpu_memory_utilization: float = 0.7
     kv_cache_gb: Optional[float] = None
+    one_pass: bool = True  # G's old logprobs come from its update's forward (algo.one_pass, on-policy)
     export_hf: bool = True  # checkpoint.export_hf_at_end
 
 

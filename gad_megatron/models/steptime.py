@@ -18,7 +18,7 @@ def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assump
     attn = 12 * arch.num_layers * arch.hidden_size * (wl.mean_prompt_tokens + wl.mean_response_tokens)  # per token
     fwd = lambda tokens: (2 * P + attn / 3) * tokens  # noqa: E731
     flops = {
-        "g_old_logprobs": fwd(T),
+        "g_old_logprobs": 0.0 if wl.one_pass else fwd(T),
         "reference": fwd(T),
         "d_scores": fwd(T + T_teacher),
         "d_update": 3 * fwd(T + T_teacher),
@@ -42,7 +42,7 @@ def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assump
         per_token_layer = 2 * arch.hidden_size * b * 2 * (lay.tp - 1) / lay.tp  # bytes, one pass
         return passes * tokens / dp * arch.num_layers / lay.pp * per_token_layer / (gpu.intra_node_gbs * 1e9)
 
-    for k, (tokens, passes) in {"g_old_logprobs": (T, 1), "reference": (T, 1), "d_scores": (T + T_teacher, 1),
+    for k, (tokens, passes) in {"g_old_logprobs": (0 if wl.one_pass else T, 1), "reference": (T, 1), "d_scores": (T + T_teacher, 1),
                                 "d_update": (T + T_teacher, 3), "g_update": (T, 3)}.items():
         t[k] += tp_comm(tokens, passes)
     # Rollout: memory-bound decode, per engine, in waves of max_num_seqs samples.

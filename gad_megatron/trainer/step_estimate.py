@@ -31,8 +31,17 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
                   dtype=m.dtype, stage=tr.stage, rollout_engine="megatron" if r.engine == "megatron" else "vllm",
                   max_batch_tokens=r.max_batch_tokens, keep_last=cfg.checkpoint.keep_last,
                   export_hf=cfg.checkpoint.export_hf_at_end, gpu_memory_utilization=r.gpu_memory_utilization,
-                  kv_cache_gb=r.kv_cache_gb, **lengths)
+                  kv_cache_gb=r.kv_cache_gb, one_pass=one_pass(cfg), **lengths)
     return lay, wl
+
+
+def one_pass(cfg) -> bool:
+    """The config's GRPO update computes the old logprobs itself (trainer.policy.Policy.one_pass)."""
+    from gad_megatron.trainer.rewards import reward_class
+
+    a = cfg.algo
+    return (a.one_pass and a.ppo_mini_batches == 1 and a.ppo_epochs == 1
+            and not reward_class(cfg.reward.source).reads_old_logprobs)
 
 
 def device_gpu(device: Optional[str]):

@@ -1,5 +1,6 @@
-"""The weight-sync gather at one layout: every HF tensor rebuilt from TP shards and PP stages.
-argv: tp pp models.json out.json"""
+"""The weight-sync gather at one layout: every HF tensor rebuilt from TP shards and PP stages, on every rank that
+leads a rollout engine (runtime.topology at engine TP ``rollout_tp``: any TP rank, stage or DP replica).
+argv: tp pp rollout_tp models.json out.json"""
 
 import json
 import sys
@@ -15,20 +16,22 @@ def main():
     from gad_megatron.models import ModelOptions
     from gad_megatron.rollout.weight_sync import buckets, hf_tensors, iter_full_tensors
     from gad_megatron.runtime import ParallelConfig, initialize
+    from gad_megatron.runtime.topology import rollout_topology
 
-    tp, pp, models, out = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    tp, pp, rtp, models, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
     initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu"))
+    leaders = rollout_topology(dist.get_world_size(), rtp).leaders
     res = {}
     for name, hf in models.items():
         arch, chunks = load_from_hf(hf, "student", ModelOptions())
         mapping = mapping_for(arch.model_type)
         got, n_buckets = {}, 0
-        for bucket in buckets(hf_tensors(iter_full_tensors(chunks, dst=0), mapping, arch), 40_000):
+        for bucket in buckets(hf_tensors(iter_full_tensors(chunks, dst=leaders), mapping, arch), 40_000):
             n_buckets += 1
             for n, t in bucket:
                 assert n not in got, f"{n} delivered twice"
                 got[n] = t
-        if dist.get_rank() == 0:
+        if dist.get_rank() in leaders:
             ref = SafetensorsReader(hf)
             res[name] = {
                 "missing": sorted(set(ref.names()) - set(got)),
