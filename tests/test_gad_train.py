@@ -140,6 +140,32 @@ def test_kill9_then_resume_matches_uninterrupted_run(run_a, student, tmp_path):
     assert not [n for n in os.listdir(run_dir / "checkpoints" / "discriminator") if ".tmp" in n]
 
 
+def test_two_vllm_engines_offloaded_state_and_kill9_resume(student, tmp_path):
+    """#30 at world 2, rollout TP 1: gad-train builds as many vLLM engines as the planner plans (2, each synced
+    and probed); a run that moves G's and D's grads, optimizer state and parameters to host memory around every
+    rollout, killed by SIGKILL after step 3 and resumed, logs the metrics of an uninterrupted run without
+    offload, byte for byte."""
+    from gad_megatron.models.plan_inputs import planned_topology
+
+    reason = vllm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    vllm = {"rollout.engine": "vllm", "rollout.kv_cache_gb": 0.25, "rollout.verify_every": 1, "train.total_steps": 5,
+            "train.warmup_steps": 3, "log.verbose": True}
+    plain = write_config(tmp_path / "a.yaml", student, tmp_path / "a", **vllm)
+    p = run_train(plain)
+    assert f"{planned_topology(2, 1).engines} engine(s) of TP 1, led by ranks [0, 1]" in p.stdout
+    gaps = [json.loads(x) for x in lines(tmp_path / "a") if b"sync_gap_max" in x]
+    assert gaps and all(r["sync_gap_max"] <= 1e-5 for r in gaps)  # the worst of both engines' probes
+    off = write_config(tmp_path / "c.yaml", student, tmp_path / "c", **vllm,
+                       **{"rollout.offload": "[grads,optimizer,params]"})
+    kill9_after_step(off, tmp_path / "c", 3)
+    assert open(tmp_path / "c" / "checkpoints" / "latest").read() == "2"
+    p = run_train(off)
+    assert "of G's and D's grads, optimizer, params on host memory while the rollout engine runs" in p.stdout
+    assert lines(tmp_path / "c") == lines(tmp_path / "a")
+
+
 def test_sigusr1_writes_a_whole_checkpoint_exits_0_and_the_next_start_resumes(run_a, student, tmp_path):
     """#8, the Slurm requeue path (`--signal=USR1@120`) on real processes: SIGUSR1 to the launcher reaches
     every rank; they finish the step, write a whole checkpoint (not on the save_every cadence), leave

@@ -121,3 +121,28 @@ def test_collective_transport_delivers_the_same_bits(tmp_path, tp):
     assert r["collective"]["gap_max"] <= 1e-4
     assert r["collective_digest"] == [r["sent_digest"]]
     assert r["shm_digest"] == r["collective_digest"] == r["collective_again_digest"]
+
+
+def test_two_engines_at_world_two_sample_what_one_engine_samples(tmp_path):
+    """#30: world 2 at rollout TP 1 builds 2 vLLM engines (one per rank); every sync reaches both (the same
+    bytes, probe gap <= 1e-5 on each, also after G's weights change), and the 2-engine rollout (prompts split
+    in blocks, per-request seeds) samples the token ids one engine samples given every prompt."""
+    reason = vllm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    a = make_hf_model("qwen2_tied", str(tmp_path / "A"), seed=21, **VLLM_SHAPE)
+    b = make_hf_model("qwen2_tied", str(tmp_path / "B"), seed=22, **VLLM_SHAPE)
+    run_ranks(2, "multi_engine_worker.py", a, b, tmp_path / "o.json", timeout=600)
+    r0, r1 = read_json(tmp_path / "o.json")
+    assert r0["engines"] == 2 and r0["leaders"] == [0, 1]
+    assert len(r0["syncs"]) == 2
+    for k in range(2):
+        gaps = r0["syncs"][k]["gaps"]
+        assert len(gaps) == 2 and max(mx for _, mx in gaps) <= 1e-5, gaps
+        assert r0["syncs"][k]["digest"] == r1["syncs"][k]["digest"]  # both engines got the same bytes
+    assert r0["syncs"][0]["digest"] != r0["syncs"][1]["digest"]  # the second sync carried the new weights
+    two, one = r0["two_engines"], r0["one_engine"]
+    assert r1["two_engines"] == two and len(two) == 6 and all(len(g) == 3 for g in two)
+    assert [[s[0] for s in g] for g in two] == [[s[0] for s in g] for g in one]
+    assert max(abs(x - y) for g2, g1 in zip(two, one) for s2, s1 in zip(g2, g1) for x, y in zip(s2[1], s1[1])) <= 1e-5
+    assert len({tuple(s[0]) for g in two for s in g}) > 6  # real samples, not one repeated answer

@@ -229,7 +229,7 @@ class Policy:
             self.offload_reported = True
             logging.getLogger("gad_megatron.train").info(
                 "rollout.offload: %.1f MiB of G's and D's %s on host memory while the rollout engine runs",
-                freed / 2**20, ", ".join(kinds))
+                freed / 2**20, ", ".join(self.cfg.rollout.offload))
 
     def train_state_back(self) -> None:
         """The rollout engine sleeps (GPU, colocated), then whatever G and D moved away comes back, bitwise."""
