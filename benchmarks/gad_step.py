@@ -9,6 +9,8 @@
    step with a plain token-mean cross-entropy loss on the same micro-batches -- ratio bare / ours, goal >= 0.9.
 3. Memory: bytes of G + D + reference parameters and G/D optimizer state vs 3x one model's parameters +
    optimizer state (what three models must hold at least), and the process' peak RSS.
+4. One pass (#30): GAD steps with ``algo.one_pass`` on (the GRPO update's forward gives the old logprobs) and
+   off (a separate old-logprob forward), interleaved: the time of old logprobs + G update, and of the whole step.
 """
 
 import argparse
@@ -141,6 +143,21 @@ def main():
     print(f"model state held (params + grad buffers + Adam state, G/D/ref): {held / 2**20:.1f} MiB = "
           f"{held / three:.2f} x (3 x params + optimizer states, {three / 2**20:.1f} MiB); peak RSS {peak_rss / 2**30:.2f} GiB "
           f"(mostly imports at this size)")
+    # 4. one pass vs two passes, interleaved
+    spent = {True: [0.0, 0.0], False: [0.0, 0.0]}  # one_pass -> [old logprobs + G update, whole step]
+    for rep in range(2 * a.steps + 2):
+        one = rep % 2 == 0
+        t.cfg.algo.one_pass = one
+        batch = t.data.train[(rep % 8) * a.batch : (rep % 8 + 1) * a.batch]
+        timer = gad.Timer()
+        t0 = time.perf_counter()
+        gad.run_stage(t, "gad", 2000 + rep, batch, timer)
+        if rep >= 2:
+            spent[one][0] += timer.t.get("old_logprobs", 0.0) + timer.t["g_update"]
+            spent[one][1] += time.perf_counter() - t0
+    print(f"one pass vs two (old logprobs from the update's forward, {a.steps} steps each, interleaved): "
+          f"old logprobs + G update {spent[True][0] / spent[False][0]:.2f} x, whole step "
+          f"{spent[True][1] / spent[False][1]:.2f} x")
     if t.engine is not None and hasattr(t.engine, "shutdown"):
         t.engine.shutdown()
 

@@ -159,6 +159,8 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
 
     # the most loaded stage is the first (embeddings) or the last (output layer)
     weights, grads, optim, reference = max((stage_state(s) for s in {0, lay.pp - 1}), key=sum)
+    if lay.grad_bf16:  # 2-byte main grads (D's fp32 head keeps 4, negligible)
+        grads /= 2
     seq = wl.max_prompt_tokens + wl.max_response_tokens
     mb_tokens = wl.micro_batch_tokens // lay.cp
     in_flight = lay.pp  # 1F1B: the first stage holds pp micro-batches

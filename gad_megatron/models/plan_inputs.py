@@ -52,6 +52,7 @@ class Layout:
     offload_reference: bool = False
     # training state on the host while the rollout engine runs (rollout.offload): grads, optimizer, params
     offload: tuple = ()
+    grad_bf16: bool = False  # parallel.grad_reduce_in_bf16: gradient buffers and their DP reduction in bf16
 
     def describe(self, world: int) -> str:
         dp = world // (self.tp * self.pp * self.cp)
@@ -59,7 +60,7 @@ class Layout:
         bits += ["SP"] * self.sp + ["distopt"] * self.distributed_optimizer
         bits += [f"recompute={self.recompute}"] * bool(self.recompute) + [f"rolloutTP{self.rollout_tp}"]
         bits += ["colocated" if self.colocated else "split-engine"] + ["ref-offload"] * self.offload_reference
-        bits += [f"offload={'+'.join(self.offload)}"] * bool(self.offload)
+        bits += [f"offload={'+'.join(self.offload)}"] * bool(self.offload) + ["bf16-grads"] * self.grad_bf16
         return " ".join(bits)
 
 

@@ -59,7 +59,7 @@ def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assump
     # DP gradient reduction of G and D (ring all-reduce, or reduce-scatter + all-gather: the same bytes).
     nodes_span = world > 8
     bw = (gpu.inter_node_gbs if nodes_span else gpu.intra_node_gbs) * 1e9
-    grad_bytes = 2 * rank_params(arch, lay.tp, lay.pp, 0) * 4
+    grad_bytes = 2 * rank_params(arch, lay.tp, lay.pp, 0) * (2 if lay.grad_bf16 else 4)
     t["dp_grad_reduce"] = 0.0 if dp == 1 else 2 * (dp - 1) / dp * grad_bytes / bw
     # Weight sync: a device copy (CUDA IPC) or a broadcast to the engine GPUs (NCCL).
     t["weight_sync"] = P * b / (gpu.hbm_tbs * 1e12 * 0.5) if lay.colocated else P * b / bw

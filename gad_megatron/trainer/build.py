@@ -249,13 +249,14 @@ def model_options(cfg):
                         sequence_parallel=cfg.parallel.sequence_parallel)
 
 
-def optim_config(section, use_dist_opt: bool, total_steps: int):
+def optim_config(section, use_dist_opt: bool, total_steps: int, grad_reduce_in_bf16: bool = False):
     from gad_megatron.trainer.engine import OptimConfig
 
     return OptimConfig(lr=section.lr, min_lr=section.min_lr, schedule=section.schedule,
                        lr_warmup_steps=section.lr_warmup_steps, weight_decay=section.weight_decay,
                        adam_beta1=section.adam_beta1, adam_beta2=section.adam_beta2, adam_eps=section.adam_eps,
-                       clip_grad=section.clip_grad, use_distributed_optimizer=use_dist_opt, total_steps=total_steps)
+                       clip_grad=section.clip_grad, use_distributed_optimizer=use_dist_opt, total_steps=total_steps,
+                       grad_reduce_in_fp32=not grad_reduce_in_bf16)
 
 
 def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
@@ -276,11 +277,14 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
                          cfg.parallel.device, cfg.train.seed)
     world = initialize(par, arch0.model_dims)
     world["tp"] = cfg.parallel.tensor_parallel
-    opts, dist_opt = model_options(cfg), cfg.parallel.use_distributed_optimizer
+    from gad_megatron.trainer.config import distributed_optimizer
+
+    opts, dist_opt = model_options(cfg), distributed_optimizer(cfg, world["world_size"])
+    bf16_grads = cfg.parallel.grad_reduce_in_bf16
     arch, g_chunks, hf_dir = load_model(cfg.model.student, "student", opts)
     budget = cfg.train.micro_batch_tokens
     pad = world["tp"] if cfg.parallel.sequence_parallel else 1  # SP splits a micro-batch's width over TP ranks
-    policy = Policy(cfg, world, data.tokenizer, TrainEngine(g_chunks, optim_config(cfg.g_optim, dist_opt, schedule.total)),
+    policy = Policy(cfg, world, data.tokenizer, TrainEngine(g_chunks, optim_config(cfg.g_optim, dist_opt, schedule.total, bf16_grads)),
                     budget=budget, pad=pad)
     t = Trainer(cfg, world, arch, hf_dir, data, schedule, policy)
     if cfg.train.stage == "gad":
@@ -290,7 +294,7 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
             torch.manual_seed(cfg.train.seed + 17)  # the fresh D head is the same at every layout
             _, d_chunks, _ = load_model(cfg.model.discriminator or cfg.model.student, "discriminator", opts,
                                         head_init=cfg.model.d_head_init)
-            d = TrainEngine(d_chunks, optim_config(cfg.d_optim, dist_opt, schedule.total))
+            d = TrainEngine(d_chunks, optim_config(cfg.d_optim, dist_opt, schedule.total, bf16_grads))
         t.reward = make_reward(RewardContext(cfg, world, data.tokenizer, budget, pad, d,
                                              load_frozen=lambda path: load_frozen(path, opts), schedule=schedule))
         policy.ref = load_frozen(cfg.model.student, opts)

@@ -46,7 +46,11 @@ class ParallelSection:
     pipeline_parallel: int = 1
     virtual_pipeline_parallel: Optional[int] = None
     sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
+    # ZeRO-1 (megatron's distributed optimizer: each DP rank holds 1/DP of Adam and the fp32 master weights).
+    # null: on when the data-parallel size is > 1 (the parameter all-gather finishes inside the optimizer step,
+    # before the weight sync reads G).
+    use_distributed_optimizer: Optional[bool] = None
+    grad_reduce_in_bf16: bool = False  # DDP reduces (and keeps) gradients in bf16 instead of fp32: half the bytes
     device: Optional[str] = None  # cuda | cpu; None: cuda when available
     nproc: int = 1  # ranks a plain `gad-train` starts (ignored under torchrun / srun)
 
@@ -431,6 +435,14 @@ def validate(cfg) -> None:
         bad("rollout.in_process", f"only for a single-rank run (world size here: {world})")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def distributed_optimizer(cfg, world: int) -> bool:
+    """``parallel.use_distributed_optimizer`` resolved: null is on when the data-parallel size is > 1."""
+    p = cfg.parallel
+    if p.use_distributed_optimizer is not None:
+        return bool(p.use_distributed_optimizer)
+    return world // (p.tensor_parallel * p.pipeline_parallel) > 1
 
 
 def _validate_offload(cfg, bad) -> None:

@@ -24,6 +24,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (megatron's OptimizerParamScheduler)
     lr_warmup_steps: int = 0
     total_steps: int = 1  # decay horizon of the cosine schedule
+    grad_reduce_in_fp32: bool = True  # False: DDP's gradient buffers and their DP reduction in the model dtype
 
 
 class TrainEngine:
@@ -51,7 +52,7 @@ class TrainEngine:
         cfg.calculate_per_token_loss = True
         on_gpu = next(chunks[0].parameters()).is_cuda
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
+            grad_reduce_in_fp32=optim.grad_reduce_in_fp32,
             # GPU: each gradient bucket's DP reduction starts as soon as its backward is done (NCCL on its own
             # stream). CPU/gloo: off (nothing to overlap with on 2 cores). Parameter-gather overlap stays off:
             # it defers the distributed optimizer's all-gather to the next forward, but the weight sync reads

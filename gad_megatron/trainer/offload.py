@@ -79,6 +79,9 @@ class StateOffload:
                 continue
             moved = []
             for s in storages(self.engine, kind):  # what is away already has 0 bytes: not listed again
+                if not s.resizable():
+                    raise RuntimeError(f"rollout.offload: a {s.nbytes():,}-byte storage of the {kind} cannot be freed "
+                                       f"(not resizable: memory torch did not allocate)")
                 host = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin)
                 host.copy_(_whole(s), non_blocking=pin)
                 moved.append((s, host))

@@ -17,10 +17,12 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
                         mean_response_tokens: Optional[int] = None) -> tuple:
     """(Layout, Workload) of a gad-train config; gad-plan reads a config through this too. The mean lengths
     default to the planner's (LMSYS-like) ones when no data is at hand."""
+    from gad_megatron.trainer.config import distributed_optimizer
+
     p, r, m, d, tr = cfg.parallel, cfg.rollout, cfg.model, cfg.data, cfg.train
-    lay = Layout(p.tensor_parallel, p.pipeline_parallel, 1, p.sequence_parallel, p.use_distributed_optimizer,
+    lay = Layout(p.tensor_parallel, p.pipeline_parallel, 1, p.sequence_parallel, distributed_optimizer(cfg, p.nproc),
                  m.recompute_granularity, r.vllm_tensor_parallel, r.colocated, r.sleep_between_rollouts,
-                 m.offload_reference, tuple(r.offload))
+                 m.offload_reference, tuple(r.offload), p.grad_reduce_in_bf16)
     lengths = {}
     if mean_prompt_tokens is not None:
         lengths["mean_prompt_tokens"] = mean_prompt_tokens
