@@ -112,6 +112,9 @@ def main() -> None:
                          st.gap_max, dt_s, st.gap_max is not None and st.gap_max <= 5e-2))
         if fp8 is not None:
             break
+        rows.append(offload_row(t, a.device))  # 3. rollout.offload: memory freed, state back bitwise
+        if a.device == "cuda":
+            rows.append(ipc_row())  # 4. a CUDA IPC handle opened in another process, its GPU found by UUID
         mfu_rows(t, a, rows)
         if t.engine is not None and hasattr(t.engine, "shutdown"):
             t.engine.shutdown()
@@ -125,6 +128,72 @@ def main() -> None:
         json.dump(result, f, indent=2)
     if not all(r[4] for r in rows):
         sys.exit(1)
+
+
+def offload_row(t, device: str) -> tuple:
+    """G's and D's grads, optimizer state and parameters to host memory and back (#30): device bytes freed
+    (torch.cuda.memory_allocated; on CPU the storages' bytes) and a digest of every storage before / after."""
+    import hashlib
+
+    import torch
+
+    from gad_megatron.trainer.offload import storages
+
+    kinds = ("grads", "optimizer", "params")
+
+    def digest():
+        h = hashlib.sha256()
+        for e in t.policy.train_engines:
+            for k in kinds:
+                for st in storages(e, k):
+                    h.update(torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (st.nbytes(),)).cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def held():
+        if device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return sum(st.nbytes() for e in t.policy.train_engines for k in kinds for st in storages(e, k))
+
+    before, d0 = held(), digest()
+    t0 = time.perf_counter()
+    freed = sum(e.offload.to_host(kinds) for e in t.policy.train_engines)
+    away = held()
+    for e in t.policy.train_engines:
+        e.offload.to_device()
+    dt = time.perf_counter() - t0
+    return (f"offload G+D {freed / 2**30:.2f} GiB, GiB freed / back", (before - away) / 2**30, (held() - away) / 2**30,
+            dt, before - away >= 0.9 * freed and digest() == d0)
+
+
+def _ipc_child(q_in, q_out) -> None:
+    import torch
+
+    from gad_megatron.rollout.vllm_worker import _local_uuids, ipc_args_on_device
+
+    (rebuild, args), uuid = q_in.get()
+    buf = rebuild(*ipc_args_on_device(args, uuid, _local_uuids()))
+    q_out.put(float(buf.double().sum().item()))
+
+
+def ipc_row() -> tuple:
+    """The cuda-ipc transport's handle, opened by another process on the sender's GPU (found by its UUID)."""
+    import torch
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    buf = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    ctx = mp.get_context("spawn")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_ipc_child, args=(q_in, q_out))
+    t0 = time.perf_counter()
+    p.start()
+    q_in.put((reduce_tensor(buf), uuid))
+    got = q_out.get(timeout=120)
+    p.join(30)
+    want = float(buf.double().sum().item())
+    return ("cuda-ipc handle read by another process", got, want, time.perf_counter() - t0, got == want)
 
 
 def mfu_rows(t, a, rows) -> None:
