@@ -88,7 +88,7 @@ def test_same_seed_same_metrics_bit_for_bit(run_a, student, tmp_path):
     # the first GAD step starts from the reference (the warmed-up student): KL 0, PPO ratio 1
     assert gad[0]["kl"] == pytest.approx(0.0, abs=1e-7) and gad[0]["ratio"] == pytest.approx(1.0, abs=1e-6)
     timing = [json.loads(x) for x in lines(run_dir, "timings.jsonl")]
-    assert {"rollout", "old_logprobs", "ref_logprobs", "d_scores", "d_update", "g_update", "other",
+    assert {"rollout", "ref_logprobs", "d_scores", "d_update", "g_update", "other",
             "tokens_per_second"} <= set(timing[-1])
     assert os.path.exists(run_dir / "curves.png") and os.listdir(run_dir / "tensorboard")
     assert any(f.startswith("step_") for f in os.listdir(run_dir / "samples"))

@@ -41,7 +41,7 @@ def test_samples_grouped_by_prompt_and_sum_to_sequence_logprob(rollout):
     for pi, g in enumerate(groups):
         assert len(g) == 8 and all(s[0] == pi for s in g)
         for _, n_tokens, lp_sum, cumulative in g:
-            assert n_tokens == 10 and abs(lp_sum - cumulative) <= 1e-4
+            assert 1 <= n_tokens <= 10 and abs(lp_sum - cumulative) <= 1e-4  # up to MAX_NEW (an end token stops one)
     assert min(rollout["distinct_samples"]) >= 2  # temperature 0.8 really samples
 
 

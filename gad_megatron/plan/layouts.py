@@ -61,11 +61,11 @@ def plan(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions
         return Plan(lay, world, False, problems, workload=wl)
     mem = plan_memory(arch, lay, world, wl, gpu, asm)
     refusal = vllm_start_refusal(mem, wl, gpu)
-    if refusal:
-        problems.append(refusal)
-    elif mem.peak > gpu.memory_gib * GIB:
+    if mem.train_phase > gpu.memory_gib * GIB or (mem.peak > gpu.memory_gib * GIB and not refusal):
         problems.append(f"needs {mem.peak / GIB:.1f} GiB per GPU ({'rollout' if mem.rollout_phase > mem.train_phase else 'training'} "
                         f"phase), the {gpu.name} has {gpu.memory_gib}")
+    if refusal:
+        problems.append(refusal)
     return Plan(lay, world, not problems, problems, mem, plan_time(arch, lay, world, wl, gpu, asm), wl)
 
 

@@ -149,7 +149,8 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
 
     own_writer_queue()
     for engine in engines.values():
-        engine.ensure_resident()  # state offloaded for a rollout engine comes back before it is read
+        if hasattr(engine, "ensure_resident"):
+            engine.ensure_resident()  # state offloaded for a rollout engine comes back before it is read
     parts, tmps = [], []
     trainer_dir = os.path.join(ckpt_root, "trainer")
     t_final = iter_dir(trainer_dir, step)
@@ -159,7 +160,10 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
             final = iter_dir(role_dir, step)
             tmp = _fresh_tmp(final)
             tmps.append(tmp)
-            state = _state(engine, metadata=_optim_metadata(engine))
+            # A distributed optimizer before its first step has no state to save (megatron asserts on it); the
+            # loader then keeps its optimizer fresh, as it does for any model saved before its first step.
+            fresh = getattr(engine, "use_distributed_optimizer", False) and not engine.has_optimizer_state()
+            state = _state(engine, metadata=_optim_metadata(engine), with_optimizer=not fresh)
             state.update({"checkpoint_version": 3.0, "iteration": step})
             dist_checkpointing.save(state, tmp)
             parts.append((role_dir, tmp, final, role))
@@ -234,12 +238,15 @@ def load(ckpt_root: str, step: int, engines: dict) -> dict:
     from gad_megatron.convert.safe_metadata import load_metadata
 
     for role, engine in engines.items():
-        engine.ensure_resident()
+        if hasattr(engine, "ensure_resident"):
+            engine.ensure_resident()
         d = iter_dir(os.path.join(ckpt_root, role), step)
         md = load_metadata(d)  # refuses a crafted .metadata / byte item before megatron unpickles anything
         # A model saved before its first optimizer step (G during critic warmup) has no Adam state to load:
         # its optimizer stays fresh (not even allocated: Adam allocates at its first step), as it was saved.
         stepped = any(k.startswith("optimizer.") for k in md.state_dict_metadata)
+        if stepped and hasattr(engine, "allocate_optimizer_state"):
+            engine.allocate_optimizer_state()  # a fresh distributed optimizer reads its own state while loading
         state = _state(engine, is_loading=True, metadata=_optim_metadata(engine), with_optimizer=stepped)
         loaded = dist_checkpointing.load(state, d)
         chunks = engine.modules

@@ -73,7 +73,7 @@ class StateOffload:
     def to_host(self, kinds: Iterable[str]) -> int:
         """Moves each kind not already away; returns the bytes freed on the device."""
         freed = 0
-        pin = torch.cuda.is_available() and any(p.is_cuda for c in self.engine.chunks for p in c.parameters())
+        pin = any(p.is_cuda for c in self.engine.chunks for p in c.parameters())  # GPU state: pinned host copies
         for kind in kinds:
             if kind in self.away:
                 continue
@@ -101,6 +101,6 @@ class StateOffload:
             for s, host in moved:
                 s.resize_(host.numel())
                 _whole(s).copy_(host, non_blocking=host.is_pinned())
-        if self.away and torch.cuda.is_available():
+        if any(host.is_pinned() for moved in self.away.values() for _, host in moved):
             torch.cuda.current_stream().synchronize()
         self.away = {}

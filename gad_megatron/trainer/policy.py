@@ -221,7 +221,7 @@ class Policy:
 
     def train_state_away(self, kinds) -> None:
         """G's and D's chosen state (``rollout.offload``) to host memory, device storages freed."""
-        live = self.engine is not None and self.engine.live_weights  # it samples with G's own parameters
+        live = getattr(self.engine, "live_weights", False)  # it samples with G's own parameters: they stay
         freed = sum(e.offload.to_host([k for k in kinds if not (live and k == "params")]) for e in self.train_engines)
         if freed and not self.offload_reported and self.world.get("rank", 0) == 0:
             import logging
@@ -233,13 +233,11 @@ class Policy:
 
     def train_state_back(self) -> None:
         """The rollout engine sleeps (GPU, colocated), then whatever G and D moved away comes back, bitwise."""
-        if any(e.offload.away for e in self.train_engines):
-            if self.engine is not None:
-                self.engine.sleep()
-            for e in self.train_engines:
-                e.offload.to_device()
-        elif self.engine is not None:
-            self.engine.sleep()
+        sleep = getattr(self.engine, "sleep", None)  # an engine without memory to hand back has none
+        if sleep is not None:
+            sleep()
+        for e in self.train_engines:
+            e.offload.to_device()
 
     def shutdown(self) -> None:
         if self.engine is not None:
