@@ -46,10 +46,11 @@ class ParallelSection:
     pipeline_parallel: int = 1
     virtual_pipeline_parallel: Optional[int] = None
     sequence_parallel: bool = False
-    # ZeRO-1 (megatron's distributed optimizer: each DP rank holds 1/DP of Adam and the fp32 master weights).
-    # null: on when the data-parallel size is > 1 (the parameter all-gather finishes inside the optimizer step,
-    # before the weight sync reads G).
-    use_distributed_optimizer: Optional[bool] = None
+    # ZeRO-1 (megatron's distributed optimizer: each DP rank holds 1/DP of Adam and the fp32 master weights; its
+    # parameter all-gather finishes inside the optimizer step, before the weight sync reads G). null: on when the
+    # data-parallel size is > 1. Off by default for now: resuming its checkpoints fails inside megatron-core
+    # 0.16 without Apex / TE (a KeyError 'step' when loading, and a plain optimizer cannot read its param groups).
+    use_distributed_optimizer: Optional[bool] = False
     grad_reduce_in_bf16: bool = False  # DDP reduces (and keeps) gradients in bf16 instead of fp32: half the bytes
     device: Optional[str] = None  # cuda | cpu; None: cuda when available
     nproc: int = 1  # ranks a plain `gad-train` starts (ignored under torchrun / srun)
