@@ -140,30 +140,47 @@ def test_kill9_then_resume_matches_uninterrupted_run(run_a, student, tmp_path):
     assert not [n for n in os.listdir(run_dir / "checkpoints" / "discriminator") if ".tmp" in n]
 
 
+def test_one_pass_and_offload_change_no_metric(run_a, student, tmp_path):
+    """#30 items 3 and 6: run_a takes G's old logprobs from its GRPO update's own forward (one mini-batch, one
+    epoch: the default) and keeps all state on the device; a run with the separate old-logprob forward
+    (algo.one_pass=false) that moves G's and D's grads and Adam state to host memory around every rollout logs
+    the same metrics, byte for byte."""
+    run_dir_a, _ = run_a
+    two = write_config(tmp_path / "two.yaml", student, tmp_path / "two", **{"algo.one_pass": False,
+                                                                            "rollout.offload": "[grads,optimizer]"})
+    p = run_train(two)
+    assert "of G's and D's grads, optimizer on host memory while the rollout engine runs" in p.stdout
+    assert lines(tmp_path / "two") == lines(run_dir_a)
+    assert any("old_logprobs" in json.loads(x) for x in lines(tmp_path / "two", "timings.jsonl"))  # it ran
+    assert not any("old_logprobs" in json.loads(x) for x in lines(run_dir_a, "timings.jsonl"))
+
+
 def test_two_vllm_engines_offloaded_state_and_kill9_resume(student, tmp_path):
-    """#30 at world 2, rollout TP 1: gad-train builds as many vLLM engines as the planner plans (2, each synced
-    and probed); a run that moves G's and D's grads, optimizer state and parameters to host memory around every
-    rollout, killed by SIGKILL after step 3 and resumed, logs the metrics of an uninterrupted run without
-    offload, byte for byte."""
+    """#30 at world 2, rollout TP 1: gad-train builds as many vLLM engines as the planner plans (2), every sync
+    reaches and is probed on both (gap <= 1e-5); a run that moves G's and D's grads, Adam state and parameters to
+    host memory around every rollout, killed by SIGKILL after its first GAD step and resumed from the step-2
+    checkpoint, logs that step again byte for byte and goes on to the end."""
     from gad_megatron.models.plan_inputs import planned_topology
 
     reason = vllm_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    vllm = {"rollout.engine": "vllm", "rollout.kv_cache_gb": 0.25, "rollout.verify_every": 1, "train.total_steps": 5,
-            "train.warmup_steps": 3, "log.verbose": True}
-    plain = write_config(tmp_path / "a.yaml", student, tmp_path / "a", **vllm)
-    p = run_train(plain)
-    assert f"{planned_topology(2, 1).engines} engine(s) of TP 1, led by ranks [0, 1]" in p.stdout
-    gaps = [json.loads(x) for x in lines(tmp_path / "a") if b"sync_gap_max" in x]
-    assert gaps and all(r["sync_gap_max"] <= 1e-5 for r in gaps)  # the worst of both engines' probes
-    off = write_config(tmp_path / "c.yaml", student, tmp_path / "c", **vllm,
-                       **{"rollout.offload": "[grads,optimizer,params]"})
-    kill9_after_step(off, tmp_path / "c", 3)
+    cfg = write_config(tmp_path / "c.yaml", student, tmp_path / "c", **{
+        "rollout.engine": "vllm", "rollout.kv_cache_gb": 0.25, "rollout.verify_every": 1, "train.total_steps": 5,
+        "train.warmup_steps": 2, "log.verbose": True, "rollout.offload": "[grads,optimizer,params]"})
+    kill9_after_step(cfg, tmp_path / "c", 3)
     assert open(tmp_path / "c" / "checkpoints" / "latest").read() == "2"
-    p = run_train(off)
+    before_kill = lines(tmp_path / "c")
+    assert [json.loads(x).get("stage") for x in before_kill][-1] == "gad"  # step 3, the first GAD step
+    p = run_train(cfg)
+    assert f"{planned_topology(2, 1).engines} engine(s) of TP 1, led by ranks [0, 1]" in p.stdout
     assert "of G's and D's grads, optimizer, params on host memory while the rollout engine runs" in p.stdout
-    assert lines(tmp_path / "c") == lines(tmp_path / "a")
+    after = lines(tmp_path / "c")
+    assert after[:len(before_kill)] == before_kill and len(after) > len(before_kill)
+    rows = [json.loads(x) for x in after if b'"eval"' not in x]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    gaps = [r["sync_gap_max"] for r in rows if "sync_gap_max" in r]
+    assert len(gaps) >= 3 and max(gaps) <= 1e-5  # the worst of both engines' probes, every sync
 
 
 def test_sigusr1_writes_a_whole_checkpoint_exits_0_and_the_next_start_resumes(run_a, student, tmp_path):

@@ -104,7 +104,7 @@ def test_inprocess_engine_transport(tmp_path):
     assert r["before"] != r["hf"] and r["after"] == r["hf"] and r["gap_max"] <= 1e-4
 
 
-@pytest.mark.parametrize("tp", [2, 1], ids=["trainTP2-engineTP1", "trainTP1-engineTP1"])
+@pytest.mark.parametrize("tp", [2], ids=["trainTP2-engineTP1"])  # TP1 too until #30: the same path, 80 s more
 def test_collective_transport_delivers_the_same_bits(tmp_path, tp):
     """#8: weights reach a separate vLLM process by broadcast over a process group of their own (gloo here,
     NCCL on GPU): vLLM then answers like HF, and the bytes received equal the bytes sent and the bytes the
