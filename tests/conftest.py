@@ -57,6 +57,22 @@ def pytest_collection_modifyitems(config, items):
             it.add_marker(getattr(pytest.mark, name))
 
 
+@pytest.fixture
+def heavy_memory():
+    """Tests that hold several GiB take turns across the pytest workers: SmolLM2's GAD run (~6.5 GiB) next to two
+    vLLM engines (2 trainer ranks + 2 engine cores + 2 engine workers) passed this machine's 24 GiB and the
+    kernel killed the SmolLM2 run. An exclusive lock on one file, held for the test."""
+    import fcntl
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), "gad-megatron-tests-heavy-memory.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

