@@ -111,13 +111,26 @@ def _wait_for_step(run_dir, step, proc, timeout=300):
 
 
 def kill9_after_step(cfg, run_dir, step) -> None:
-    """Starts gad-train on ``cfg`` and kills its whole process group with SIGKILL once ``step`` is logged."""
+    """Starts gad-train on ``cfg`` and kills its whole process group with SIGKILL once ``step`` is logged, and every
+    process it started: vLLM's engine processes (in the ranks' own sessions) outlive a SIGKILLed rank on CPU and
+    would hold ~1 GiB each for the rest of the suite."""
+    import psutil
+
     proc = subprocess.Popen(GAD_TRAIN + ["--config", str(cfg)], cwd=ROOT, env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_step(run_dir, step, proc)
     finally:
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
         os.killpg(proc.pid, signal.SIGKILL)
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         proc.wait()
 
 
