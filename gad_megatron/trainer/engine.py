@@ -96,12 +96,13 @@ class TrainEngine:
         self.offload = StateOffload(self)  # rollout.offload: state in host memory while a rollout engine is awake
         self.bring_back = self.offload.to_device  # the Policy's own first puts a colocated engine to sleep
 
-    def _inner_optimizers(self) -> list:
+    def megatron_optimizers(self) -> list:
+        """The megatron optimizers of this engine (a ChainedOptimizer holds several; each wraps a torch one)."""
         return list(getattr(self.optimizer, "chained_optimizers", None) or [self.optimizer])
 
     def has_optimizer_state(self) -> bool:
         """Adam has taken a step (it allocates its state then)."""
-        return any(getattr(o, "optimizer", None) is not None and len(o.optimizer.state) for o in self._inner_optimizers())
+        return any(getattr(o, "optimizer", None) is not None and len(o.optimizer.state) for o in self.megatron_optimizers())
 
     def allocate_optimizer_state(self) -> None:
         """A fresh distributed optimizer reads its own state while building the sharded state dict it loads into
@@ -109,7 +110,7 @@ class TrainEngine:
         does for the others; the load then overwrites every value."""
         if not self.use_distributed_optimizer or self.has_optimizer_state():
             return
-        for o in self._inner_optimizers():
+        for o in self.megatron_optimizers():
             fn, inner = getattr(o, "init_state_fn", None), getattr(o, "optimizer", None)
             if fn is not None and inner is not None:
                 fn(inner, getattr(o, "config", None))

@@ -16,13 +16,6 @@ import torch
 KINDS = ("grads", "optimizer", "params")
 
 
-def _inner_optimizers(optimizer) -> list:
-    """The torch optimizers inside a megatron optimizer (a ChainedOptimizer holds several)."""
-    chained = getattr(optimizer, "chained_optimizers", None)
-    opts = chained if chained is not None else [optimizer]
-    return [getattr(o, "optimizer", o) for o in opts]
-
-
 def _param_storages(chunks) -> list:
     return [p.untyped_storage() for c in chunks for p in c.parameters()]
 
@@ -38,7 +31,7 @@ def storages(engine, kind: str) -> list:
                  if getattr(buf, "param_data", None) is not None] + _param_storages(chunks)
     elif kind == "optimizer":
         found = []
-        for opt in _inner_optimizers(engine.optimizer):
+        for opt in (getattr(o, "optimizer", o) for o in engine.megatron_optimizers()):  # the torch optimizers
             for state in opt.state.values():
                 found += [v.untyped_storage() for v in state.values() if torch.is_tensor(v)]
             found += [p.untyped_storage() for g in opt.param_groups for p in g["params"]]  # master copies
@@ -65,10 +58,6 @@ class StateOffload:
     def __init__(self, engine):
         self.engine = engine
         self.away = {}  # kind -> [(storage, host copy)]
-
-    @property
-    def kinds_away(self) -> tuple:
-        return tuple(self.away)
 
     def to_host(self, kinds: Iterable[str]) -> int:
         """Moves each kind not already away; returns the bytes freed on the device."""
