@@ -73,7 +73,12 @@ def run_a(student, tmp_path_factory):
     return base / "run", cfg
 
 
-def test_same_seed_same_metrics_bit_for_bit(run_a, student, tmp_path):
+def test_same_seed_same_metrics_bit_for_bit_from_any_data_shape(run_a, student, tmp_path):
+    """Run b reads the same rows as chat turns from a saved `datasets` folder (#31 item 1); run c reads them as
+    custom-named prompt / response columns from Parquet and stops after 2 steps: both log run a's metrics."""
+    import datasets
+    from test_data_formats import chat_row, columns_row
+
     run_dir, _ = run_a
     rows = [json.loads(x) for x in lines(run_dir)]
     steps = [r["step"] for r in rows if "eval" not in r]
@@ -92,9 +97,19 @@ def test_same_seed_same_metrics_bit_for_bit(run_a, student, tmp_path):
             "tokens_per_second"} <= set(timing[-1])
     assert os.path.exists(run_dir / "curves.png") and os.listdir(run_dir / "tensorboard")
     assert any(f.startswith("step_") for f in os.listdir(run_dir / "samples"))
-    cfg_b = write_config(tmp_path / "b.yaml", student, tmp_path / "run_b")
+    native = [json.loads(x) for x in open(demo.ASSET)]
+    datasets.Dataset.from_list([chat_row(r) for r in native]).save_to_disk(str(tmp_path / "chat"))
+    cfg_b = write_config(tmp_path / "b.yaml", student, tmp_path / "run_b", **{"data.train": str(tmp_path / "chat")})
     run_train(cfg_b)
     assert lines(tmp_path / "run_b") == lines(run_dir)
+    datasets.Dataset.from_list([columns_row(r, "q", "a") for r in native]).to_parquet(str(tmp_path / "c.parquet"))
+    cfg_c = write_config(tmp_path / "c.yaml", student, tmp_path / "run_c", **{
+        "data.train": str(tmp_path / "c.parquet"), "data.prompt_key": "q", "data.response_key": "a",
+        "train.stop_after": 2})
+    run_train(cfg_c)
+    two = [x for x in lines(tmp_path / "run_c") if b'"eval": "after"' not in x]  # its own final evaluation
+    assert [json.loads(x).get("step") for x in two if b'"eval"' not in x] == [1, 2]
+    assert two == lines(run_dir)[:len(two)]
 
 
 def _wait_for_step(run_dir, step, proc, timeout=300):

@@ -19,7 +19,7 @@ def _stable_id(messages: list) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _content_text(content, where: str) -> str:
+def content_text(content, where: str) -> str:
     """A turn's content: a string, or OpenAI-style parts ``[{"type": "text", "text": ...}]`` joined (a part of
     another type, e.g. an image, cannot be trained on a text model: refused)."""
     if isinstance(content, str):
@@ -45,7 +45,7 @@ def to_item(row: dict, where: str, id_field: Optional[str] = None) -> dict:
         for turn in conv:
             if not isinstance(turn, dict) or "content" not in turn or turn.get("role") not in ("system", "user", "assistant"):
                 raise PromptFormatError(f"{where}: each turn needs role (system|user|assistant) and content")
-            messages.append({"role": turn["role"], "content": _content_text(turn["content"], where)})
+            messages.append({"role": turn["role"], "content": content_text(turn["content"], where)})
         while messages and messages[-1]["role"] == "assistant":
             messages.pop()  # the teacher answers the last user turn; a recorded answer is dropped
         if not messages or messages[-1]["role"] != "user":

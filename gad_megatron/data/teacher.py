@@ -1,7 +1,16 @@
 """The trainer's data: ``gad-collect`` rows (prompt + the teacher's answer), tokenised once, split, sampled.
 
-Rows are ``{"id", "messages" | "prompt" | "conversation", "teacher_response"}`` in JSONL (read here, so an
-error names the line) or parquet / a saved ``datasets`` directory (through HF ``datasets``). The chat template
+Rows come in three shapes (:class:`RowShape`; ``data.format`` names one or ``auto`` tells them apart by their
+keys), in JSONL (read here, so an error names the line) or parquet / a saved ``datasets`` directory (through HF
+``datasets``):
+
+- ``native``: gad-collect's rows, ``{"id", "messages" | "prompt" | "conversation", "teacher_response"}``;
+- ``chat``: ``{"messages": [..., {"role": "assistant", "content": <the teacher's answer>}]}`` (TRL's
+  conversational rows; ``conversation`` too): the last turn is the answer, the turns before it the prompt;
+- ``columns``: a prompt and a response column, named by ``data.prompt_key`` / ``data.response_key``
+  (default ``prompt`` / ``response``; an optional ``system`` column).
+
+The chat template
 is applied once (:mod:`gad_megatron.data.chat`). Prompt / response limits have an explicit policy, ``drop``
 or ``truncate``, and every row it touches is counted in :class:`DataStats`.
 
@@ -20,7 +29,9 @@ from typing import Iterator, Optional
 import torch
 
 from gad_megatron.data.chat import prompt_ids, response_ids
-from gad_megatron.data.prompts import PromptFormatError, iter_rows, to_item
+from gad_megatron.data.prompts import PromptFormatError, content_text, iter_rows, to_item
+
+FORMATS = ("auto", "native", "chat", "columns")
 
 
 class DataError(ValueError):
@@ -63,20 +74,88 @@ def _iter_rows(path: str) -> Iterator[tuple]:
         raise DataError(str(e)) from None
 
 
-def _parse(where: str, row: dict) -> dict:
+@dataclass(frozen=True)
+class RowShape:
+    """Which keys of a row hold the prompt and the teacher's answer (``data.format`` / ``prompt_key`` /
+    ``response_key``)."""
+    format: str = "auto"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+
+    def of(self, row: dict) -> Optional[str]:
+        """The shape of ``row`` (``format``, or for ``auto`` the first that fits its keys); None if none does."""
+        if self.format != "auto":
+            return self.format
+        if "teacher_response" in row:
+            return "native"
+        turns = row.get("messages", row.get("conversation"))
+        if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
+            return "chat"
+        if self.prompt_key in row and self.response_key in row:
+            return "columns"
+        return None
+
+    def wanted(self) -> str:
+        return {"native": "'teacher_response' with 'messages', 'conversation' or 'prompt' (gad-collect's rows)",
+                "chat": "'messages' (or 'conversation') whose last turn is the assistant's answer (chat rows)",
+                "columns": f"{self.prompt_key!r} and {self.response_key!r} (data.prompt_key / data.response_key)",
+                }.get(self.format) or ("one of: 'teacher_response' with 'messages' or 'prompt' (gad-collect's rows); "
+                                       "'messages' ending in the assistant's answer (chat rows); "
+                                       f"{self.prompt_key!r} and {self.response_key!r} (data.prompt_key / data.response_key)")
+
+
+def _refuse(where: str, row: dict, shape: RowShape, why: str = "") -> DataError:
+    fmt = f"data.format={shape.format}"
+    return DataError(f"{where}: {why or 'cannot tell the row shape'} ({fmt}): the row has keys {sorted(row)}, "
+                     f"wanted {shape.wanted()}")
+
+
+def _answer(where: str, value, key: str) -> str:
+    text = content_text(value, where) if isinstance(value, (str, list)) else None
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: {key!r} must be a non-empty string (the teacher's answer)")
+    return text
+
+
+def _ids(row: dict) -> dict:
+    return {k: row[k] for k in ("id", "conversation_id", "question_id") if row.get(k) is not None}
+
+
+def _parse(where: str, row: dict, shape: RowShape = RowShape()) -> dict:
+    """One row -> ``{"id", "messages", "teacher_response"}`` (``messages`` up to the last user turn)."""
+    fmt = shape.of(row)
     try:
-        item = to_item(row, where)
+        if fmt == "native":
+            if "teacher_response" not in row:
+                raise _refuse(where, row, shape, "no 'teacher_response'")
+            item, answer = to_item(row, where), _answer(where, row["teacher_response"], "teacher_response")
+        elif fmt == "chat":
+            turns = row.get("messages", row.get("conversation"))
+            if not (isinstance(turns, list) and turns and isinstance(turns[-1], dict)
+                    and turns[-1].get("role") == "assistant"):
+                raise _refuse(where, row, shape, "no chat turns ending in the assistant's answer")
+            answer = _answer(where, turns[-1].get("content"), "messages[-1].content")
+            if len(turns) < 2:
+                raise DataError(f"{where}: chat row has no user turn before the assistant's answer")
+            item = to_item({**_ids(row), "messages": turns[:-1]}, where)
+        elif fmt == "columns":
+            if shape.prompt_key not in row or shape.response_key not in row:
+                raise _refuse(where, row, shape, "missing prompt or response column")
+            prompt = row[shape.prompt_key]  # a string, or chat turns (verl's prompt column)
+            item = to_item({**_ids(row), "system": row.get("system"),
+                            ("messages" if isinstance(prompt, list) else "prompt"): prompt}, where)
+            answer = _answer(where, row[shape.response_key], shape.response_key)
+        else:
+            raise _refuse(where, row, shape)
     except PromptFormatError as e:
         raise DataError(str(e)) from None
-    answer = row.get("teacher_response")
-    if not isinstance(answer, str) or not answer.strip():
-        raise DataError(f"{where}: 'teacher_response' must be a non-empty string (the teacher's answer)")
     item["teacher_response"] = answer
     return item
 
 
-def read_rows(path: str, bad_rows: str = "error", stats: Optional[DataStats] = None) -> list:
-    """Parsed rows ``{"id", "messages", "teacher_response"}``; a bad row raises (``error``) or is counted
+def read_rows(path: str, bad_rows: str = "error", stats: Optional[DataStats] = None,
+              shape: RowShape = RowShape()) -> list:
+    """Parsed rows ``{"id", "messages", "teacher_response"}`` of any :class:`RowShape`; a bad row raises (``error``) or is counted
     (``skip``). A row repeating an earlier row (same id, prompt and answer) is counted and dropped; a row that
     reuses an earlier row's id for another prompt or answer is a bad row naming both lines (two files numbered
     alike and concatenated: dropping it would silently lose half of the data)."""
@@ -87,7 +166,7 @@ def read_rows(path: str, bad_rows: str = "error", stats: Optional[DataStats] = N
         try:
             if isinstance(row, Exception):
                 raise row
-            item = _parse(where, row)
+            item = _parse(where, row, shape)
             first = seen.get(item["id"])
             if first is not None and first[1] != item:
                 raise DataError(f"{where}: id {item['id']!r} was already used by {first[0]} for another prompt or "

@@ -42,7 +42,8 @@ class VLLMConfig:
     # on GPU cuda-ipc for a colocated engine, collective (NCCL) otherwise; on CPU shm-files.
     transport: str = "auto"
     colocated: bool = True  # the engine shares the trainer's GPU(s)
-    devices: Optional[list] = None  # node-local GPU indices of this engine's workers (rollout topology), leader's first
+    devices: Optional[list] = None  # node-local device indices of this engine's workers (rollout topology), leader's first
+    node_ranks: int = 1  # trainer ranks (= devices) on this node: on CPU, each device index owns 1/node_ranks of the cores
 
 
 def vllm_unavailable_reason():
@@ -91,7 +92,7 @@ class VLLMEngine(RolloutEngine):
             kwargs["enable_sleep_mode"] = True
         # Slurm's SIGUSR1 reaches the engine core and its workers too; they must outlive the trainer's save.
         # (Built before the trainer installs its own SIGUSR1 handler: this window loses no stop request.)
-        with ignored_by_children(signal.SIGUSR1), visible_devices(cfg.devices if on_gpu else None):
+        with ignored_by_children(signal.SIGUSR1), environment(engine_placement(cfg, on_gpu)):
             self.llm = LLM(**kwargs)
         self.on_gpu = on_gpu
         self.sleep_enabled = on_gpu and cfg.enable_sleep_mode
@@ -208,26 +209,51 @@ class VLLMEngine(RolloutEngine):
             self.llm = None
 
 
-@contextmanager
-def visible_devices(devices: Optional[list]):
-    """While vLLM starts its processes (they inherit the environment): only this engine's GPUs are visible, its
-    leader's first, so worker k of the engine runs on the group's k-th GPU. The trainer process has
-    initialised CUDA already and is not affected."""
-    if devices is None:
-        yield
-        return
-    import torch
+def engine_placement(cfg: VLLMConfig, on_gpu: bool) -> dict:
+    """The environment vLLM's processes start with (they inherit it) so that the engine runs on its own devices.
+    GPU: only the engine's GPUs are visible, its leader's first, so worker k runs on the group's k-th GPU (the
+    trainer process has initialised CUDA already and is not affected). CPU, several engines on one node: each
+    worker's OpenMP threads are bound to its device index's share of this process's cores; vLLM's automatic
+    binding gives every engine all of them, and two engines spinning on the same 2 cores made the demo's
+    rollouts 8x and its weight syncs 30x slower."""
+    if cfg.devices is None:
+        return {}
+    if on_gpu:
+        import torch
 
-    old = os.environ.get("CUDA_VISIBLE_DEVICES")
-    physical = old.split(",") if old else [str(i) for i in range(torch.cuda.device_count())]
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical[d] for d in devices)
+        old = os.environ.get("CUDA_VISIBLE_DEVICES")
+        physical = old.split(",") if old else [str(i) for i in range(torch.cuda.device_count())]
+        return {"CUDA_VISIBLE_DEVICES": ",".join(physical[d] for d in cfg.devices)}
+    if cfg.node_ranks <= 1:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, core_share(cores, d, cfg.node_ranks)))
+                                                  for d in cfg.devices)}
+
+
+def core_share(cores: list, index: int, parts: int) -> list:
+    """Share ``index`` of ``parts`` contiguous, near-equal shares of ``cores`` (a core is shared round-robin when
+    there are fewer cores than parts)."""
+    if len(cores) < parts:
+        return [cores[index % len(cores)]]
+    base, extra = divmod(len(cores), parts)
+    lo = index * base + min(index, extra)
+    return cores[lo : lo + base + (1 if index < extra else 0)]
+
+
+@contextmanager
+def environment(values: dict):
+    """``os.environ`` updated with ``values`` inside the block, restored after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _has_tokenizer(model_dir: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from gad_megatron.data.teacher import DataError, DataStats, read_rows, split_heldout, tokenize_rows
+from gad_megatron.data.teacher import DataError, DataStats, RowShape, read_rows, split_heldout, tokenize_rows
 from gad_megatron.models.storage import DTYPE_BYTES, HF_DTYPE
 from gad_megatron.trainer.disk import check_free_space
 from gad_megatron.trainer.policy import Policy
@@ -107,9 +107,10 @@ def load_data(cfg) -> RunData:
     tok_dir = cfg.data.tokenizer or model_hf_dir(cfg.model.student)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     stats = DataStats()
-    rows = read_rows(cfg.data.train, cfg.data.bad_rows, stats)
+    shape = RowShape(cfg.data.format, cfg.data.prompt_key, cfg.data.response_key)
+    rows = read_rows(cfg.data.train, cfg.data.bad_rows, stats, shape)
     if cfg.data.heldout:
-        train_rows, held_rows = rows, read_rows(cfg.data.heldout, cfg.data.bad_rows, DataStats())
+        train_rows, held_rows = rows, read_rows(cfg.data.heldout, cfg.data.bad_rows, DataStats(), shape)
     else:
         train_rows, held_rows = split_heldout(rows, cfg.data.heldout_size, cfg.train.seed)
     lim = (cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, cfg.data.overlong)
@@ -317,9 +318,9 @@ def load_frozen(path: str, opts) -> list:
     return chunks
 
 
-def vllm_config(cfg, hf_dir: str, devices=None):
-    """The vLLM engine a run starts (the trainer, gad-doctor --deep); ``devices``: the node-local GPUs of
-    this engine (rollout topology; None: vLLM's default)."""
+def vllm_config(cfg, hf_dir: str, devices=None, node_ranks: int = 1):
+    """The vLLM engine a run starts (the trainer, gad-doctor --deep); ``devices``: the node-local devices of
+    this engine (rollout topology; None: vLLM's default), of ``node_ranks`` on the node."""
     from gad_megatron.rollout.vllm_engine import VLLMConfig
 
     kv = cfg.rollout.kv_cache_gb
@@ -332,7 +333,7 @@ def vllm_config(cfg, hf_dir: str, devices=None):
         kv_cache_memory_bytes=int(kv * 1024**3) if kv is not None else None, seed=cfg.train.seed,
         transport=cfg.rollout.transport, colocated=cfg.rollout.colocated,
         enable_sleep_mode=cfg.rollout.colocated and cfg.rollout.sleep_between_rollouts,
-        enforce_eager=cfg.rollout.enforce_eager, devices=devices,
+        enforce_eager=cfg.rollout.enforce_eager, devices=devices, node_ranks=node_ranks,
         # A checkpoint's hf/ has config + tokenizer only: start from dummy weights, the first sync fills them.
         load_format="auto" if has_weights else "dummy")
 
@@ -377,7 +378,7 @@ def make_engine(cfg, t: Trainer) -> tuple:
     if topo.is_leader(rank):
         if cfg.rollout.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        engine = engine_class(name)(vllm_config(cfg, t.hf_dir, devices=topo.local_devices(rank)))
+        engine = engine_class(name)(vllm_config(cfg, t.hf_dir, devices=topo.local_devices(rank), node_ranks=topo.per_node))
     sync = WeightSync(t.g.modules, engine, t.arch, bucket_mb=cfg.rollout.bucket_mb, stop_gap=cfg.rollout.stop_gap,
                       dst=topo.leaders)
     return engine, sync

@@ -58,7 +58,12 @@ class ParallelSection:
 
 @dataclass
 class DataConfig:
-    train: str = MISSING  # gad-collect rows: JSONL or parquet ({"id", "messages" | "prompt", "teacher_response"})
+    train: str = MISSING  # JSONL, parquet or a saved datasets folder, rows of data.format (data/teacher.py)
+    # auto | native (gad-collect's {"id", "messages" | "prompt", "teacher_response"}) | chat (messages whose
+    # last turn is the teacher's answer) | columns (prompt_key / response_key); auto tells them apart by keys.
+    format: str = "auto"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
     heldout: Optional[str] = None  # a separate held-out file; else heldout_size rows split off train
     heldout_size: int = 0
     tokenizer: Optional[str] = None  # default: the student's HF directory (or the checkpoint's hf/)
@@ -301,6 +306,7 @@ _CHOICES = {
     "parallel.device": (None, "cuda", "cpu"),
     "data.overlong": ("drop", "truncate"),
     "data.bad_rows": ("error", "skip"),
+    "data.format": ("auto", "native", "chat", "columns"),
     "rollout.engine": engine_choices(),
     "rollout.transport": transport_choices(),
     "g_optim.schedule": ("constant", "cosine"),

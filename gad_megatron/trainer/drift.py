@@ -85,8 +85,17 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def data_digest(path: str) -> Optional[str]:
-    """sha256 of the training data file (None for a directory or a missing file); computed once per version."""
-    if not os.path.isfile(path):
+    """sha256 of the training data: a file's bytes, or a saved ``datasets`` folder's files (relative names and
+    bytes, in name order); None for a missing path. Each file's digest is computed once per version."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if not os.path.isdir(path):
         return None
-    st = os.stat(path)
-    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(f"{os.path.relpath(full, path)}\0{data_digest(full)}\0".encode())
+    return h.hexdigest()

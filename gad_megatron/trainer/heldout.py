@@ -4,6 +4,9 @@
 - with ``eval.scorer`` (a ``module:function`` taking ``(messages, response_text) -> float``):
   ``heldout_score`` over G's greedy answers and ``heldout_score_sampled`` over ``eval.samples`` answers per
   prompt at the rollout temperature (GAD trains the sampling distribution; greedy decoding can hide a change);
+- ``heldout_score_se`` / ``heldout_score_sampled_se``: their standard errors over prompts (the standard
+  deviation of the per-prompt mean score over sqrt(prompts)): prompts are the sampling unit, so this counts
+  both which prompts were held out and the draws per prompt; two scores closer than ~2 of these are noise;
 - ``heldout_length`` (greedy answer tokens) and ``heldout_length_sampled``;
 - ``heldout_kl``: KL(G || reference) on G's sampled held-out answers at the rollout temperature, per token, by
   the same low-variance (k3, never negative) estimator as the training loss's KL, when there is a reference;
@@ -43,11 +46,20 @@ def evaluate(t, held: list) -> dict:
     res["heldout_length"] = sum(len(g[0][0]) for g in greedy) / len(held)
     if scorer is not None:
         where = f"eval.scorer={cfg.eval.scorer}"
-        res["heldout_score"] = sum(call_scorer(scorer, where, e, txt) for e, txt in zip(held, texts)) / len(held)
+        res.update(score_and_se("heldout_score", [[call_scorer(scorer, where, e, txt)] for e, txt in zip(held, texts)]))
         res["heldout_examples"] = [{"id": e.id, "answer": txt} for e, txt in list(zip(held, texts))[:3]]
     if cfg.eval.samples:
         res.update(_sampled(t, held, scorer, stop))
     return res
+
+
+def score_and_se(key: str, per_prompt: list) -> dict:
+    """``{key: mean score, key_se: its standard error}`` from each prompt's list of sample scores (equal
+    lengths): the per-prompt means' standard deviation over sqrt(prompts) (0 for a single prompt)."""
+    means = [sum(x) / len(x) for x in per_prompt]
+    mean = sum(means) / len(means)
+    var = sum((m - mean) ** 2 for m in means) / (len(means) - 1) if len(means) > 1 else 0.0
+    return {key: mean, f"{key}_se": (var / len(means)) ** 0.5}
 
 
 def _sampled(t, held: list, scorer, stop: list) -> dict:
@@ -59,8 +71,8 @@ def _sampled(t, held: list, scorer, stop: list) -> dict:
     if scorer is not None:
         dec = t.tokenizer.decode
         where = f"eval.scorer={cfg.eval.scorer}"
-        res["heldout_score_sampled"] = sum(call_scorer(scorer, where, e, dec(s[0], skip_special_tokens=True))
-                                           for e, g in zip(held, groups) for s in g) / (n * len(held))
+        res.update(score_and_se("heldout_score_sampled", [[call_scorer(scorer, where, e, dec(s[0], skip_special_tokens=True))
+                                                           for s in g] for e, g in zip(held, groups)]))
     if t.ref is not None:
         res["heldout_kl"] = _kl_to_reference(t, held, groups)
     if t.reward is not None and t.reward.reads_answers:

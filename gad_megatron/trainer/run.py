@@ -247,7 +247,7 @@ def format_summary(summary: dict) -> str:
                        ("heldout_ce", "CE on teacher answers"), ("heldout_length", "answer length, greedy"),
                        ("heldout_kl", "KL to reference")):
         if any(key in ev[c] for c in cols):
-            lines.append(f"{label:<26}" + "".join(f"{ev[c].get(key, math.nan):>16.4f}" for c in cols))
+            lines.append(f"{label:<26}" + "".join(f"{_with_se(ev[c], key):>16}" for c in cols))
     lines.append(f"steps: {summary['steps']}")
     if summary.get("stopped_by_guard"):
         lines.append(f"stopped by a guard: {summary['stopped_by_guard']}")
@@ -256,6 +256,12 @@ def format_summary(summary: dict) -> str:
     if summary.get("hf_student"):
         lines.append(f"student (HF): {summary['hf_student']}")
     return "\n".join(lines)
+
+
+def _with_se(ev: dict, key: str) -> str:
+    """``0.1590`` or, for a score with a standard error, ``0.159 ±0.031``."""
+    v, se = ev.get(key, math.nan), ev.get(f"{key}_se")
+    return f"{v:.4f}" if se is None else f"{v:.3f} ±{se:.3f}"
 
 
 def _peak_memory_gib() -> float:

@@ -31,7 +31,8 @@ def main():
     rank = dist.get_rank()
     arch, chunks = load_from_hf(hf_a, "student", ModelOptions())
     topo = rollout_topology(dist.get_world_size(), 1)
-    engine = VLLMEngine(VLLMConfig(model=hf_b, max_model_len=128, seed=3)) if topo.is_leader(rank) else None
+    engine = (VLLMEngine(VLLMConfig(model=hf_b, max_model_len=128, seed=3, devices=topo.local_devices(rank),
+                                    node_ranks=topo.per_node)) if topo.is_leader(rank) else None)
     sync = WeightSync(chunks, engine, arch, bucket_mb=0.25, dst=topo.leaders)
     res = {"engines": topo.engines, "leaders": topo.leaders, "syncs": []}
 
