@@ -210,7 +210,10 @@ class LogSection:
     run_dir: str = "runs/gad"
     tensorboard: bool = True
     wandb_project: Optional[str] = None
-    progress: bool = True
+    progress: bool = True  # the progress bar on a terminal
+    # Not on a terminal (a Slurm log, a file): a step line (main metrics, s / step, ETA) every `interval` steps
+    # and at the last; 0: none. Evaluations and checkpoint saves are announced either way.
+    interval: int = 10
     dump_samples_every: int = 10
     plot: bool = True
     d_saturation_acc: float = 0.95
@@ -388,7 +391,8 @@ def validate(cfg) -> None:
         if not _get(cfg, key) > 0:
             bad(key, "must be > 0")
     for key in ("g_optim.clip_grad", "d_optim.clip_grad", "algo.kl_coef", "algo.clip_ratio", "algo.adv_eps",
-                "train.critic_warmup", "data.heldout_size", "log.dump_samples_every", "eval.heldout_every"):
+                "train.critic_warmup", "data.heldout_size", "log.dump_samples_every", "log.interval",
+                "eval.heldout_every"):
         if _get(cfg, key) < 0:
             bad(key, "must be >= 0")
     for p in ("g_optim", "d_optim"):

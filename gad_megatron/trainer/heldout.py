@@ -7,6 +7,9 @@
 - ``heldout_score_se`` / ``heldout_score_sampled_se``: their standard errors over prompts (the standard
   deviation of the per-prompt mean score over sqrt(prompts)): prompts are the sampling unit, so this counts
   both which prompts were held out and the draws per prompt; two scores closer than ~2 of these are noise;
+- ``heldout_per_prompt``: each prompt's ``{"id", "greedy", "sampled"}`` scores (the run writes them to
+  ``heldout/<eval>_step<step>.jsonl``): two evaluations of the same prompts compare prompt by prompt, whose
+  standard error is far smaller than either score's;
 - ``heldout_length`` (greedy answer tokens) and ``heldout_length_sampled``;
 - ``heldout_kl``: KL(G || reference) on G's sampled held-out answers at the rollout temperature, per token, by
   the same low-variance (k3, never negative) estimator as the training loss's KL, when there is a reference;
@@ -46,10 +49,16 @@ def evaluate(t, held: list) -> dict:
     res["heldout_length"] = sum(len(g[0][0]) for g in greedy) / len(held)
     if scorer is not None:
         where = f"eval.scorer={cfg.eval.scorer}"
-        res.update(score_and_se("heldout_score", [[call_scorer(scorer, where, e, txt)] for e, txt in zip(held, texts)]))
+        greedy_scores = [call_scorer(scorer, where, e, txt) for e, txt in zip(held, texts)]
+        res.update(score_and_se("heldout_score", [[x] for x in greedy_scores]))
+        res["heldout_per_prompt"] = [{"id": e.id, "greedy": x} for e, x in zip(held, greedy_scores)]
         res["heldout_examples"] = [{"id": e.id, "answer": txt} for e, txt in list(zip(held, texts))[:3]]
     if cfg.eval.samples:
         res.update(_sampled(t, held, scorer, stop))
+    sampled = res.pop("sampled_per_prompt", None)
+    if sampled is not None:
+        for row, x in zip(res["heldout_per_prompt"], sampled):
+            row["sampled"] = x
     return res
 
 
@@ -71,8 +80,10 @@ def _sampled(t, held: list, scorer, stop: list) -> dict:
     if scorer is not None:
         dec = t.tokenizer.decode
         where = f"eval.scorer={cfg.eval.scorer}"
-        res.update(score_and_se("heldout_score_sampled", [[call_scorer(scorer, where, e, dec(s[0], skip_special_tokens=True))
-                                                           for s in g] for e, g in zip(held, groups)]))
+        per_prompt = [[call_scorer(scorer, where, e, dec(s[0], skip_special_tokens=True)) for s in g]
+                      for e, g in zip(held, groups)]
+        res.update(score_and_se("heldout_score_sampled", per_prompt))
+        res["sampled_per_prompt"] = [sum(x) / len(x) for x in per_prompt]
     if t.ref is not None:
         res["heldout_kl"] = _kl_to_reference(t, held, groups)
     if t.reward is not None and t.reward.reads_answers:

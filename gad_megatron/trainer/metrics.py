@@ -145,6 +145,20 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
 
+    def timing(self, step: int, row: dict) -> None:
+        """A timings.jsonl row of its own (an evaluation, a checkpoint save), not a step's."""
+        if self.enabled:
+            self.timings_f.write(json.dumps({"step": step, **row}, sort_keys=True) + "\n")
+            self.timings_f.flush()
+
+    def heldout(self, step: int, name: str, rows: list) -> None:
+        """Per-prompt held-out scores of one evaluation: ``heldout/<name>_step<step>.jsonl``."""
+        if not self.enabled:
+            return
+        os.makedirs(os.path.join(self.run_dir, "heldout"), exist_ok=True)
+        with open(os.path.join(self.run_dir, "heldout", f"{name}_step{step:07d}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
     def samples(self, step: int, rows: list) -> None:
         if not self.enabled:
             return

@@ -21,6 +21,7 @@ from gad_megatron.trainer.gad import Timer, enter_gad_stage, run_stage, stage_fo
 from gad_megatron.trainer.heldout import evaluate
 from gad_megatron.trainer.metrics import FailureWatch, RunLog, max_over_world, plot_curves
 from gad_megatron.trainer.monitors import guard_stop, keep_best
+from gad_megatron.trainer.progress import Progress
 
 log = logging.getLogger("gad_megatron.train")
 STOPPED_MARKER = "stopped.json"  # the sbatch scripts requeue the job while it is there
@@ -31,33 +32,29 @@ def train(cfg, data=None) -> dict:
     t = build_trainer(cfg, data)
     run = open_run(t)  # run dir, resume, logs, the engine's first sync, the 'before' evaluation
     stop = StopSignal()
-    bar = _progress(t, run.step)
-    end = min(t.schedule.total, cfg.train.stop_after or t.schedule.total)
+    end = run_end(t)
     while run.step < end:
-        timer, t0 = Timer(), time.perf_counter()
         stage = stage_for(t, run.step)
         if stage == "gad" and run.step == t.schedule.warm:
             begin_gad(t, run)  # before the batch is drawn: the first GAD step has gad_stage.batch_prompts too
+        timer, t0 = Timer(), time.perf_counter()
         batch = [t.data.train[i] for i in run.sampler.next_batch()]
         m = run_stage(t, stage, run.step, batch, timer)
         run.step += 1
-        record_step(t, run, stage, m, timer, t0)
+        run.progress.step(run.step, stage, m, record_step(t, run, stage, m, timer, t0))
         guard = guard_stop(t, run, m)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: f"{m[k]:.3f}" for k in ("sft_loss", "d_loss", "d_acc", "reward_mean") if k in m})
         last = run.step == end
         stop_now, interrupted = passes.agree(stop.signum is not None, stop.interrupted)
         if interrupted:
             raise KeyboardInterrupt  # gad-train says so in one line and exits 130
         if run.step % cfg.checkpoint.save_every == 0 or last or stop_now or guard:
-            ckpt_io.save_run(t, run)
+            with run.progress.phase(run.step, "checkpoint", "save"):
+                ckpt_io.save_run(t, run)
         if guard:
             return finish(t, run, guard)
         if stop_now and not last:
             return stopped(t, run, stop.signum)
-    if bar is not None:
-        bar.close()
+    run.progress.close()
     check_some_update_ran(run.counters, run.step)
     return finish(t, run)
 
@@ -82,6 +79,7 @@ class Run:
     step: int = 0
     best: dict = field(default_factory=dict)  # checkpoint.keep_best: {"key", "score", "step"}
     log: RunLog = None
+    progress: Progress = None
     lock: object = None  # the run directory's lock file (rank 0), held for the run's life
 
     @property
@@ -142,6 +140,7 @@ def open_run(t) -> Run:
         with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
     run.log = RunLog(cfg, run.run_dir, rank, resumed_step=run.step)
+    run.progress = Progress(cfg, rank, run_end(t), run.step, run.log)
     if rank == 0 and run.step == 0:
         s = t.schedule
         with open(os.path.join(run.run_dir, "data_stats.json"), "w") as f:
@@ -160,21 +159,38 @@ def begin_gad(t, run: Run) -> None:
     it is evaluated (the warm start). Then the GAD stage's own settings."""
     if t.schedule.warm > 0:
         t.policy.reference_from_policy()
-        ckpt_io.save_reference(t, run.ckpt_root, run.step)
+        with run.progress.phase(run.step, "checkpoint", "reference"):
+            ckpt_io.save_reference(t, run.ckpt_root, run.step)
         if t.cfg.eval.after_warmup:
             log_eval(t, run, "after_warmup")
     enter_gad_stage(t, run.sampler)
 
 
+def run_end(t) -> int:
+    """The step this launch stops after (``train.stop_after`` cuts the schedule short)."""
+    return min(t.schedule.total, t.cfg.train.stop_after or t.schedule.total)
+
+
 def log_eval(t, run: Run, name: str) -> None:
-    run.evals[name] = res = evaluate(t, t.data.held)
+    with run.progress.phase(run.step, "eval", name):
+        run.evals[name] = res = evaluate(t, t.data.held)
+        metrics = eval_metrics(run, name, res)
     if res:
-        run.log.step(run.step, {"eval": name, **{k: v for k, v in res.items() if k != "heldout_examples"}}, {})
+        run.log.step(run.step, {"eval": name, **metrics}, {})
     keep_best(t, run, res)
 
 
-def record_step(t, run: Run, stage: str, m: dict, timer: Timer, t0: float) -> None:
-    """Counters, the periodic held-out evaluation, timings, monitors; one line each in metrics / timings."""
+def eval_metrics(run: Run, name: str, res: dict) -> dict:
+    """An evaluation's metrics for metrics.jsonl; its per-prompt scores (taken out of ``res``) go to their file."""
+    per_prompt = res.pop("heldout_per_prompt", None)
+    if per_prompt:
+        run.log.heldout(run.step, name, per_prompt)
+    return {k: v for k, v in res.items() if k != "heldout_examples"}
+
+
+def record_step(t, run: Run, stage: str, m: dict, timer: Timer, t0: float) -> float:
+    """Counters, the periodic held-out evaluation, timings, monitors; one line each in metrics / timings.
+    Returns the step's seconds (an evaluation is booked on its own)."""
     cfg, c = t.cfg, run.counters
     skipped = m.get("g_skipped", 0) or m.get("d_skipped", 0)
     c["skipped_steps"] += int(bool(skipped))
@@ -185,10 +201,11 @@ def record_step(t, run: Run, stage: str, m: dict, timer: Timer, t0: float) -> No
     step_tokens = m.pop("tokens")
     c["tokens_seen"] += step_tokens
     m.update(stage=stage, epoch=run.sampler.epoch, skipped_steps=c["skipped_steps"], tokens_seen=c["tokens_seen"])
-    if cfg.eval.heldout_every and run.step % cfg.eval.heldout_every == 0 and run.step < t.schedule.total:
-        m.update({k: v for k, v in evaluate(t, t.data.held).items() if k != "heldout_examples"})
-        keep_best(t, run, m)
     elapsed = time.perf_counter() - t0
+    if cfg.eval.heldout_every and run.step % cfg.eval.heldout_every == 0 and run.step < t.schedule.total:
+        with run.progress.phase(run.step, "eval", "periodic"):
+            m.update(eval_metrics(run, "periodic", evaluate(t, t.data.held)))
+            keep_best(t, run, m)
     timings = {k: round(v, 4) for k, v in timer.t.items()}
     timings.update(step_seconds=round(elapsed, 4), other=round(elapsed - sum(timer.t.values()), 4),
                    tokens_per_second=round(step_tokens / max(elapsed, 1e-9), 1), peak_mem_gib=_peak_memory_gib())
@@ -198,6 +215,7 @@ def record_step(t, run: Run, stage: str, m: dict, timer: Timer, t0: float) -> No
     run.log.step(run.step, m, timings)
     if t.last_samples and cfg.log.dump_samples_every and run.step % cfg.log.dump_samples_every == 0:
         run.log.samples(run.step, t.last_samples)
+    return elapsed
 
 
 def stopped(t, run: Run, signum: int) -> dict:
@@ -276,13 +294,3 @@ def _peak_memory_gib() -> float:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
     return round(max_over_world(peak), 3)
-
-
-def _progress(t, start: int):
-    import sys
-
-    if t.world["rank"] != 0 or not t.cfg.log.progress or not sys.stderr.isatty():
-        return None  # a log file (Slurm, CI) gets metrics.jsonl, not a line per bar update
-    from tqdm import tqdm
-
-    return tqdm(total=t.schedule.total, initial=start, desc=f"gad-train ({t.cfg.train.stage})", dynamic_ncols=True)
