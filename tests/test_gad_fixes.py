@@ -125,8 +125,15 @@ def test_the_rl_path_raises_a_known_reward_and_fails_with_the_sign_flipped(stude
 
 
 def test_guards_stop_a_collapsing_run_and_say_why(student, warm_start, tmp_path):
-    bad = {"gad_stage.g_lr": 3e-2, "gad_stage.g_schedule": "constant", "eval.heldout_every": 10}
+    bad = {"gad_stage.g_lr": 3e-2, "gad_stage.g_schedule": "constant", "eval.heldout_every": 10,
+           "eval.max_prompts": 100}
     free = continue_gad(tmp_path, student, warm_start, "free", steps=20, **bad)
+    # #31 item 4: eval.max_prompts evaluates exactly that many held-out prompts, the same ones every time
+    files = sorted(glob.glob(str(free / "heldout" / "*.jsonl")))
+    assert len(files) == 3  # after_warmup (step 120), periodic (step 130; step 140 is the end), after
+    ids = [[json.loads(x)["id"] for x in open(f)] for f in files]
+    assert len(ids[0]) == 100 and all(i == ids[0] for i in ids), [len(i) for i in ids]
+    assert "scorer, sampled" in open(f"{tmp_path / 'free.yaml'}.log").read() and " ±" in open(f"{tmp_path / 'free.yaml'}.log").read()
     start = evals(free)["after_warmup"]["heldout_score_sampled"]
     margin = 0.03
     assert evals(free)["after"]["heldout_score_sampled"] < start - margin, "the bad setting did not collapse"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
@@ -185,6 +186,15 @@ def read_rows(path: str, bad_rows: str = "error", stats: Optional[DataStats] = N
     if not out:
         raise DataError(f"{path}: no usable rows ({stats.rows} read, {stats.skipped_bad} bad)")
     return out
+
+
+def heldout_subset(held: list, max_prompts: int, seed: int) -> list:
+    """At most ``max_prompts`` of the held-out examples (0: all): a subset drawn with ``seed``, in file order,
+    the same at every evaluation and every start."""
+    if not max_prompts or len(held) <= max_prompts:
+        return held
+    keep = sorted(random.Random(seed).sample(range(len(held)), max_prompts))
+    return [held[i] for i in keep]
 
 
 def tokenize_rows(rows: list, tokenizer, max_prompt: int, max_response: int, overlong: str = "drop",

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from gad_megatron.data.teacher import DataError, DataStats, RowShape, read_rows, split_heldout, tokenize_rows
+from gad_megatron.data.teacher import (DataError, DataStats, RowShape, heldout_subset, read_rows, split_heldout,
+                                       tokenize_rows)
 from gad_megatron.models.storage import DTYPE_BYTES, HF_DTYPE
 from gad_megatron.trainer.disk import check_free_space
 from gad_megatron.trainer.policy import Policy
@@ -116,7 +117,7 @@ def load_data(cfg) -> RunData:
     lim = (cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, cfg.data.overlong)
     train = tokenize_rows(train_rows, tokenizer, *lim, stats=stats)
     held = tokenize_rows(held_rows, tokenizer, *lim, stats=DataStats())
-    return RunData(tokenizer, train, held, stats)
+    return RunData(tokenizer, train, heldout_subset(held, cfg.eval.max_prompts, cfg.eval.seed), stats)
 
 
 def plan_steps(cfg, n_train: int, stats: Optional[DataStats] = None) -> Schedule:

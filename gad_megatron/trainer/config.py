@@ -237,6 +237,9 @@ class EvalSection:
     scorer: Optional[str] = None  # "module:function(prompt_messages, response_text) -> float"
     max_tokens: int = 64
     samples: int = 4  # answers per held-out prompt at the rollout temperature (0: greedy only)
+    # at most this many held-out prompts are evaluated (0: all): a fixed subset drawn with eval.seed, the same
+    # at every evaluation and resume; each score's standard error is logged beside it
+    max_prompts: int = 0
     seed: int = 7  # of the sampled held-out answers: the same draws at every evaluation and in every run
 
 
@@ -326,6 +329,22 @@ def _get(cfg, dotted: str):
     return OmegaConf.select(cfg, dotted)
 
 
+def smollm2_student() -> str:
+    """``${gad.smollm2:}`` in a recipe: ``$GAD_SMOLLM2`` when set, else the folder ``gad-convert smollm2`` made
+    (its cache); a recipe started before that conversion is told the command."""
+    if os.environ.get("GAD_SMOLLM2"):
+        return os.environ["GAD_SMOLLM2"]
+    from gad_megatron.convert.smollm2 import cache_dir
+
+    if os.path.isfile(os.path.join(cache_dir(), "config.json")):
+        return cache_dir()
+    raise ValueError(f"SmolLM2-135M-Instruct is not converted yet (no {cache_dir()}): run `gad-convert smollm2` once "
+                     "(about 45 s), or set model.student to a student's HF folder")
+
+
+OmegaConf.register_new_resolver("gad.smollm2", smollm2_student, replace=True)
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, base: Optional[dict] = None):
     """Structured defaults <- ``base`` <- YAML file <- dotted overrides; then :func:`validate`."""
     where = ""
@@ -392,7 +411,7 @@ def validate(cfg) -> None:
             bad(key, "must be > 0")
     for key in ("g_optim.clip_grad", "d_optim.clip_grad", "algo.kl_coef", "algo.clip_ratio", "algo.adv_eps",
                 "train.critic_warmup", "data.heldout_size", "log.dump_samples_every", "log.interval",
-                "eval.heldout_every"):
+                "eval.heldout_every", "eval.max_prompts"):
         if _get(cfg, key) < 0:
             bad(key, "must be >= 0")
     for p in ("g_optim", "d_optim"):

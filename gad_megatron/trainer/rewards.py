@@ -14,8 +14,12 @@ Bradley-Terry loss ``-log sigmoid(D(teacher) - D(student))`` on groups ``[teache
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -323,8 +327,21 @@ def make_reward(ctx: RewardContext) -> Reward:
 
 
 def load_scorer(spec):
-    """``module:function`` -> the function (None for an empty spec)."""
+    """``module:function`` (imported from ``sys.path``) or ``path/to/file.py:function`` (that file, relative to
+    the working directory) -> the function; None for an empty spec."""
     if not spec:
         return None
-    mod, fn = spec.split(":")
-    return getattr(importlib.import_module(mod), fn)
+    mod, fn = spec.rsplit(":", 1)
+    if not (mod.endswith(".py") or os.sep in mod):
+        return getattr(importlib.import_module(mod), fn)
+    path = os.path.abspath(mod)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such scorer file")
+    name = "gad_scorer_" + hashlib.sha256(path.encode()).hexdigest()[:12]
+    module = sys.modules.get(name)
+    if module is None:
+        found = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(found)
+        sys.modules[name] = module  # pickling and repeated loads find it by its name
+        found.loader.exec_module(module)
+    return getattr(module, fn)
