@@ -13,6 +13,7 @@ from conftest import HERE, ROOT
 from test_gad_train import env, kill9_after_step, lines, run_train, write_config
 
 from gad_megatron.data import demo
+from gad_megatron.eval import paired
 
 SCORER = "gad_megatron.data.demo:score"
 
@@ -89,15 +90,12 @@ def reward_change(run_dir, sign=1.0):
     return b - a, (sa**2 + sb**2) ** 0.5
 
 
-def heldout_change(run_dir, before="after_warmup", after="after"):
-    """The held-out sampled score's change between two evaluations, prompt by prompt (heldout/*.jsonl), and its
-    paired standard error: far below either score's own (between-prompt spread cancels)."""
-    def per_prompt(name):
-        (path,) = glob.glob(str(run_dir / "heldout" / f"{name}_step*.jsonl"))
-        return {r["id"]: r["sampled"] for r in map(json.loads, open(path))}
-    a, b = per_prompt(before), per_prompt(after)
-    assert a.keys() == b.keys() and len(a) == HELDOUT
-    return mean_se([b[k] - a[k] for k in a])
+def heldout_change(run_dir):
+    """The held-out sampled score's change from the warm start to the end, prompt by prompt, and its paired
+    standard error: far below either score's own (between-prompt spread cancels)."""
+    c = paired.heldout_change(str(run_dir), "after_warmup", "after")
+    assert c.prompts == HELDOUT
+    return c.change, c.se
 
 
 def test_the_rl_path_raises_a_known_reward_and_fails_with_the_sign_flipped(student, warm_start, tmp_path):

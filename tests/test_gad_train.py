@@ -349,6 +349,17 @@ def test_readme_demo_command(tmp_path, heavy_memory):
     out = p.stdout + p.stderr
     assert out.count("\n") <= 50 and "UserWarning" not in out and "INFO" not in out, out[-6000:]
     assert "scorer, sampled" in p.stdout
+    # #31 item 7: no library notice (they are in the engines' logs), no markdown; one line on this very run
+    assert "Triton" not in out and "Loading safetensors" not in out and "**" not in out, out[-6000:]
+    assert "Triton" in (run / "logs" / "vllm_engine0.log").read_text()
+    ev = summary["evals"]
+    said = (f"held-out score after the SeqKD warmup -> after GAD: sampled {ev['after_warmup']['heldout_score_sampled']:.3f}"
+            f" -> {ev['after']['heldout_score_sampled']:.3f} (change ")
+    assert said in p.stdout, p.stdout[-3000:]
+    # #31 item 2: no terminal, so step lines (log.interval=25) and the evaluations / saves with their durations
+    assert [int(x.split("step ")[1].split("/")[0]) for x in out.splitlines() if " step " in x and "/150 (" in x] == [
+        25, 50, 75, 100, 125, 150]
+    assert "eval after_warmup at step 120: done in" in out and "checkpoint save at step 40: done in" in out
     import transformers
 
     transformers.AutoModelForCausalLM.from_pretrained(run / "hf_student")

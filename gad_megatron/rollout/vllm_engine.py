@@ -44,6 +44,7 @@ class VLLMConfig:
     colocated: bool = True  # the engine shares the trainer's GPU(s)
     devices: Optional[list] = None  # node-local device indices of this engine's workers (rollout topology), leader's first
     node_ranks: int = 1  # trainer ranks (= devices) on this node: on CPU, each device index owns 1/node_ranks of the cores
+    log_file: Optional[str] = None  # the engine's processes write their output here (None: to this process's)
 
 
 def vllm_unavailable_reason():
@@ -92,7 +93,8 @@ class VLLMEngine(RolloutEngine):
             kwargs["enable_sleep_mode"] = True
         # Slurm's SIGUSR1 reaches the engine core and its workers too; they must outlive the trainer's save.
         # (Built before the trainer installs its own SIGUSR1 handler: this window loses no stop request.)
-        with ignored_by_children(signal.SIGUSR1), environment(engine_placement(cfg, on_gpu)):
+        with ignored_by_children(signal.SIGUSR1), environment(engine_placement(cfg, on_gpu)), \
+                output_to(cfg.log_file):
             self.llm = LLM(**kwargs)
         self.on_gpu = on_gpu
         self.sleep_enabled = on_gpu and cfg.enable_sleep_mode
@@ -239,6 +241,45 @@ def core_share(cores: list, index: int, parts: int) -> list:
     base, extra = divmod(len(cores), parts)
     lo = index * base + min(index, extra)
     return cores[lo : lo + base + (1 if index < extra else 0)]
+
+
+@contextmanager
+def output_to(path: Optional[str]):
+    """Inside the block, this process's stdout and stderr (file descriptors 1 and 2) go to ``path``: the engine's
+    processes started here keep them (its start-up notices and loading bars), while this process gets its own
+    back after the block. If the engine fails to start, the end of its log is shown with the error."""
+    if path is None:
+        yield
+        return
+    import sys
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+        yield
+    except BaseException:
+        _restore(saved)
+        saved = None
+        with open(path, "rb") as log:
+            tail = log.read()[-4000:].decode(errors="replace")
+        print(f"the vLLM engine did not start; the end of its log ({path}):\n{tail}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if saved is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            _restore(saved)
+
+
+def _restore(saved: list) -> None:
+    for fd, copy in zip((1, 2), saved):
+        os.dup2(copy, fd)
+        os.close(copy)
 
 
 @contextmanager

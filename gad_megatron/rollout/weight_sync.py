@@ -178,6 +178,7 @@ class WeightSync:
         g = torch.Generator().manual_seed(1234)
         self.probe = probe or [torch.randint(1, arch.vocab_size, (24,), generator=g).tolist() for _ in range(4)]
         self.warn_gap, self.stop_gap = warn_gap, stop_gap
+        self.verified = 0  # verifications done (the first is logged at INFO)
 
     @property
     def owns_engine(self) -> bool:
@@ -250,9 +251,11 @@ class WeightSync:
 
         log = logging.getLogger("gad_megatron.weight_sync")
         mean, mx = gap
-        if dist.get_rank() == self.dsts[0]:
-            log.info("weight sync: trainer vs rollout logprob gap mean %.3e max %.3e (%d engine(s))", mean, mx,
-                     len(per_engine))
+        if dist.get_rank() == self.dsts[0]:  # the first verification said once; later ones are in metrics.jsonl
+            log.log(logging.DEBUG if self.verified else logging.INFO,
+                    "weight sync: trainer vs rollout logprob gap mean %.3e max %.3e (%d engine(s))", mean, mx,
+                    len(per_engine))
+        self.verified += 1
         if mx > self.stop_gap:
             bad = [f"engine {e} (rank {r}): max {g[1]:.3e}" for e, (r, g) in enumerate(zip(self.dsts, per_engine))
                    if g[1] > self.stop_gap]

@@ -271,6 +271,8 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("gad_megatron").setLevel(logging.INFO)
+    if not cfg.log.verbose:  # vLLM's import-time notices on CPU (no Triton backend) reach the root logger
+        logging.getLogger("vllm").setLevel(logging.ERROR)
     data = data or load_data(cfg)
     schedule = plan_steps(cfg, len(data.train))
     arch0 = arch_spec_from_dir(model_hf_dir(cfg.model.student))
@@ -319,7 +321,7 @@ def load_frozen(path: str, opts) -> list:
     return chunks
 
 
-def vllm_config(cfg, hf_dir: str, devices=None, node_ranks: int = 1):
+def vllm_config(cfg, hf_dir: str, devices=None, node_ranks: int = 1, log_file: Optional[str] = None):
     """The vLLM engine a run starts (the trainer, gad-doctor --deep); ``devices``: the node-local devices of
     this engine (rollout topology; None: vLLM's default), of ``node_ranks`` on the node."""
     from gad_megatron.rollout.vllm_engine import VLLMConfig
@@ -334,7 +336,7 @@ def vllm_config(cfg, hf_dir: str, devices=None, node_ranks: int = 1):
         kv_cache_memory_bytes=int(kv * 1024**3) if kv is not None else None, seed=cfg.train.seed,
         transport=cfg.rollout.transport, colocated=cfg.rollout.colocated,
         enable_sleep_mode=cfg.rollout.colocated and cfg.rollout.sleep_between_rollouts,
-        enforce_eager=cfg.rollout.enforce_eager, devices=devices, node_ranks=node_ranks,
+        enforce_eager=cfg.rollout.enforce_eager, devices=devices, node_ranks=node_ranks, log_file=log_file,
         # A checkpoint's hf/ has config + tokenizer only: start from dummy weights, the first sync fills them.
         load_format="auto" if has_weights else "dummy")
 
@@ -379,7 +381,9 @@ def make_engine(cfg, t: Trainer) -> tuple:
     if topo.is_leader(rank):
         if cfg.rollout.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        engine = engine_class(name)(vllm_config(cfg, t.hf_dir, devices=topo.local_devices(rank), node_ranks=topo.per_node))
+        engine = engine_class(name)(vllm_config(cfg, t.hf_dir, devices=topo.local_devices(rank), node_ranks=topo.per_node,
+                                                log_file=None if cfg.log.verbose else os.path.join(
+                                                    cfg.log.run_dir, "logs", f"vllm_engine{topo.engine_of(rank)}.log")))
     sync = WeightSync(t.g.modules, engine, t.arch, bucket_mb=cfg.rollout.bucket_mb, stop_gap=cfg.rollout.stop_gap,
                       dst=topo.leaders)
     return engine, sync

@@ -10,6 +10,7 @@ lr 1e-6 for G and D, KL (low_var_kl) 0.001, clip 0.2, grad clip 0.2, critic warm
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -342,7 +343,9 @@ def smollm2_student() -> str:
                      "(about 45 s), or set model.student to a student's HF folder")
 
 
-OmegaConf.register_new_resolver("gad.smollm2", smollm2_student, replace=True)
+with warnings.catch_warnings():  # omegaconf 2.4 renames it (register_resolver, which means another thing in 2.3)
+    warnings.simplefilter("ignore", UserWarning)
+    OmegaConf.register_new_resolver("gad.smollm2", smollm2_student, replace=True)
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, base: Optional[dict] = None):
