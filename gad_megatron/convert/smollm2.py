@@ -37,6 +37,17 @@ def cache_dir() -> str:
                         "smollm2-135m-instruct")
 
 
+def recipe_student() -> str:
+    """``${gad.smollm2:}`` in a recipe (``model.student``): ``$GAD_SMOLLM2`` when set, else the folder
+    :func:`hf_dir` made (the cache); a recipe started before that conversion is told the command."""
+    if os.environ.get("GAD_SMOLLM2"):
+        return os.environ["GAD_SMOLLM2"]
+    if os.path.isfile(os.path.join(cache_dir(), "config.json")):
+        return cache_dir()
+    raise ValueError(f"SmolLM2-135M-Instruct is not converted yet (no {cache_dir()}): run `gad-convert smollm2` once "
+                     "(about 45 s), or set model.student to a student's HF folder")
+
+
 def hf_dir() -> str:
     """The cached HF folder of SmolLM2-135M-Instruct, converted from the shipped GGUF on first use."""
     from gad_megatron.convert.gguf import gguf_to_hf

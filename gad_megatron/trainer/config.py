@@ -19,7 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gad_megatron.algo.policy import ADV_STD_MODES, LOSS_AGG_MODES
 from gad_megatron.rollout.base import engine_choices
-from gad_megatron.trainer.config_rules import validate_algo
+from gad_megatron.convert.smollm2 import recipe_student
+from gad_megatron.trainer.config_rules import validate_algo, validate_offload
 from gad_megatron.trainer.rewards import reward_choices
 from gad_megatron.rollout.transport import transport_choices
 
@@ -330,22 +331,9 @@ def _get(cfg, dotted: str):
     return OmegaConf.select(cfg, dotted)
 
 
-def smollm2_student() -> str:
-    """``${gad.smollm2:}`` in a recipe: ``$GAD_SMOLLM2`` when set, else the folder ``gad-convert smollm2`` made
-    (its cache); a recipe started before that conversion is told the command."""
-    if os.environ.get("GAD_SMOLLM2"):
-        return os.environ["GAD_SMOLLM2"]
-    from gad_megatron.convert.smollm2 import cache_dir
-
-    if os.path.isfile(os.path.join(cache_dir(), "config.json")):
-        return cache_dir()
-    raise ValueError(f"SmolLM2-135M-Instruct is not converted yet (no {cache_dir()}): run `gad-convert smollm2` once "
-                     "(about 45 s), or set model.student to a student's HF folder")
-
-
 with warnings.catch_warnings():  # omegaconf 2.4 renames it (register_resolver, which means another thing in 2.3)
     warnings.simplefilter("ignore", UserWarning)
-    OmegaConf.register_new_resolver("gad.smollm2", smollm2_student, replace=True)
+    OmegaConf.register_new_resolver("gad.smollm2", recipe_student, replace=True)  # the SmolLM2 recipe's student
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, base: Optional[dict] = None):
@@ -463,7 +451,7 @@ def validate(cfg) -> None:
         for key in ("train.batch_prompts", "gad_stage.batch_prompts"):
             if (_get(cfg, key) or 0) > 0 and _get(cfg, key) % (world // mp * cfg.algo.ppo_mini_batches):
                 bad(key, f"must be divisible by data-parallel size {world // mp} x algo.ppo_mini_batches")
-    _validate_offload(cfg, bad)
+    validate_offload(cfg, bad)
     if cfg.rollout.in_process and world > 1 and cfg.rollout.engine != "megatron":
         bad("rollout.in_process", f"only for a single-rank run (world size here: {world})")
     if problems:
@@ -476,14 +464,6 @@ def distributed_optimizer(cfg, world: int) -> bool:
     if p.use_distributed_optimizer is not None:
         return bool(p.use_distributed_optimizer)
     return world // (p.tensor_parallel * p.pipeline_parallel) > 1
-
-
-def _validate_offload(cfg, bad) -> None:
-    for kind in cfg.rollout.offload:
-        if kind not in ("grads", "optimizer", "params"):
-            bad("rollout.offload", f"{kind!r}: use grads, optimizer and / or params")
-    if "params" in cfg.rollout.offload and cfg.rollout.engine == "megatron":
-        bad("rollout.offload", "params cannot leave: the megatron engine samples with G's own parameters")
 
 
 def _validate_numbers_and_paths(cfg, bad, problems) -> None:

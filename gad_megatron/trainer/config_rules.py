@@ -55,6 +55,14 @@ def validate_algo(cfg, bad) -> None:
     validate_stage_and_resume(cfg, bad)
 
 
+def validate_offload(cfg, bad) -> None:
+    for kind in cfg.rollout.offload:
+        if kind not in ("grads", "optimizer", "params"):
+            bad("rollout.offload", f"{kind!r}: use grads, optimizer and / or params")
+    if "params" in cfg.rollout.offload and cfg.rollout.engine == "megatron":
+        bad("rollout.offload", "params cannot leave: the megatron engine samples with G's own parameters")
+
+
 def validate_stage_and_resume(cfg, bad) -> None:
     rc, gs = cfg.reward, cfg.gad_stage
     if rc.source == "mixed" and rc.weight_discriminator == 0 and rc.weight_scorer == 0:
