@@ -54,3 +54,35 @@ def test_a_capped_evaluation_reads_a_fixed_subset():
     assert heldout_subset(held, 0, 7) == held and heldout_subset(held, 500, 7) == held
     with pytest.raises(ConfigError, match="eval.max_prompts"):
         load_config(None, ["model.student=/x", "data.train=/y", "eval.max_prompts=-1"])
+
+
+def test_the_whole_run_is_said_before_it_starts_and_refused_beyond_max_run_hours(tmp_path):
+    """#31 item 3: --check prints the run by parts (step kinds, evaluations, saves, disk); a run estimated
+    beyond train.max_run_hours is one error line with those figures."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "GAD_DEMO_DIR": str(tmp_path / "demo")}
+    cmd = [sys.executable, "-m", "gad_megatron.trainer.cli", "--demo", "--check"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = next(x for x in p.stderr.splitlines() if "the whole run:" in x)
+    # the demo: 150 steps, 120 of warmup (critic_warmup 5: D every warmup step), 3 evaluations, saves at 40 80 120
+    # 150 and the reference at 120
+    assert "120 warmup with D steps" in line and "30 GAD steps" in line and "3 evaluations" in line
+    assert "5 checkpoint saves" in line and "GB at once" in line
+    p = subprocess.run(cmd + ["train.max_run_hours=0.0001"], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=300)
+    assert p.returncode == 2 and "beyond train.max_run_hours=0.0001" in p.stderr and "the whole run:" in p.stderr
+    assert len([x for x in p.stderr.splitlines() if "error" in x]) == 1 and "Traceback" not in p.stderr
+
+
+def test_step_kinds_and_evaluations_follow_the_schedule_rules():
+    from gad_megatron.trainer.run_estimate import count_evaluations, count_steps
+
+    cfg = load_config(None, ["model.student=/x", "data.train=/y", "train.critic_warmup=3", "train.d_warmup_last=10",
+                             "eval.heldout_every=25"])
+    assert count_steps(cfg, 100, 130, has_d=True) == {"SeqKD": 88, "warmup with D": 12, "GAD": 30}
+    assert count_steps(cfg, 100, 130, has_d=False) == {"SeqKD": 100, "warmup with D": 0, "GAD": 30}
+    assert count_evaluations(cfg, 100, 130, heldout=64) == 1 + 1 + 5 + 1  # before, after warmup, 25..125, after
+    assert count_evaluations(cfg, 100, 130, heldout=0) == 0

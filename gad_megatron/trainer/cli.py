@@ -107,20 +107,28 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from gad_megatron.runtime.launch import under_launcher
+        from gad_megatron.runtime.launch import LAUNCHER_PID, under_launcher
         from gad_megatron.trainer.build import check_before_build, load_data, plan_steps
 
         arch = check_before_build(cfg)  # scorers import, lengths fit the model
         # Data rows are checked here too, in the launching process, before any rank starts.
         data = load_data(cfg)
-        plan_steps(cfg, len(data.train), data.stats)
+        schedule = plan_steps(cfg, len(data.train), data.stats)
+        from gad_megatron.trainer.run_estimate import check_run_time, estimate_run
         from gad_megatron.trainer.step_estimate import check_step_time, estimate_step
 
         estimate = estimate_step(cfg, arch, data.train)
         check_step_time(cfg, estimate)  # a step that cannot finish: refused before any rank starts
-        if not under_launcher():
+        whole = estimate_run(cfg, arch, data.train, len(data.held), schedule.warm, schedule.total)
+        note = check_run_time(cfg, whole)  # a run beyond train.max_run_hours: refused here too
+        says = not under_launcher() or (os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+                                        and LAUNCHER_PID not in os.environ)  # gad-train's launcher, or rank 0 of srun
+        if says:
             print(f"gad-train: {estimate.describe(cfg.train.stage)}", file=sys.stderr)
-        if data.stats.duplicate_ids and not under_launcher():
+            print(f"gad-train: {whole.describe()}", file=sys.stderr)
+            if note:
+                print(f"gad-train: {note}", file=sys.stderr)
+        if data.stats.duplicate_ids and says:
             print(f"gad-train: {cfg.data.train}: {data.stats.duplicate_ids} rows repeat an id seen before and were "
                   f"dropped (the first row of each id is kept)", file=sys.stderr)
         from gad_megatron.trainer.checkpoint import precheck_resume

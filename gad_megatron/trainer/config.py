@@ -169,6 +169,7 @@ class TrainSection:
     # A step the planner's model estimates beyond this is refused before any rank starts (null: no limit): a
     # step is the unit of checkpointing, and one this long is almost always a typo (rollout.n=100000).
     max_step_hours: Optional[float] = 1.0
+    max_run_hours: Optional[float] = None  # refuse a run estimated longer (trainer/run_estimate.py); null: no limit
 
 
 @dataclass
@@ -482,8 +483,9 @@ def _validate_numbers_and_paths(cfg, bad, problems) -> None:
     walk(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), "")
     if cfg.train.max_skipped_steps < 0:
         bad("train.max_skipped_steps", "must be >= 0")
-    if cfg.train.max_step_hours is not None and not cfg.train.max_step_hours > 0:
-        bad("train.max_step_hours", "must be > 0 (null: no limit)")
+    for key in ("train.max_step_hours", "train.max_run_hours"):
+        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
+            bad(key, "must be > 0 (null: no limit)")
     run_dir = os.path.abspath(cfg.log.run_dir)
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         bad("log.run_dir", "is a file, not a directory")

@@ -64,14 +64,20 @@ def g_learns(t, step: int) -> bool:
 
 
 def d_learns_in_warmup(t, step: int) -> bool:
-    c = t.cfg.train
-    if not t.reward.engines():  # a fixed reward learns nothing from samples
+    return warmup_trains_d(t.cfg.train, t.schedule.warm, step, bool(t.reward.engines()))
+
+
+def warmup_trains_d(train, warm: int, step: int, has_d: bool) -> bool:
+    """Whether warmup step ``step`` (from 0) rolls out and trains D (else it is plain SeqKD): every step before
+    G learns, then every ``d_warmup_every``-th step, only in the last ``d_warmup_last`` if set. A fixed reward
+    (``has_d`` false) learns nothing from samples. The whole-run estimate counts steps with this too."""
+    if not has_d:
         return False
-    if not g_learns(t, step):
+    if step + 1 < train.critic_warmup:
         return True
-    if c.d_warmup_last is not None and step < t.schedule.warm - c.d_warmup_last:
+    if train.d_warmup_last is not None and step < warm - train.d_warmup_last:
         return False
-    return step % c.d_warmup_every == 0
+    return step % train.d_warmup_every == 0
 
 
 def stage_warmup(t, step: int, examples: list, b, timer) -> dict:
