@@ -281,7 +281,7 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
                          cfg.parallel.device, cfg.train.seed)
     world = initialize(par, arch0.model_dims)
     world["tp"] = cfg.parallel.tensor_parallel
-    from gad_megatron.trainer.config import distributed_optimizer
+    from gad_megatron.trainer.config_rules import distributed_optimizer
 
     opts, dist_opt = model_options(cfg), distributed_optimizer(cfg, world["world_size"])
     bf16_grads = cfg.parallel.grad_reduce_in_bf16

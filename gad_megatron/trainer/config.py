@@ -459,14 +459,6 @@ def validate(cfg) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
-def distributed_optimizer(cfg, world: int) -> bool:
-    """``parallel.use_distributed_optimizer`` resolved: null is on when the data-parallel size is > 1."""
-    p = cfg.parallel
-    if p.use_distributed_optimizer is not None:
-        return bool(p.use_distributed_optimizer)
-    return world // (p.tensor_parallel * p.pipeline_parallel) > 1
-
-
 def _validate_numbers_and_paths(cfg, bad, problems) -> None:
     """Non-finite numbers anywhere (a NaN coefficient skips every update without a word), and paths that cannot
     work: a run directory that is a file, a student that is this run's own export (overwritten at the end)."""

@@ -91,3 +91,11 @@ def _known_keys(cfg) -> set:
 
     walk(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False), "")
     return out
+
+
+def distributed_optimizer(cfg, world: int) -> bool:
+    """``parallel.use_distributed_optimizer`` resolved: null is on when the data-parallel size is > 1."""
+    p = cfg.parallel
+    if p.use_distributed_optimizer is not None:
+        return bool(p.use_distributed_optimizer)
+    return world // (p.tensor_parallel * p.pipeline_parallel) > 1

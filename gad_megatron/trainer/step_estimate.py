@@ -17,7 +17,7 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
                         mean_response_tokens: Optional[int] = None) -> tuple:
     """(Layout, Workload) of a gad-train config; gad-plan reads a config through this too. The mean lengths
     default to the planner's (LMSYS-like) ones when no data is at hand."""
-    from gad_megatron.trainer.config import distributed_optimizer
+    from gad_megatron.trainer.config_rules import distributed_optimizer
 
     p, r, m, d, tr = cfg.parallel, cfg.rollout, cfg.model, cfg.data, cfg.train
     lay = Layout(p.tensor_parallel, p.pipeline_parallel, 1, p.sequence_parallel, distributed_optimizer(cfg, p.nproc),
