@@ -94,7 +94,10 @@ def test_same_seed_same_metrics_bit_for_bit_from_any_data_shape(run_a, student, 
     assert gad[0]["kl"] == pytest.approx(0.0, abs=1e-7) and gad[0]["ratio"] == pytest.approx(1.0, abs=1e-6)
     timing = [json.loads(x) for x in lines(run_dir, "timings.jsonl")]
     assert {"rollout", "ref_logprobs", "d_scores", "d_update", "g_update", "other",
-            "tokens_per_second"} <= set(timing[-1])
+            "tokens_per_second"} <= set([t for t in timing if "step_seconds" in t][-1])
+    # evaluations and checkpoint saves are rows of their own (#31 item 6), not inside a step's seconds
+    assert [(t["step"], t.get("eval") or t["checkpoint"]) for t in timing if "seconds" in t] == [
+        (0, "before"), (2, "save"), (3, "reference"), (3, "after_warmup"), (4, "save"), (6, "save"), (6, "after")]
     assert os.path.exists(run_dir / "curves.png") and os.listdir(run_dir / "tensorboard")
     assert any(f.startswith("step_") for f in os.listdir(run_dir / "samples"))
     native = [json.loads(x) for x in open(demo.ASSET)]

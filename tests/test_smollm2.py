@@ -162,14 +162,16 @@ def test_scorer_reads_content_not_format():
 
 
 def test_pretrained_student_starts_well_below_the_teacher_on_the_heldout_task(smol_hf):
-    """Greedy answers of the start student to every held-out prompt, scored by the recipe's scorer; the
-    teacher's answers score 1.0."""
+    """Greedy answers of the start student to 80 of the 240 held-out prompts (a fixed subset, as
+    eval.max_prompts draws it; all 240 measured 0.0998, the suite's time is better spent elsewhere), scored by
+    the recipe's scorer; the teacher's answers score 1.0 on all of them."""
     import transformers
 
-    from gad_megatron.data.teacher import read_rows
+    from gad_megatron.data.teacher import heldout_subset, read_rows
 
     held = read_rows(os.path.join(RECIPE, "data", "heldout.jsonl"))
     assert sum(list_task.score(r["messages"], r["teacher_response"]) for r in held) / len(held) == 1.0
+    held = heldout_subset(held, 80, seed=7)
     tok = transformers.AutoTokenizer.from_pretrained(smol_hf)
     model = transformers.AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32).eval()
     scores = []
@@ -185,8 +187,9 @@ def test_pretrained_student_starts_well_below_the_teacher_on_the_heldout_task(sm
         scores += [list_task.score(r["messages"], tok.decode(o[width:], skip_special_tokens=True))
                    for r, o in zip(rows, out)]
     mean = sum(scores) / len(scores)
-    print(f"start student greedy held-out score {mean:.4f} over {len(scores)} prompts")
-    assert 0.05 <= mean <= 0.5, mean
+    se = (sum((x - mean) ** 2 for x in scores) / (len(scores) - 1) / len(scores)) ** 0.5
+    print(f"start student greedy held-out score {mean:.4f} +- {se:.4f} over {len(scores)} prompts")
+    assert len(scores) == 80 and 0.05 <= mean <= 0.5, (mean, se)
 
 
 # ------------------------------------------------------------------------------------------------------------

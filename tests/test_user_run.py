@@ -86,3 +86,62 @@ def test_step_kinds_and_evaluations_follow_the_schedule_rules():
     assert count_steps(cfg, 100, 130, has_d=False) == {"SeqKD": 100, "warmup with D": 0, "GAD": 30}
     assert count_evaluations(cfg, 100, 130, heldout=64) == 1 + 1 + 5 + 1  # before, after warmup, 25..125, after
     assert count_evaluations(cfg, 100, 130, heldout=0) == 0
+
+
+def test_rows_dropped_for_their_length_are_said_on_screen(tmp_path):
+    """#32 item 25: rows over data.max_response_tokens were dropped with no line (only data_stats.json)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "GAD_DEMO_DIR": str(tmp_path / "demo")}
+    short = ["data.max_response_tokens=3", "eval.max_tokens=3", "rollout.max_tokens=3"]
+    cmd = [sys.executable, "-m", "gad_megatron.trainer.cli", "--demo", "--check", *short]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "94 training rows dropped (384 read): 0 with a prompt longer than data.max_prompt_tokens=48, 94 with an " \
+           "answer longer than data.max_response_tokens=3" in p.stderr, p.stderr[-2000:]
+    p = subprocess.run(cmd + ["data.overlong=truncate"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert "0 prompts and 94 answers cut to" in p.stderr and "dropped" not in p.stderr, p.stderr[-2000:]
+
+
+def test_a_scorer_may_return_numpy_and_torch_scalars():
+    """#32 item 18: np.float32(0.0) was refused as 'expected a finite number'."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from gad_megatron.trainer.rewards import ScorerError, call_scorer
+
+    ex = SimpleNamespace(messages=[{"role": "user", "content": "q"}], id="q1")
+    for v, want in ((np.float32(0.25), 0.25), (np.float64(1), 1.0), (np.int64(1), 1.0), (torch.tensor(0.5), 0.5),
+                    (np.array(0.75), 0.75), (1, 1.0), (0.0, 0.0)):
+        got = call_scorer(lambda m, t, v=v: v, "eval.scorer=x", ex, "a")
+        assert got == want and type(got) is float, (v, got)
+    for v in (True, np.bool_(True), "1", [1.0], np.array([1.0]), torch.tensor([1.0]), float("nan"), np.float32("inf"),
+              None):
+        with pytest.raises(ScorerError, match="expected a finite number"):
+            call_scorer(lambda m, t, v=v: v, "eval.scorer=x", ex, "a")
+
+
+def test_two_evaluations_compare_prompt_by_prompt(tmp_path, capsys):
+    """eval/paired.py: the change between two evaluations over their common prompts and its paired standard
+    error (the oracle search's verdict, docs/oracle_search_smollm2/PLAN.md)."""
+    import json
+
+    from gad_megatron.eval import paired
+
+    for run, name, scores in (("warm", "after_step0000060", [0.1, 0.2, 0.3, 0.4]),
+                              ("var", "after_step0000092", [0.3, 0.35, 0.5, 0.6])):
+        (tmp_path / run / "heldout").mkdir(parents=True)
+        (tmp_path / run / "heldout" / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"id": f"p{i}", "greedy": 0.0, "sampled": x}) + "\n" for i, x in enumerate(scores)))
+    c = paired.change_between(str(tmp_path / "warm"), "after", str(tmp_path / "var"), "after")
+    assert c.prompts == 4 and c.change == pytest.approx(0.1875) and c.before == pytest.approx(0.25)
+    d = [0.2, 0.15, 0.2, 0.2]
+    m = sum(d) / 4
+    assert c.se == pytest.approx((sum((x - m) ** 2 for x in d) / 3 / 4) ** 0.5)
+    assert paired.main([str(tmp_path / "warm"), "after", str(tmp_path / "var"), "after"]) == 0
+    assert capsys.readouterr().out.strip().endswith(": learns")  # 0.1875 > 2 x 0.0125 (its standard error)
+    with pytest.raises(FileNotFoundError, match="no per-prompt scores of the 'before' evaluation"):
+        paired.change_between(str(tmp_path / "warm"), "before", str(tmp_path / "var"), "after")

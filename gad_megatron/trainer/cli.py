@@ -128,6 +128,16 @@ def main(argv=None) -> int:
             print(f"gad-train: {whole.describe()}", file=sys.stderr)
             if note:
                 print(f"gad-train: {note}", file=sys.stderr)
+        st, d = data.stats, cfg.data
+        if (st.dropped_prompt_too_long or st.dropped_response_too_long) and says:  # not only in data_stats.json
+            print(f"gad-train: {d.train}: {st.dropped_prompt_too_long + st.dropped_response_too_long} training rows "
+                  f"dropped ({st.rows} read): {st.dropped_prompt_too_long} with a prompt longer than data.max_prompt_tokens="
+                  f"{d.max_prompt_tokens}, {st.dropped_response_too_long} with an answer longer than "
+                  f"data.max_response_tokens={d.max_response_tokens} (data.overlong=truncate keeps them, cut)",
+                  file=sys.stderr)
+        if (st.truncated_prompt or st.truncated_response) and says:
+            print(f"gad-train: {d.train}: {st.truncated_prompt} prompts and {st.truncated_response} answers cut to "
+                  f"data.max_prompt_tokens / data.max_response_tokens (data.overlong=truncate)", file=sys.stderr)
         if data.stats.duplicate_ids and says:
             print(f"gad-train: {cfg.data.train}: {data.stats.duplicate_ids} rows repeat an id seen before and were "
                   f"dropped (the first row of each id is kept)", file=sys.stderr)

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass, field
@@ -228,9 +229,20 @@ def call_scorer(fn, where: str, example, text: str) -> float:
         v = fn(example.messages, text)
     except Exception as e:  # noqa: BLE001  (a user's scorer: whatever it raises, named with its row)
         raise ScorerError(f"{where} raised {type(e).__name__}: {e} on prompt id {example.id!r}") from e
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    x = _as_number(v)
+    if x is None or not math.isfinite(x):
         raise ScorerError(f"{where} returned {v!r} for prompt id {example.id!r} (answer {text[:60]!r}): expected a "
                           "finite number")
+    return x
+
+
+def _as_number(v) -> Optional[float]:
+    """A scorer's return value as a float: Python numbers, numpy scalars and 0-d arrays / tensors (what scorers
+    built on numpy or torch return); None for anything else (a bool, a string, a list, a 1-element vector)."""
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, bool) or type(v).__name__ == "bool_" or not isinstance(v, numbers.Real):
+        return None
     return float(v)
 
 
