@@ -145,3 +145,19 @@ def test_two_evaluations_compare_prompt_by_prompt(tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith(": learns")  # 0.1875 > 2 x 0.0125 (its standard error)
     with pytest.raises(FileNotFoundError, match="no per-prompt scores of the 'before' evaluation"):
         paired.change_between(str(tmp_path / "warm"), "before", str(tmp_path / "var"), "after")
+
+
+def test_check_under_torchrun_estimates_with_the_launchers_world(tmp_path):
+    """#32 item 16: `torchrun --nproc-per-node 2 ... --check parallel.tensor_parallel=2` (parallel.nproc left at 1)
+    was a ZeroDivisionError on every rank: the estimates used parallel.nproc, not the launcher's world size."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "GAD_DEMO_DIR": str(tmp_path / "demo")}
+    cmd = [sys.executable, "-m", "gad_megatron.trainer.cli", "--demo", "--check"]
+    assert subprocess.run(cmd, capture_output=True, cwd=ROOT, env=env, timeout=300).returncode == 0  # makes the student
+    rank0 = {**env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    p = subprocess.run(cmd + ["parallel.nproc=1", "parallel.tensor_parallel=2"], capture_output=True, text=True,
+                       cwd=ROOT, env=rank0, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "the whole run:" in p.stderr  # rank 0 of a launcher that is not gad-train's own says it

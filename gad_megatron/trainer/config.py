@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gad_megatron.algo.policy import ADV_STD_MODES, LOSS_AGG_MODES
 from gad_megatron.rollout.base import engine_choices
 from gad_megatron.convert.smollm2 import recipe_student
-from gad_megatron.trainer.config_rules import validate_algo, validate_offload
+from gad_megatron.trainer.config_rules import launch_world, validate_algo, validate_offload
 from gad_megatron.trainer.rewards import reward_choices
 from gad_megatron.rollout.transport import transport_choices
 
@@ -442,9 +442,7 @@ def validate(cfg) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
         bad("checkpoint.resume", "use auto, none or an existing checkpoint directory")
-    # torchrun's WORLD_SIZE, an srun step's task count, or the ranks a plain gad-train will start.
-    world = os.environ.get("WORLD_SIZE") or (os.environ.get("SLURM_NTASKS") if "SLURM_STEP_NUM_TASKS" in os.environ else None)
-    world = int(world) if world else cfg.parallel.nproc
+    world = launch_world(cfg)
     mp = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
     if world % mp:
         problems.append(f"parallel: world size {world} is not divisible by tensor_parallel x pipeline_parallel = {mp}")

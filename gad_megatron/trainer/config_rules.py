@@ -3,6 +3,8 @@ GAD stage, OPD, what a resume may be told. ``bad(key, why)`` records a problem n
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import OmegaConf
 
 from gad_megatron.trainer.drift import DATA_KEYS
@@ -99,3 +101,10 @@ def distributed_optimizer(cfg, world: int) -> bool:
     if p.use_distributed_optimizer is not None:
         return bool(p.use_distributed_optimizer)
     return world // (p.tensor_parallel * p.pipeline_parallel) > 1
+
+
+def launch_world(cfg) -> int:
+    """The ranks this run has: torchrun's WORLD_SIZE, an srun step's task count, or the ranks a plain gad-train
+    will start (``parallel.nproc``). The config checks and the step / run estimates all use this."""
+    world = os.environ.get("WORLD_SIZE") or (os.environ.get("SLURM_NTASKS") if "SLURM_STEP_NUM_TASKS" in os.environ else None)
+    return int(world) if world else cfg.parallel.nproc

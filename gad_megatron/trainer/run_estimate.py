@@ -67,7 +67,9 @@ def estimate_run(cfg, arch, train_examples: list, heldout: int, warm: int, total
     mean_p = max(1, round(sum(len(e.prompt) for e in train_examples) / n_ex))
     mean_r = max(1, round(sum(len(e.response) for e in train_examples) / n_ex))
     lay, wl = layout_and_workload(cfg, mean_p, mean_r)
-    gpu, asm, world = device_gpu(cfg.parallel.device), Assumptions(), cfg.parallel.nproc
+    from gad_megatron.trainer.config_rules import launch_world
+
+    gpu, asm, world = device_gpu(cfg.parallel.device), Assumptions(), launch_world(cfg)
     gad = plan_time(arch, lay, world, replace(wl, stage="gad"), gpu, asm)
     sft = plan_time(arch, lay, world, replace(wl, stage="seqkd"), gpu, asm)["gad_step_s"]
     has_d = cfg.train.stage == "gad" and reward_class(cfg.reward.source).reads_answers  # a D is built and trained

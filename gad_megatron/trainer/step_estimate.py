@@ -17,10 +17,10 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
                         mean_response_tokens: Optional[int] = None) -> tuple:
     """(Layout, Workload) of a gad-train config; gad-plan reads a config through this too. The mean lengths
     default to the planner's (LMSYS-like) ones when no data is at hand."""
-    from gad_megatron.trainer.config_rules import distributed_optimizer
+    from gad_megatron.trainer.config_rules import distributed_optimizer, launch_world
 
     p, r, m, d, tr = cfg.parallel, cfg.rollout, cfg.model, cfg.data, cfg.train
-    lay = Layout(p.tensor_parallel, p.pipeline_parallel, 1, p.sequence_parallel, distributed_optimizer(cfg, p.nproc),
+    lay = Layout(p.tensor_parallel, p.pipeline_parallel, 1, p.sequence_parallel, distributed_optimizer(cfg, launch_world(cfg)),
                  m.recompute_granularity, r.vllm_tensor_parallel, r.colocated, r.sleep_between_rollouts,
                  m.offload_reference, tuple(r.offload), p.grad_reduce_in_bf16)
     lengths = {}
@@ -98,7 +98,9 @@ def estimate_step(cfg, arch, examples) -> StepEstimate:
     mean_r = max(1, round(sum(len(e.response) for e in examples) / n_ex))
     lay, wl = layout_and_workload(cfg, mean_p, mean_r)
     gpu, asm = device_gpu(cfg.parallel.device), Assumptions()
-    world = cfg.parallel.nproc
+    from gad_megatron.trainer.config_rules import launch_world
+
+    world = launch_world(cfg)  # under torchrun / srun: the launcher's, not parallel.nproc (#32 item 16)
     t = plan_time(arch, lay, world, wl, gpu, asm)
     batch = max(cfg.train.batch_prompts, cfg.gad_stage.batch_prompts or 0)
     samples = batch * cfg.rollout.n
