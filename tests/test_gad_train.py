@@ -421,3 +421,21 @@ def test_gad_branches_from_a_seqkd_runs_checkpoints(student, tmp_path, warmup):
     assert [r["step"] for r in rows] == [5, 6] and all(r["stage"] == "gad" and r["d_acc"] is not None for r in rows)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is G where GAD starts
     assert os.path.isdir(tmp_path / "gad" / "checkpoints" / "reference")
+
+
+def test_a_deleted_best_checkpoint_is_said_and_chosen_again(student, tmp_path):
+    """#32 item 14: with checkpoints/best deleted, a resume exited 0 and summary.json named a best that did not
+    exist. Now the resume says so and the next evaluation makes a new best, which exists at the end."""
+    import shutil
+
+    over = {"parallel.nproc": 1, "checkpoint.keep_best": True, "eval.heldout_every": 2, "log.dump_samples_every": 0,
+            "log.plot": False, "log.tensorboard": False, "checkpoint.export_hf_at_end": False}
+    cfg = write_config(tmp_path / "c.yaml", student, tmp_path / "run", **over, **{"train.stop_after": 2})
+    run_train(cfg)
+    state = json.load(open(tmp_path / "run" / "checkpoints" / "trainer" / "iter_0000002" / "state.json"))
+    assert state["best"]["step"] in (0, 2) and os.path.isdir(tmp_path / "run" / "checkpoints" / "best")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "best")
+    p = run_train(write_config(tmp_path / "c.yaml", student, tmp_path / "run", **over))
+    assert "checkpoints/best (step" in p.stdout and "is missing" in p.stdout, p.stdout[-3000:]
+    best = json.load(open(tmp_path / "run" / "summary.json"))["best"]
+    assert best["step"] > 2 and os.path.isdir(tmp_path / "run" / "checkpoints" / "best")

@@ -26,6 +26,7 @@ import torch
 
 from gad_megatron.convert.megatron_ckpt import META, TRACKER, copy_hf_side_files, hf_config_dir, iter_dir, own_writer_queue
 from gad_megatron.runtime import on_cuda
+from gad_megatron.trainer import passes
 from gad_megatron.trainer.disk import bytes_under
 
 log = logging.getLogger("gad_megatron.checkpoint")
@@ -371,6 +372,11 @@ def resume(t, run) -> None:
         t.reward.load_state_dict(st.get("reward", {}))
     t.policy.load_state_dict(st.get("policy", {}))
     run.counters, run.evals, run.step, run.best = st["counters"], st["evals"], st["step"], st.get("best", {})
+    if run.best and passes.agree(not os.path.isdir(os.path.join(run.ckpt_root, "best"))):
+        if t.world["rank"] == 0:  # deleted (or never copied into a branch): no summary may name it
+            log.warning("checkpoints/best (step %d, held-out %s %.4f) is missing: the best is chosen again from "
+                        "this run's next evaluation on", run.best["step"], run.best["key"], run.best["score"])
+        run.best = {}
     warm, ref_dir = t.schedule.warm, os.path.join(root, "reference")
     if t.ref is not None and run.step > warm:  # at step == warm (> 0) the loop makes the reference itself
         from gad_megatron.convert.megatron_ckpt import load_checkpoint
