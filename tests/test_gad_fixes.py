@@ -180,3 +180,9 @@ def test_ablate_writes_its_table_and_plot(tmp_path):
     assert table["gad"]["d_acc"][0] is not None and table["seqkd"]["d_acc"][0] is None
     assert "| seqkd | 2 |" in open(out / "ablation.md").read()
     assert os.path.getsize(out / "ablation.png") > 1000
+    # #32 item 22: the same --out with other settings reused the old runs and printed their table, exit 0
+    again = subprocess.run([sys.executable, "tools/ablate.py", "local", "--out", str(out), "--variants", "seqkd",
+                            "--seeds", "1", "--warmup-steps", "3", "--steps", "3", "rollout.engine=megatron"],
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "holds runs made with other settings (steps: 2 -> 3; overrides:" in again.stderr
+    assert "ablate:" not in again.stdout  # nothing ran

@@ -103,12 +103,32 @@ def _resumable(cmd: list, run_dir: str) -> list:
     return cmd
 
 
+def same_settings(a, config: str, base: list) -> str:
+    """'' when ``a.out`` is new or was made with these settings (then they are recorded in ablate_settings.json);
+    otherwise what differs. Variants and seeds may be added to an --out; the runs' settings may not change."""
+    now = {"config": os.path.abspath(config), "warmup_steps": a.warmup_steps, "steps": a.steps,
+           "overrides": list(base) + list(a.overrides), "opd_teacher": a.opd_teacher}
+    path = os.path.join(a.out, "ablate_settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        return "; ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in now.items() if old.get(k) != v)
+    with open(path, "w") as f:
+        json.dump(now, f, indent=1)
+    return ""
+
+
 def run_local(a) -> int:
     """Seed by seed: the warm start, then each variant. Resumable: a finished run (summary.json, or for a warm
     start its checkpoint) is skipped and a run killed part-way continues from its last checkpoint, so a long
     ablation can run in parts (re-run the same command)."""
     os.makedirs(a.out, exist_ok=True)
     config, base = (a.config, []) if a.config else demo_setup(a.out)
+    changed = same_settings(a, config, base)
+    if changed:
+        print(f"ablate: {a.out} holds runs made with other settings ({changed}); their table would be printed as "
+              f"this one's: use another --out, or the same settings to resume", file=sys.stderr)
+        return 2
     warm, runs = commands(a, config, base)
     for seed, cmd in warm.items():
         w = os.path.join(a.out, f"warm_seed{seed}")
