@@ -124,6 +124,46 @@ def test_unsupported_gguf_family_is_one_line_and_nothing_is_written(tmp_path, ar
     assert sorted(os.listdir(tmp_path)) == [src.name]  # no output, no partial output
 
 
+@pytest.mark.parametrize("cut", [2 * 1024 * 1024, 64])
+def test_a_gguf_cut_short_is_one_line_naming_the_file(tmp_path, cut):
+    """#32 item 1: a GGUF cut short (2 MB or 64 bytes) said "cannot reshape array of size 560 into shape (576,)"."""
+    from gad_megatron.convert.smollm2 import find_gguf
+
+    data = open(find_gguf(), "rb").read()
+    src = tmp_path / "cut.gguf"
+    src.write_bytes(data[:-cut])
+    p = convert("gguf-to-hf", "--gguf", str(src), "--out", str(tmp_path / "out"))
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and f"{src}: truncated" in err[0], p.stderr[-2000:]
+    assert "reshape" not in p.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_gguf_without_its_layers_is_refused(tmp_path):
+    """#32 item 2: a llama GGUF holding only the embedding and the final norm converted with exit 0, every layer
+    transformers' random initialisation."""
+    import gguf
+    import numpy as np
+
+    src = tmp_path / "partial.gguf"
+    w = gguf.GGUFWriter(str(src), "llama")
+    for add, v in ((w.add_block_count, 2), (w.add_context_length, 64), (w.add_embedding_length, 8),
+                   (w.add_feed_forward_length, 16), (w.add_head_count, 2), (w.add_head_count_kv, 2)):
+        add(v)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    w.add_tensor("blk.1.attn_norm.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    p = convert("gguf-to-hf", "--gguf", str(src), "--out", str(tmp_path / "out"))
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1, p.stderr[-2000:]
+    assert f"{src}: holds no tensors for 1 of its 2 layers (0): a partial file" in err[0], err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_not_a_gguf_file_is_one_line(tmp_path):
     src = tmp_path / "model.gguf"
     src.write_bytes(b"PK\x03\x04 not a gguf")

@@ -17,6 +17,7 @@ dequantised, and ``save_pretrained`` refuses a model that still claims to be GGU
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 from gad_megatron.models.hf_config import UnsupportedConfigError, arch_spec_from_hf
@@ -43,17 +44,46 @@ def _imports():
     return load_gguf_checkpoint
 
 
-def _quant_problem(path: str) -> str:
+def _tensors(path: str) -> list:
+    """gguf-py's tensor records of ``path``; a file cut short or damaged is one GGUFError saying so (gguf-py's
+    own message is numpy's "cannot reshape array of size 560 into shape (576,)")."""
+    from gguf import GGUFReader
+
+    size = os.path.getsize(path)
+    try:
+        tensors = GGUFReader(path).tensors
+    except Exception as e:  # noqa: BLE001  (whatever a damaged file makes the reader raise)
+        raise GGUFError(f"{path}: truncated or damaged GGUF ({size:,} bytes; its tensors cannot be read: "
+                        f"{type(e).__name__})") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
+    if end > size:
+        raise GGUFError(f"{path}: truncated GGUF: its tensors end at byte {end:,}, the file has {size:,}")
+    return tensors
+
+
+def _quant_problem(path: str, tensors: list) -> str:
     """'' when every tensor's quantisation is one gguf-py dequantises, else a line naming the first that is not."""
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
     from gguf.quants import _type_traits
 
     readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16} | set(_type_traits)
-    for t in GGUFReader(path).tensors:
+    for t in tensors:
         if t.tensor_type not in readable:
             return (f"{path}: tensor {t.name!r} is quantised as {t.tensor_type.name}, which transformers' GGUF "
                     f"reader cannot dequantise")
     return ""
+
+
+def _missing_layers(path: str, tensors: list, layers: int) -> str:
+    """'' when every one of the ``layers`` blocks has tensors (``blk.<i>.*``); else a line naming the missing
+    ones: transformers would fill them with random weights without a word."""
+    present = {int(m.group(1)) for t in tensors for m in [re.match(r"blk\.(\d+)\.", t.name)] if m}
+    missing = [i for i in range(layers) if i not in present]
+    if not missing:
+        return ""
+    shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+    return (f"{path}: holds no tensors for {len(missing)} of its {layers} layers ({shown}): a partial file; its "
+            f"layers would be random weights")
 
 
 def inspect_gguf(path: str) -> dict:
@@ -64,6 +94,7 @@ def inspect_gguf(path: str) -> dict:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise GGUFError(f"{path}: not a GGUF file (no GGUF magic at its start)")
+    tensors = _tensors(path)
     try:
         parsed = load_gguf_checkpoint(path, return_tensors=False)
     except ValueError as e:  # transformers: "GGUF model with architecture X is not supported yet."
@@ -75,7 +106,7 @@ def inspect_gguf(path: str) -> dict:
     if model_type not in supported_model_types():
         raise GGUFError(f"{path}: architecture {model_type!r} is not a family gad-megatron maps "
                         f"(supported: {', '.join(supported_model_types())})")
-    problem = _quant_problem(path)
+    problem = _quant_problem(path, tensors) or _missing_layers(path, tensors, int(config.get("num_hidden_layers") or 0))
     if problem:
         raise GGUFError(problem)
     return config
