@@ -190,3 +190,23 @@ def test_a_converted_cache_cut_short_is_not_taken_for_the_student(tmp_path, monk
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match="run `gad-convert smollm2` once"):
         load_config(RECIPE)
+
+
+def test_an_opd_teacher_that_is_no_model_is_one_line_naming_opd_teacher(tmp_path):
+    """#32 items 6, 7: a missing opd.teacher said "Repo id must be in the form 'repo_name'...", an empty folder
+    gave a multi-line tokenizer error, a folder without weights passed --check and died after G was built."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "GAD_DEMO_DIR": str(tmp_path / "demo")}
+    empty, no_weights = tmp_path / "empty", tmp_path / "no_weights"
+    empty.mkdir()
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text("{}")
+    for teacher, needle in ((tmp_path / "missing", "no such folder"), (empty, "holds no config.json"),
+                            (no_weights, "holds no weights")):
+        p = subprocess.run([sys.executable, "-m", "gad_megatron.trainer.cli", "--demo", "--check",
+                            "reward.source=opd", f"opd.teacher={teacher}"], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=300)
+        err = [x for x in p.stderr.splitlines() if "error" in x]
+        assert p.returncode == 2 and len(err) == 1 and f"opd.teacher={teacher}: {needle}" in err[0], p.stderr[-2000:]

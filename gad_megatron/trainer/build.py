@@ -164,9 +164,12 @@ def check_before_build(cfg):
             raise ConfigError(f"data.max_prompt_tokens + {name} = {cfg.data.max_prompt_tokens + new} is beyond the "
                               f"student's max_position_embeddings={limit}")
     if cfg.train.stage == "gad" and cfg.reward.source in ("opd", "gad+opd"):
-        from gad_megatron.trainer.opd import TeacherMismatch, check_server_tokenizer, check_teacher
+        from gad_megatron.trainer.opd import TeacherMismatch, check_server_tokenizer, check_teacher, teacher_folder_problem
 
         o = cfg.opd
+        problem = "" if o.url else teacher_folder_problem(o.teacher)
+        if problem:
+            raise ConfigError(f"opd.teacher={o.teacher}: {problem}")
         try:
             if o.url:
                 check_server_tokenizer(student_dir, o.url, o.served_model)
@@ -174,11 +177,13 @@ def check_before_build(cfg):
                 check_teacher(student_dir, model_hf_dir(o.teacher))
         except (TeacherMismatch, OSError) as e:
             where = f"opd.url={o.url}" if o.url else f"opd.teacher={o.teacher}"
-            raise ConfigError(str(e) if isinstance(e, TeacherMismatch) else f"{where}: {e}") from None
+            said = " ".join(str(e).split())  # the tokenizer loader's errors run over several lines
+            raise ConfigError(said if isinstance(e, TeacherMismatch) else f"{where}: {said[:300]}") from None
     if cfg.train.stage == "gad" and cfg.rollout.engine != "megatron":
         from gad_megatron.runtime.parallel import ranks_per_node
+        from gad_megatron.trainer.config_rules import launch_world
 
-        world = int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc))
+        world = launch_world(cfg)
         run_topology(cfg, world, ranks_per_node(world))
     check_rollout_memory(cfg, arch)
     check_free_space(cfg, arch)

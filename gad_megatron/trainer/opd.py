@@ -57,6 +57,22 @@ def opd_advantages(old_logp: torch.Tensor, teacher_logp: torch.Tensor, coef: flo
     return adv if mask is None else adv * mask.to(adv.dtype)
 
 
+def teacher_folder_problem(path: str) -> str:
+    """'' when ``path`` is a model OPD can load (an HF folder with config and weights, or a gad-convert
+    checkpoint); else why not, in words that name no library (#32 items 6, 7)."""
+    from gad_megatron.convert.api import is_checkpoint
+
+    if not os.path.isdir(path):
+        return "no such folder (an HF model folder or a gad-convert checkpoint)"
+    if is_checkpoint(path):
+        return ""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return "holds no config.json: not an HF model folder or a gad-convert checkpoint"
+    if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+        return "holds no weights (*.safetensors / *.bin): the teacher would be built without them"
+    return ""
+
+
 def check_teacher(student_dir: str, teacher_dir: str) -> None:
     """Before any model is built: the teacher reads the student's tokens as the same tokens. Compares the two
     tokenizers' token maps and end tokens; the teacher's embedding may have more rows than its tokenizer
