@@ -178,7 +178,18 @@ def test_ablate_writes_its_table_and_plot(tmp_path):
     for v in ("seqkd", "gad"):
         assert table[v]["seeds"] == 2 and table[v]["heldout_ce"][0] > 0
     assert table["gad"]["d_acc"][0] is not None and table["seqkd"]["d_acc"][0] is None
-    assert "| seqkd | 2 |" in open(out / "ablation.md").read()
+    md = open(out / "ablation.md").read()
+    assert "| seqkd | 2 |" in md
+    # #33 item 1: each score's cell has its evaluation error beside the seed spread, and a verdict against seqkd
+    # says "separated" only past 2 standard errors of both
+    k = "heldout_score_sampled"
+    g, s = table["gad"], table["seqkd"]
+    assert g[f"{k}_eval_se"] is not None and f"± {g[k][1]:.4f} (eval ± {g[f'{k}_eval_se']:.4f})" in md
+    diff = g[k][0] - s[k][0]
+    seed_se = (g[k][1] ** 2 / 2 + s[k][1] ** 2 / 2) ** 0.5
+    eval_se = (g[f"{k}_eval_se"] ** 2 + s[f"{k}_eval_se"] ** 2) ** 0.5
+    verdict = "separated" if abs(diff) > 2 * seed_se and abs(diff) > 2 * eval_se else "not separated"
+    assert f"- gad: {diff:+.4f} (seed spread ± {seed_se:.4f}, evaluation ± {eval_se:.4f}): {verdict}\n" in md, md
     assert os.path.getsize(out / "ablation.png") > 1000
     # #32 item 22: the same --out with other settings reused the old runs and printed their table, exit 0
     again = subprocess.run([sys.executable, "tools/ablate.py", "local", "--out", str(out), "--variants", "seqkd",

@@ -43,6 +43,7 @@ VARIANTS = {
 NEEDS_TEACHER = ("opd", "gad+opd")  # variants that need a white-box teacher (--opd-teacher)
 LAST_STEP = ("d_acc", "opd_kl_k3")  # from the last training step that logged them
 METRICS = ("heldout_score", "heldout_score_sampled", "heldout_ce", "heldout_length", "heldout_kl", "heldout_d_acc")
+SCORES = ("heldout_score", "heldout_score_sampled")  # those with an evaluation standard error (<key>_se)
 
 
 def demo_setup(out: str) -> tuple:
@@ -193,7 +194,8 @@ def run_result(run_dir: str) -> dict:
     d_acc = next((r["d_acc"] for r in reversed(rows) if "d_acc" in r), None)
     opd_kl = next((r["opd_kl_k3"] for r in reversed(rows) if "opd_kl_k3" in r), None)
     after = summary["evals"].get("after", {})
-    return {**{k: after.get(k) for k in METRICS}, "d_acc": d_acc, "opd_kl_k3": opd_kl,
+    return {**{k: after.get(k) for k in METRICS}, **{f"{k}_se": after.get(f"{k}_se") for k in SCORES},
+            "d_acc": d_acc, "opd_kl_k3": opd_kl,
             "warm": warm or summary["evals"].get("after_warmup", {}),
             "stopped_by_guard": summary.get("stopped_by_guard")}
 
@@ -242,12 +244,16 @@ def report(a) -> int:
         print(f"ablate: no <variant>/seed*/summary.json under {a.out}", file=sys.stderr)
         return 1
     table = {"warm start": {k: _stats([w.get(k) for w in warm.values()]) for k in METRICS}}
+    table["warm start"]["seeds"] = len(warm)
     for v, per_seed in results.items():
         table[v] = {k: _stats([r.get(k) for r in per_seed.values()]) for k in METRICS + LAST_STEP}
         table[v]["seeds"] = len(per_seed)
+    for name, runs in [("warm start", list(warm.values()))] + [(v, list(r.values())) for v, r in results.items()]:
+        for k in SCORES:  # the evaluation's own error of the seed mean, beside the seed spread
+            table[name][f"{k}_eval_se"] = _eval_se([r.get(f"{k}_se") for r in runs])
     with open(os.path.join(a.out, "ablation.json"), "w") as f:
         json.dump({"table": table, "runs": results, "variants": {v: VARIANTS[v][0] for v in results}}, f, indent=1)
-    md = _markdown(table)
+    md = _markdown(table) + _separations(table)
     with open(os.path.join(a.out, "ablation.md"), "w") as f:
         f.write(md)
     _plot(table, os.path.join(a.out, "ablation.png"))
@@ -255,12 +261,54 @@ def report(a) -> int:
     return 0
 
 
+def _eval_se(ses: list):
+    """The evaluation standard error of a mean over runs, from each run's own (None when a run has none)."""
+    if not ses or any(x is None for x in ses):
+        return None
+    return math.sqrt(sum(x * x for x in ses)) / len(ses)
+
+
 def _markdown(table: dict) -> str:
+    """Cells: mean ± std over seeds; a score's cell adds its evaluation error (the mean's standard error from
+    the held-out prompts and samples alone)."""
     cols = METRICS + LAST_STEP
     head = "| variant | seeds | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols) + "\n"
-    fmt = lambda s: "" if s is None or s[0] is None else f"{s[0]:.4f} ± {s[1]:.4f}"  # noqa: E731
-    return head + "".join(f"| {v} | {row.get('seeds', '')} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |\n"
+
+    def fmt(row: dict, c: str) -> str:
+        s = row.get(c)
+        if s is None or s[0] is None:
+            return ""
+        ev = row.get(f"{c}_eval_se")
+        return f"{s[0]:.4f} ± {s[1]:.4f}" + (f" (eval ± {ev:.4f})" if ev is not None else "")
+
+    return head + "".join(f"| {v} | {row.get('seeds', '')} | " + " | ".join(fmt(row, c) for c in cols) + " |\n"
                           for v, row in table.items())
+
+
+def _separations(table: dict, base: str = "seqkd") -> str:
+    """Each variant's held-out sampled score against ``base``: "separated" only when the difference is above 2
+    standard errors of the seed spread and 2 of the evaluation's own error (#33 item 1); one seed has no spread."""
+    k = "heldout_score_sampled"
+    if base not in table or (table[base].get(k) or (None,))[0] is None:
+        return ""
+    lines = [f"\nAgainst `{base}`, held-out sampled score (separated: the difference > 2 standard errors of the seed "
+             "spread and > 2 of the evaluation error):\n"]
+    b = table[base]
+    for v, row in table.items():
+        if v in (base, "warm start") or (row.get(k) or (None,))[0] is None:
+            continue
+        diff = row[k][0] - b[k][0]
+        seeds = min(row.get("seeds") or 0, b.get("seeds") or 0)
+        seed_se = math.sqrt(row[k][1] ** 2 / row["seeds"] + b[k][1] ** 2 / b["seeds"]) if seeds > 1 else None
+        ev = [row.get(f"{k}_eval_se"), b.get(f"{k}_eval_se")]
+        eval_se = math.sqrt(ev[0] ** 2 + ev[1] ** 2) if None not in ev else None
+        known = seed_se is not None and eval_se is not None
+        separated = known and abs(diff) > 2 * seed_se and abs(diff) > 2 * eval_se
+        said = ", ".join(x for x in (f"seed spread ± {seed_se:.4f}" if seed_se is not None else "one seed: no spread",
+                                     f"evaluation ± {eval_se:.4f}" if eval_se is not None else "no evaluation error")
+                         if x)
+        lines.append(f"- {v}: {diff:+.4f} ({said}): {'separated' if separated else 'not separated'}\n")
+    return "".join(lines)
 
 
 def _plot(table: dict, out: str) -> None:
