@@ -20,7 +20,7 @@ for setting in "1 3e-6 4 4" "2 1e-6 4 4" "3 3e-6 4 8" "4 1e-6 4 8" "5 3e-6 16 4"
     if grep -q "^setting $k .*: learns$" "$VERDICTS"; then exit 0; fi
     continue
   fi
-  spent=$(grep -o "([0-9]* min)" "$VERDICTS" | tr -dc '0-9\n' | awk '{s += $1} END {print s + 0}')
+  spent=$( (grep -o "([0-9]* min)" "$VERDICTS" || true) | tr -dc '0-9\n' | awk '{s += $1} END {print s + 0}')
   if [ "$spent" -ge 360 ]; then echo "6 CPU hours spent ($spent min): the search stops before setting $k (PLAN.md)"; exit 0; fi
   dir="$OUT/setting$k"
   mkdir -p "$dir"
