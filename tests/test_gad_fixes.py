@@ -75,18 +75,13 @@ def continue_gad(tmp_path, student, warm, name, steps=40, extra_env=None, **over
     return tmp_path / name
 
 
-def mean_se(xs):
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
-
-
 def reward_change(run_dir, sign=1.0):
     """The scorer's mean over the last quarter of the GAD steps minus the first quarter's (each step's mean over
     its 32 prompts x n 4 samples; ``sign`` -1 undoes a negated reward) and the standard error of that difference
     from the step-to-step spread."""
     r = [sign * x["reward_mean"] for x in rows(run_dir) if x.get("stage") == "gad"]
     q = len(r) // 4
-    (a, sa), (b, sb) = mean_se(r[:q]), mean_se(r[-q:])
+    (a, sa), (b, sb) = paired.mean_se(r[:q]), paired.mean_se(r[-q:])
     return b - a, (sa**2 + sb**2) ** 0.5
 
 

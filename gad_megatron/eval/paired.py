@@ -20,6 +20,13 @@ class Change:
     prompts: int
 
 
+def mean_se(xs: list) -> tuple:
+    """``(mean, standard error of the mean)`` of ``xs`` (the sample sd / sqrt(n); 0 for a single value)."""
+    mean = sum(xs) / len(xs)
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+    return mean, (var / len(xs)) ** 0.5
+
+
 def eval_scores(run_dir: str, name: str, key: str = "sampled") -> dict:
     """``{prompt id: score}`` of the evaluation ``name`` (``before``, ``after_warmup``, ``after``; the last one
     written if the run evaluated that name more than once)."""
@@ -43,9 +50,7 @@ def change_between(run_a: str, eval_a: str, run_b: str, eval_b: str, key: str = 
     ids = [i for i in a if i in b]
     if len(ids) < 2:
         return None
-    d = [b[i] - a[i] for i in ids]
-    mean = sum(d) / len(d)
-    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    mean, se = mean_se([b[i] - a[i] for i in ids])
     return Change(sum(a[i] for i in ids) / len(ids), sum(b[i] for i in ids) / len(ids), mean, se, len(ids))
 
 

@@ -25,6 +25,7 @@ import torch
 
 from gad_megatron.algo.policy import low_var_kl
 from gad_megatron.data.chat import d_view
+from gad_megatron.eval.paired import mean_se
 from gad_megatron.rollout.base import SamplingConfig
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.batching import Seq
@@ -54,10 +55,9 @@ def evaluate(t, held: list) -> dict:
         res["heldout_per_prompt"] = [{"id": e.id, "greedy": x} for e, x in zip(held, greedy_scores)]
         res["heldout_examples"] = [{"id": e.id, "answer": txt} for e, txt in list(zip(held, texts))[:3]]
     if cfg.eval.samples:
-        res.update(_sampled(t, held, scorer, stop))
-    sampled = res.pop("sampled_per_prompt", None)
-    if sampled is not None:
-        for row, x in zip(res["heldout_per_prompt"], sampled):
+        sampled, means = _sampled(t, held, scorer, stop)
+        res.update(sampled)
+        for row, x in zip(res.get("heldout_per_prompt", []), means):
             row["sampled"] = x
     return res
 
@@ -65,14 +65,14 @@ def evaluate(t, held: list) -> dict:
 def score_and_se(key: str, per_prompt: list) -> dict:
     """``{key: mean score, key_se: its standard error}`` from each prompt's list of sample scores (equal
     lengths): the per-prompt means' standard deviation over sqrt(prompts) (0 for a single prompt)."""
-    means = [sum(x) / len(x) for x in per_prompt]
-    mean = sum(means) / len(means)
-    var = sum((m - mean) ** 2 for m in means) / (len(means) - 1) if len(means) > 1 else 0.0
-    return {key: mean, f"{key}_se": (var / len(means)) ** 0.5}
+    mean, se = mean_se([sum(x) / len(x) for x in per_prompt])
+    return {key: mean, f"{key}_se": se}
 
 
-def _sampled(t, held: list, scorer, stop: list) -> dict:
+def _sampled(t, held: list, scorer, stop: list) -> tuple:
+    """(the sampled answers' metrics, each prompt's mean sampled score: [] without a scorer)."""
     cfg, n = t.cfg, t.cfg.eval.samples
+    per_prompt = []
     groups = t.policy.generate([e.prompt for e in held], SamplingConfig(
         n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
         max_tokens=cfg.eval.max_tokens, stop_token_ids=stop, seed=cfg.eval.seed))
@@ -83,12 +83,11 @@ def _sampled(t, held: list, scorer, stop: list) -> dict:
         per_prompt = [[call_scorer(scorer, where, e, dec(s[0], skip_special_tokens=True)) for s in g]
                       for e, g in zip(held, groups)]
         res.update(score_and_se("heldout_score_sampled", per_prompt))
-        res["sampled_per_prompt"] = [sum(x) / len(x) for x in per_prompt]
     if t.ref is not None:
         res["heldout_kl"] = _kl_to_reference(t, held, groups)
     if t.reward is not None and t.reward.reads_answers:
         res.update(_d_accuracy(t, held, groups))
-    return res
+    return res, [sum(x) / len(x) for x in per_prompt]
 
 
 def _d_accuracy(t, held: list, groups: list) -> dict:

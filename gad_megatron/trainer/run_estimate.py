@@ -15,7 +15,7 @@ from typing import Optional
 from gad_megatron.models.plan_inputs import Assumptions
 from gad_megatron.models.steptime import plan_time
 from gad_megatron.models.storage import checkpoint_bytes, disk_need_bytes, export_bytes
-from gad_megatron.trainer.step_estimate import _human, device_gpu, layout_and_workload, slurm_seconds_left
+from gad_megatron.trainer.step_estimate import _human, device_gpu, layout_and_workload, mean_lengths, slurm_seconds_left
 
 
 @dataclass
@@ -63,10 +63,7 @@ def count_evaluations(cfg, warm: int, total: int, heldout: int) -> int:
 def estimate_run(cfg, arch, train_examples: list, heldout: int, warm: int, total: int) -> RunEstimate:
     from gad_megatron.trainer.rewards import reward_class
 
-    n_ex = max(1, len(train_examples))
-    mean_p = max(1, round(sum(len(e.prompt) for e in train_examples) / n_ex))
-    mean_r = max(1, round(sum(len(e.response) for e in train_examples) / n_ex))
-    lay, wl = layout_and_workload(cfg, mean_p, mean_r)
+    lay, wl = layout_and_workload(cfg, *mean_lengths(train_examples))
     from gad_megatron.trainer.config_rules import launch_world
 
     gpu, asm, world = device_gpu(cfg.parallel.device), Assumptions(), launch_world(cfg)

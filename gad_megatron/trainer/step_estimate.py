@@ -90,13 +90,17 @@ def _human(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def mean_lengths(examples) -> tuple:
+    """(mean prompt tokens, mean answer tokens) of the training examples, each at least 1."""
+    n_ex = max(1, len(examples))
+    return (max(1, round(sum(len(e.prompt) for e in examples) / n_ex)),
+            max(1, round(sum(len(e.response) for e in examples) / n_ex)))
+
+
 def estimate_step(cfg, arch, examples) -> StepEstimate:
     """The step of this config on this data, as the planner models it (the data's mean prompt and answer
     lengths; the samples' decode runs to the data's mean answer length, its tail to rollout.max_tokens)."""
-    n_ex = max(1, len(examples))
-    mean_p = max(1, round(sum(len(e.prompt) for e in examples) / n_ex))
-    mean_r = max(1, round(sum(len(e.response) for e in examples) / n_ex))
-    lay, wl = layout_and_workload(cfg, mean_p, mean_r)
+    lay, wl = layout_and_workload(cfg, *mean_lengths(examples))
     gpu, asm = device_gpu(cfg.parallel.device), Assumptions()
     from gad_megatron.trainer.config_rules import launch_world
 
