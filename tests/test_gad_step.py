@@ -33,7 +33,8 @@ def step_config(student, run_dir, **over):
     return cfg
 
 
-# name: (ranks, config overrides). "small" budgets split the 8 prompts x (1 + 4) rows into uneven micro-batches.
+# name: (ranks, config overrides). "small" budgets split the 8 prompts x (1 + 4) rows into uneven micro-batches;
+# at 64 and 100 tokens D's groups do not fit one micro-batch: D trains through the split-group surrogate (#30 item 5).
 LAYOUTS = {
     "tp1": (1, {}),
     "tp1_small_mb": (1, {"train.micro_batch_tokens": 64}),

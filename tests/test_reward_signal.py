@@ -180,3 +180,64 @@ def test_d_acc_is_logged_for_finished_truncated_and_by_length():
     assert n == 3 and acc["d_acc_finished"] == pytest.approx(2 / 3) and acc["d_acc_truncated"] == 1.0
     assert acc["d_acc_len_le16"] == 1.0 and acc["d_acc_len_le64"] == 0.5  # lengths 2, 2 | 20, 20
     assert logs["d_acc_len_le256"][1] == 0
+
+
+class TokenD(torch.nn.Module):
+    """A trainable 'discriminator': each token's output is its embedding (one scalar); the score is the last
+    real token's."""
+
+    def __init__(self, vocab=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, 1)
+
+    def forward(self, tokens, pos, mask, labels=None):
+        return self.emb(tokens)
+
+
+def test_a_split_group_has_the_whole_groups_bt_gradient_and_loss():
+    """#30 item 5: a group larger than the micro-batch budget is scored first, then trained through the surrogate
+    sum(dL/ds x s) one sequence per micro-batch: the same gradient (and logged loss) as the whole-group step."""
+    from gad_megatron.trainer.steps import bt_surrogate_step, bt_terms
+
+    group = 3
+    seqs = [Seq([1, 2], [3 + (i * 7) % 20, 4 + (i * 5) % 20] + [9] * (i % 3), is_teacher=(i % (group + 1) == 0))
+            for i in range(8)]
+    seqs[6].in_d_loss = False  # a truncated sample: in no pair
+    d = TokenD()
+    out, loss_func = bt_step(group)(d, collate(seqs))
+    total, n, whole_logs = loss_func(out)
+    (total / n).backward()
+    whole = d.emb.weight.grad.clone()
+
+    d.emb.weight.grad = None
+    with torch.no_grad():  # the scoring pass, one sequence at a time
+        scores = torch.cat([d(collate([s])["tokens"], None, None)[0, len(s) - 1] for s in seqs])
+    scores.requires_grad_()
+    t, _, split_logs = bt_terms(scores, torch.tensor([s.in_d_loss for s in seqs]),
+                                torch.tensor([len(s.response) for s in seqs]), group)
+    t.backward()
+    for s, g in zip(seqs, scores.grad.tolist()):
+        s.score_grad = g
+    tot, cnt = 0, 0
+    for s in seqs:  # one micro-batch per sequence, as megatron adds them: sum of totals / sum of counts
+        o, lf = bt_surrogate_step(d, collate([s]))
+        a, c, logs = lf(o)
+        tot, cnt = tot + a, cnt + int(c)
+        assert logs == {}
+    assert cnt == int(n) == 5
+    (tot / cnt).backward()
+    assert torch.allclose(d.emb.weight.grad, whole, rtol=1e-6, atol=1e-9) and whole.abs().sum() > 0
+    for k, v in whole_logs.items():
+        assert torch.allclose(split_logs[k], v, rtol=1e-6), k
+
+
+def test_fits_and_padding_share():
+    from gad_megatron.trainer.batching import fits, microbatches, pad_share
+
+    units = [[Seq([1] * 3, [2] * 3)] * 3, [Seq([1] * 5, [2] * 9)]]
+    assert fits(units, 18) and not fits(units, 17)  # 3 rows x 6 | 1 x 14
+    mbs, _ = microbatches(units, 28)  # 3 x 6 = 18, then 1 x 14: two micro-batches, no padding
+    assert pad_share(mbs) == (0, 32)
+    mbs, _ = microbatches(units, 64)  # one micro-batch of 4 x 14: 56 tokens, 3 x 6 + 14 = 32 real
+    assert pad_share(mbs) == (24, 56)

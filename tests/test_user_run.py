@@ -210,3 +210,100 @@ def test_an_opd_teacher_that_is_no_model_is_one_line_naming_opd_teacher(tmp_path
                            env=env, timeout=300)
         err = [x for x in p.stderr.splitlines() if "error" in x]
         assert p.returncode == 2 and len(err) == 1 and f"opd.teacher={teacher}: {needle}" in err[0], p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("key,inside", [("opd.teacher", "hf_student"), ("opd.teacher", "checkpoints/student"),
+                                        ("model.student", "checkpoints/student"), ("model.student", "hf_student/x")])
+def test_an_input_inside_what_the_run_writes_is_refused(tmp_path, key, inside):
+    """#32 items 8, 15: opd.teacher=<run_dir>/hf_student or <run_dir>/checkpoints/student, and
+    model.student=<run_dir>/checkpoints/student with checkpoint.resume=none, were accepted: the run rewrites its
+    own input."""
+    run = tmp_path / "run"
+    over = {"log.run_dir": run, "checkpoint.resume": "none", "model.student": tmp_path / "student",
+            "data.train": "t.jsonl", "reward.source": "opd", "opd.teacher": tmp_path / "teacher"}
+    with pytest.raises(ConfigError) as e:
+        load_config(base={}, overrides=[f"{k}={v}" for k, v in {**over, key: run / inside}.items()])
+    assert f"{key}=" in str(e.value) and f"sits in this run's own {inside.split('/')[0]}" in str(e.value)
+    load_config(base={}, overrides=[f"{k}={v}" for k, v in over.items()])  # outside the run's outputs: accepted
+
+
+@pytest.mark.parametrize("over,key", [
+    (["reward.source=opd", "opd.coef=0"], "opd.coef"),
+    (["reward.source=gad+opd", "opd.weight=0", "opd.weight_discriminator=0"], "opd.weight"),
+    (["reward.source=gad+opd", "opd.coef=0", "opd.weight_discriminator=0"], "opd.weight")])
+def test_opd_weights_that_zero_every_advantage_are_refused(tmp_path, over, key):
+    """#32 item 9: gad+opd with opd.weight=0 opd.weight_discriminator=0, and opd with opd.coef=0, trained with every
+    advantage 0 (the mixed reward's zero weights were refused)."""
+    base = ["model.student=s", "data.train=t.jsonl", f"opd.teacher={tmp_path / 't'}"]
+    with pytest.raises(ConfigError, match=f"{key}=.*every advantage would be 0"):
+        load_config(base={}, overrides=base + over)
+    load_config(base={}, overrides=base + over[:1])  # the default weights: accepted
+
+
+def _http_server(answer):
+    """A local HTTP server whose answer to (path, body) is ``answer(path, body) -> bytes``; (server, url)."""
+    import http.server
+    import json
+    import threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def _reply(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(n)) if n else None
+            out = answer(self.path, body)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        do_GET = do_POST = _reply
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+
+def test_an_opd_server_that_is_not_a_vllm_server_is_one_line_naming_opd_url(tmp_path):
+    """#32 items 10, 11: an opd.url answering 200 with HTML or nothing said "Expecting value: line 1 column 1",
+    JSON without tokens was a KeyError traceback, and a server that tokenizes right but returns no prompt logprobs
+    passed --check and died at the first OPD step."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from gad_megatron.data import demo
+    from gad_megatron.trainer.opd import TeacherMismatch, check_server_tokenizer
+
+    student = demo.make_student(str(tmp_path / "student"), seed=3)
+    tok = AutoTokenizer.from_pretrained(student)
+
+    def vllm_like(logprobs: bool):
+        def answer(path, body):
+            if path == "/tokenize":
+                return json.dumps({"tokens": tok(body["prompt"], add_special_tokens=False)["input_ids"]}).encode()
+            if path == "/v1/models":
+                return b'{"data": [{"id": "teacher"}]}'
+            lp = [None] + [{"1": {"logprob": -1.0}}] * (len(body["prompt"]) - 1) if logprobs else None
+            return json.dumps({"choices": [{"index": 0, "text": "x", "prompt_logprobs": lp}]}).encode()
+        return answer
+
+    cases = [(lambda p, b: b"<html><body>proxy login</body></html>", "/tokenize answered '<html><body>proxy login"),
+             (lambda p, b: b"", "/tokenize answered 'nothing', not JSON"),
+             (lambda p, b: b'{"count": 3}', "/tokenize answered without 'tokens'"),
+             (vllm_like(False), "came back without prompt logprobs (none)")]
+    for answer, needle in cases:
+        srv, url = _http_server(answer)
+        try:
+            with pytest.raises(TeacherMismatch) as e:
+                check_server_tokenizer(student, url)
+            assert str(e.value).startswith(f"opd.url={url}: ") and needle in str(e.value) and "\n" not in str(e.value)
+        finally:
+            srv.shutdown()
+    srv, url = _http_server(vllm_like(True))
+    try:
+        check_server_tokenizer(student, url)  # tokenizes as the student and gives prompt logprobs: accepted
+    finally:
+        srv.shutdown()

@@ -175,8 +175,9 @@ esac
     for name, cmds in (("warm", list(warm.values())), ("variants", list(runs.values()))):
         with open(os.path.join(a.out, f"{name}.sbatch"), "w") as f:
             f.write(job(name, cmds, ""))
-    print(f"wrote {a.out}/warm.sbatch and variants.sbatch:\n  jid=$(sbatch --parsable {a.out}/warm.sbatch)\n"
-          f"  sbatch --dependency=afterok:$jid {a.out}/variants.sbatch\n  python tools/ablate.py report --out {a.out}")
+    q = lambda name: shlex.quote(os.path.join(a.out, name) if name else a.out)  # noqa: E731  (pasted into a shell)
+    print(f"wrote {a.out}/warm.sbatch and variants.sbatch:\n  jid=$(sbatch --parsable {q('warm.sbatch')})\n"
+          f"  sbatch --dependency=afterok:$jid {q('variants.sbatch')}\n  python tools/ablate.py report --out {q('')}")
     return 0
 
 
@@ -215,6 +216,32 @@ def _read_json(path: str) -> dict:
     return out
 
 
+EVAL_KEYS = (("data", "train"), ("data", "heldout"), ("data", "heldout_size"), ("eval", "scorer"),
+             ("eval", "max_prompts"), ("eval", "samples"), ("eval", "max_tokens"))
+
+
+def evaluated_alike(run_dirs: list) -> str:
+    """'' when every run (its ``config.yaml``) trained on the same data and was scored by the same scorer on the
+    same held-out prompts; else one line naming two runs and the first setting where they differ."""
+    import yaml
+
+    first = None
+    for d in run_dirs:
+        path = os.path.join(d, "config.yaml")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+        got = {f"{sec}.{key}": (cfg.get(sec) or {}).get(key) for sec, key in EVAL_KEYS}
+        if first is None:
+            first = (d, got)
+            continue
+        for k, v in got.items():
+            if v != first[1][k]:
+                return f"{first[0]} has {k}={first[1][k]!r} and {d} has {k}={v!r}"
+    return ""
+
+
 def _stats(xs: list) -> tuple:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -243,6 +270,12 @@ def report(a) -> int:
     if not results:
         print(f"ablate: no <variant>/seed*/summary.json under {a.out}", file=sys.stderr)
         return 1
+    differ = evaluated_alike([os.path.join(a.out, v, name) for v, per in results.items() for name in per]
+                             + [os.path.join(a.out, f"warm_{name}") for name in warm])
+    if differ:
+        print(f"ablate: {differ}: their scores are not one table's; report each setting's --out apart",
+              file=sys.stderr)
+        return 2
     table = {"warm start": {k: _stats([w.get(k) for w in warm.values()]) for k in METRICS}}
     table["warm start"]["seeds"] = len(warm)
     for v, per_seed in results.items():
@@ -355,6 +388,13 @@ def main(argv=None) -> int:
         a.variants = [v for v in VARIANTS if a.opd_teacher or v not in NEEDS_TEACHER]
     if a.mode != "report" and not a.opd_teacher and set(a.variants) & set(NEEDS_TEACHER):
         p.error(f"variants {sorted(set(a.variants) & set(NEEDS_TEACHER))} need --opd-teacher")
+    if a.mode != "report" and a.opd_teacher and set(a.variants) & set(NEEDS_TEACHER):
+        sys.path.insert(0, ROOT)
+        from gad_megatron.trainer.opd import teacher_folder_problem
+
+        problem = teacher_folder_problem(a.opd_teacher)  # before the warm start's minutes to hours
+        if problem:
+            p.error(f"--opd-teacher {a.opd_teacher}: {problem}")
     return {"local": run_local, "slurm": write_slurm, "report": report}[a.mode](a)
 
 

@@ -3,8 +3,10 @@
 A :class:`Seq` is one ``[prompt, response]`` token sequence plus whatever per-response-token values a step
 needs (old / reference / rollout logprobs) and per-sequence values (advantage). Micro-batches are packed by
 a token budget (rows x padded width <= ``budget``), each padded to its own width, so a batch of short answers
-is not padded to the longest answer of the step. Units (a D group: the teacher answer and its student
-samples) are never split across micro-batches.
+is not padded to the longest answer of the step. A unit (a D group: the teacher answer and its student
+samples) goes into one micro-batch; a caller whose units do not fit the budget (:func:`fits`) splits them
+(D scores the groups first and trains through a surrogate: ``steps.bt_surrogate_step``), so no micro-batch
+is over the budget.
 
 Position convention: ``labels[t] = tokens[t + 1]`` and ``loss_mask[t] = 1`` exactly where ``tokens[t + 1]`` is
 a response token, so the value of response token ``k`` sits at position ``prompt_len - 1 + k``.
@@ -30,6 +32,7 @@ class Seq:
     advantage: float = 0.0
     is_teacher: bool = False
     in_d_loss: bool = True  # False: a sample D must not learn from (truncated: it has no end)
+    score_grad: float = 0.0  # D's split-group surrogate: d(BT loss) / d(this row's score)
 
     @property
     def tokens(self) -> list:
@@ -56,6 +59,18 @@ def pack_units(units: list, budget: int, pad_multiple: int = 1) -> list:
     if cur:
         out.append(cur)
     return out
+
+
+def fits(units: list, budget: int, pad_multiple: int = 1) -> bool:
+    """Every unit fits one micro-batch of ``budget`` (rows x padded width)."""
+    return all(len(u) * _round_up(max(len(s) for s in u), pad_multiple) <= budget for u in units)
+
+
+def pad_share(mbs: list) -> tuple:
+    """(padding tokens, all tokens) of collated micro-batches: what the budget spends on padding."""
+    real = sum(int(mb["attention_mask"].sum()) for mb in mbs)
+    total = sum(mb["tokens"].numel() for mb in mbs)
+    return total - real, total
 
 
 def _round_up(n: int, m: int) -> int:
@@ -89,7 +104,8 @@ def collate(seqs: list, pad_multiple: int = 1, pad_id: int = 0) -> dict:
     batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "attention_mask": attn,
              "advantages": torch.tensor([s.advantage for s in seqs], dtype=torch.float32),
              "is_teacher": torch.tensor([s.is_teacher for s in seqs], dtype=torch.bool),
-             "in_d_loss": torch.tensor([s.in_d_loss for s in seqs], dtype=torch.bool)}
+             "in_d_loss": torch.tensor([s.in_d_loss for s in seqs], dtype=torch.bool),
+             "score_grad": torch.tensor([s.score_grad for s in seqs], dtype=torch.float32)}
     batch.update(extra)
     return batch
 

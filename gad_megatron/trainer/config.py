@@ -20,7 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from gad_megatron.algo.policy import ADV_STD_MODES, LOSS_AGG_MODES
 from gad_megatron.rollout.base import engine_choices
 from gad_megatron.convert.smollm2 import recipe_student
-from gad_megatron.trainer.config_rules import launch_world, validate_algo, validate_offload
+from gad_megatron.trainer.config_rules import (launch_world, validate_algo, validate_inputs_outside_outputs,
+                                               validate_offload)
 from gad_megatron.trainer.rewards import reward_choices
 from gad_megatron.rollout.transport import transport_choices
 
@@ -163,7 +164,7 @@ class TrainSection:
     total_steps: Optional[int] = None  # None: epochs x steps per epoch
     stop_after: Optional[int] = None  # end this job after this step (checkpointed); schedules still span total_steps
     epochs: int = 3
-    micro_batch_tokens: int = 16384  # dynamic micro-batches: rows x padded length <= this
+    micro_batch_tokens: int = 16384  # dynamic micro-batches: rows x padded length <= this (D's groups split)
     seed: int = 1234
     max_skipped_steps: int = 10  # non-finite steps tolerated in a row before stopping
     # A step the planner's model estimates beyond this is refused before any rank starts (null: no limit): a
@@ -479,12 +480,7 @@ def _validate_numbers_and_paths(cfg, bad, problems) -> None:
     run_dir = os.path.abspath(cfg.log.run_dir)
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         bad("log.run_dir", "is a file, not a directory")
-    if not OmegaConf.is_missing(cfg, "model.student"):
-        student = os.path.realpath(cfg.model.student)
-        export = os.path.realpath(os.path.join(run_dir, "hf_student"))
-        if student == export or student.startswith(export + os.sep):
-            bad("model.student", "is this run's own HF export (log.run_dir/hf_student), which the run overwrites "
-                                 "at its end: copy it elsewhere or use another log.run_dir")
+    validate_inputs_outside_outputs(cfg, bad)
 
 
 def to_yaml(cfg) -> str:

@@ -65,6 +65,26 @@ def validate_offload(cfg, bad) -> None:
         bad("rollout.offload", "params cannot leave: the megatron engine samples with G's own parameters")
 
 
+# what a run writes into log.run_dir and replaces or prunes: an input in there would be overwritten by the run
+RUN_OUTPUTS = ("hf_student", "checkpoints")
+
+
+def validate_inputs_outside_outputs(cfg, bad) -> None:
+    """#32 items 8, 15: a model the run reads may not sit in what the run writes (its HF export, its
+    checkpoints: rewritten at the end, pruned as it goes), whatever ``checkpoint.resume`` says."""
+    run_dir = os.path.abspath(cfg.log.run_dir)
+    for key in ("model.student", "model.discriminator", "opd.teacher"):
+        value = OmegaConf.select(cfg, key, throw_on_missing=False) if not OmegaConf.is_missing(cfg, key) else None
+        if not value:
+            continue
+        path = os.path.realpath(value)
+        for out in RUN_OUTPUTS:
+            written = os.path.realpath(os.path.join(run_dir, out))
+            if path == written or path.startswith(written + os.sep):
+                bad(key, f"sits in this run's own {out} (log.run_dir/{out}), which the run rewrites as it goes: "
+                         f"copy it elsewhere or use another log.run_dir")
+
+
 def validate_stage_and_resume(cfg, bad) -> None:
     rc, gs = cfg.reward, cfg.gad_stage
     if rc.source == "mixed" and rc.weight_discriminator == 0 and rc.weight_scorer == 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -43,6 +44,12 @@ def validate_opd(cfg, bad) -> None:
     for key in ("opd.coef", "opd.weight", "opd.weight_discriminator", "opd.weight_final"):
         if OmegaConf.select(cfg, key) is not None and not OmegaConf.select(cfg, key) >= 0:
             bad(key, "must be >= 0")
+    # #32 item 9: weights that make every advantage 0 (as the mixed reward's zero weights are refused)
+    if cfg.reward.source == "opd" and o.coef == 0:
+        bad("opd.coef", "is 0 with reward.source=opd: every advantage would be 0")
+    if cfg.reward.source == "gad+opd" and o.weight_discriminator == 0 and not (o.coef and (o.weight or o.weight_final)):
+        bad("opd.weight", "(or opd.coef) and opd.weight_discriminator are 0 with reward.source=gad+opd: every "
+                          "advantage would be 0")
 
 
 class TeacherMismatch(ValueError):
@@ -148,25 +155,52 @@ class ServerTeacher:
                     [per_pos[p + k][str(tok)]["logprob"] for k, tok in enumerate(s.response)], dtype=torch.float32)
 
 
-def check_server_tokenizer(student_dir: str, url: str, model: str = None) -> None:
-    """Before any model is built: the server tokenizes a chat-formatted probe as the student does."""
+def _server_json(url: str, path: str, body: Optional[dict] = None):
+    """GET (or POST ``body``) ``<server>/<path>`` of an OpenAI-compatible server as JSON; anything else (HTML, an
+    empty answer) is one TeacherMismatch naming opd.url and what came back."""
     import urllib.request
 
+    root = url.rstrip("/").removesuffix("/v1")
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer " + os.environ.get("OPENAI_API_KEY", "EMPTY")}
+    req = urllib.request.Request(root + path, json.dumps(body).encode() if body is not None else None, headers)
+    with urllib.request.urlopen(req, timeout=60) as r:
+        raw = r.read()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        shown = raw[:60].decode("utf-8", "replace") if raw else "nothing"
+        raise TeacherMismatch(f"opd.url={url}: {path} answered {shown!r}, not JSON: not a vLLM OpenAI server") from None
+
+
+def check_server_tokenizer(student_dir: str, url: str, model: str = None) -> None:
+    """Before any model is built: the server tokenizes a chat-formatted probe as the student does, and gives the
+    prompt logprobs OPD reads (#32 items 10, 11: an HTML answer, JSON without ``tokens``, a server without prompt
+    logprobs each died later with a traceback)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(student_dir)
     probe = [{"role": "user", "content": "repeat: fox red owl; 12+7=19, naïve café."}]
     text = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True) + "fox red owl"
     ours = tok(text, add_special_tokens=False)["input_ids"]
-    root = url.rstrip("/").removesuffix("/v1")
-    body = json.dumps({"prompt": text, "add_special_tokens": False, **({"model": model} if model else {})}).encode()
-    req = urllib.request.Request(root + "/tokenize", body, {"Content-Type": "application/json", "Authorization":
-                                                            "Bearer " + os.environ.get("OPENAI_API_KEY", "EMPTY")})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        theirs = json.load(r)["tokens"]
+    said = _server_json(url, "/tokenize", {"prompt": text, "add_special_tokens": False, **({"model": model} if model else {})})
+    theirs = said.get("tokens") if isinstance(said, dict) else None
+    if not isinstance(theirs, list):
+        raise TeacherMismatch(f"opd.url={url}: /tokenize answered without 'tokens' ({str(said)[:80]}): not a vLLM "
+                              "OpenAI server")
     if theirs != ours:
         raise TeacherMismatch(f"opd.url={url}: the server's tokenizer differs from the student's (a probe gives "
                               f"{len(theirs)} vs {len(ours)} tokens): OPD needs the student's tokenizer")
+    if model is None:
+        listed = _server_json(url, "/v1/models")
+        model = ((listed.get("data") or [{}])[0] if isinstance(listed, dict) else {}).get("id")
+    done = _server_json(url, "/v1/completions", {"model": model, "prompt": ours, "max_tokens": 1, "temperature": 0.0,
+                                                "prompt_logprobs": 0})
+    choice = ((done.get("choices") or [{}])[0] if isinstance(done, dict) else {})
+    per_pos = choice.get("prompt_logprobs")
+    if not isinstance(per_pos, list) or len(per_pos) != len(ours):
+        raise TeacherMismatch(f"opd.url={url}: a {len(ours)}-token probe came back without prompt logprobs "
+                              f"({'none' if per_pos is None else f'{len(per_pos)} positions'}): OPD reads the "
+                              "teacher's logprobs of the student's tokens as vLLM's prompt_logprobs")
 
 
 def make_teacher(ctx: RewardContext):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from gad_megatron.trainer.batching import microbatches
+from gad_megatron.trainer.batching import microbatches, pad_share
 
 
 def forward(model, units: list, step_fn, budget: int, pad: int) -> tuple:
@@ -29,9 +29,11 @@ def forward(model, units: list, step_fn, budget: int, pad: int) -> tuple:
 
 def update(engine, units: list, step_fn, budget: int, pad: int) -> dict:
     """One optimizer step of ``engine`` over packed units; its result plus ``seqs`` (the Seq lists per
-    micro-batch)."""
+    micro-batch) and ``pad_pair`` ([padding tokens, all tokens] of its micro-batches, a metrics pair: every rank
+    of a DP replica holds the same, so the reduced ratio is the global share)."""
     mbs, seqs = microbatches(units, budget, pad)
-    return {**engine.train_step(mbs, step_fn), "seqs": seqs}
+    pad_pair = torch.tensor(pad_share(mbs), dtype=torch.float64)
+    return {**engine.train_step(mbs, step_fn), "seqs": seqs, "pad_pair": pad_pair}
 
 
 def last_stage_writer() -> bool:

@@ -157,7 +157,7 @@ class Policy:
         """One optimizer step of cross-entropy on teacher answers (SeqKD, the warmup)."""
         res = passes.update(self.g, [[s] for s in teacher_seqs], sft_step, self.budget, self.pad)
         self.version += 1
-        m = reduce_pairs(sum_outputs(res["outputs"]) or zero_pairs(["sft_loss"]))
+        m = reduce_pairs({**(sum_outputs(res["outputs"]) or zero_pairs(["sft_loss"])), "g_pad_share": res["pad_pair"]})
         m.update(g_grad_norm=res["grad_norm"], g_lr=res["lr"], g_skipped=int(res["skipped"]))
         return m
 
@@ -179,7 +179,8 @@ class Policy:
                 if "old_logp" not in chunk[0].per_token:  # one pass: the update's own logprobs are the old ones
                     outs = res["outputs"] or None  # the last pipeline stage's; zeros elsewhere (never read there)
                     fill_per_token(res["seqs"], outs and [{"old_logp": o["logp"]} for o in outs], "old_logp")
-                for name, v in (sum_outputs(res["outputs"], names) or zero_pairs(names)).items():
+                pairs = {**(sum_outputs(res["outputs"], names) or zero_pairs(names)), "g_pad_share": res["pad_pair"]}
+                for name, v in pairs.items():
                     acc[name] = acc.get(name, 0) + v
                 norms.append(res["grad_norm"])
                 skipped += int(res["skipped"])

@@ -27,9 +27,9 @@ from typing import Optional
 import torch
 
 from gad_megatron.trainer import passes
-from gad_megatron.trainer.batching import Seq
+from gad_megatron.trainer.batching import Seq, fits
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
-from gad_megatron.trainer.steps import BT_LOG_NAMES, bt_step, score_step
+from gad_megatron.trainer.steps import BT_LOG_NAMES, bt_step, bt_surrogate_step, bt_terms, score_step
 
 
 @dataclass
@@ -149,6 +149,8 @@ class DiscriminatorReward(Reward):
         self.canonical = rc.canonical_text
         self.world, self.tokenizer = world, tokenizer
         self.last_acc = None
+        self._updates = 0  # D's optimizer steps taken through this reward (when cached scores are stale)
+        self._scored = None  # (units, _updates, their scores) of the last score()
 
     def engines(self) -> dict:
         return {"discriminator": self.d}
@@ -160,11 +162,12 @@ class DiscriminatorReward(Reward):
         from gad_megatron.runtime.parallel import comm_device
 
         n, n_prompts = self.n, len(batch.examples)
-        out, _ = passes.forward(self.d, batch.d_units, score_step, self.budget, self.pad)
+        flat = self._scores(batch.d_units)
+        self._scored = (batch.d_units, self._updates, flat)  # the split BT step reuses them (same weights)
         rewards = torch.zeros(n_prompts * n, dtype=torch.float64)
         teacher = torch.zeros(n_prompts, dtype=torch.float64)
-        if out is not None and passes.last_stage_writer():
-            g = torch.cat([o["scores"].double() for o in out]).view(-1, n + 1)
+        if flat is not None and passes.last_stage_writer():
+            g = flat.double().view(-1, n + 1)
             p0 = batch.first
             teacher[p0 : p0 + g.shape[0]] = g[:, 0]
             rewards[p0 * n : (p0 + g.shape[0]) * n] = g[:, 1:].reshape(-1)
@@ -191,16 +194,51 @@ class DiscriminatorReward(Reward):
         return m
 
     def heldout_scores(self, units: list):
+        flat = self._scores(units)
+        return flat.double() if flat is not None else None
+
+    def _scores(self, units: list):
+        """D's score of every sequence of ``units`` in their order (fp32; last pipeline stage, None elsewhere).
+        Groups over the budget are scored sequence by sequence: scoring needs no group together."""
+        if not fits(units, self.budget, self.pad):
+            units = [[s] for u in units for s in u]
         out, _ = passes.forward(self.d, units, score_step, self.budget, self.pad)
-        return torch.cat([o["scores"].double() for o in out]) if out is not None else None
+        return torch.cat([o["scores"].float() for o in out]) if out is not None else None
 
     def _step(self, units: list) -> dict:
-        res = passes.update(self.d, units, bt_step(self.n), self.budget, self.pad)
+        if fits(units, self.budget, self.pad):
+            res = passes.update(self.d, units, bt_step(self.n), self.budget, self.pad)
+            pairs = sum_outputs(res["outputs"])
+        else:
+            res, pairs = self._split_step(units)
+        self._updates += 1
+        pairs = {**(pairs or zero_pairs(BT_LOG_NAMES)), "d_pad_share": res["pad_pair"]}
         # a bucket with no pair this step has no accuracy (not NaN in the logs)
-        m = {k: v for k, v in reduce_pairs(sum_outputs(res["outputs"]) or zero_pairs(BT_LOG_NAMES)).items()
-             if not (k.startswith("d_acc_") and v != v)}
+        m = {k: v for k, v in reduce_pairs(pairs).items() if not (k.startswith("d_acc_") and v != v)}
         m.update(d_grad_norm=res["grad_norm"], d_lr=res["lr"], d_skipped=int(res["skipped"]))
         return m
+
+    def _split_step(self, units: list) -> tuple:
+        """BT with groups larger than the micro-batch budget (at the paper's sizes a group of 1 + 8 answers of
+        3,584 tokens is 8x a 4,096-token budget): a scoring pass over the sequences, BT's loss and its gradient
+        per score from those scores (autograd through :func:`bt_terms`, the loss the whole-group step computes),
+        then an update through ``bt_surrogate_step`` with sequences as units. Same gradient; in a GAD step the
+        scores are those :meth:`score` took of the same batch with the same weights, so no extra forward (the
+        balance band's second step and replayed groups score again). (update result, BT log pairs or {})."""
+        seqs = [s for u in units for s in u]
+        units_scored, version, flat = self._scored or (None, None, None)
+        if units_scored is not units or version != self._updates:  # not the batch score() just took, or D moved
+            flat = self._scores(units)
+        pairs = {}
+        if flat is not None:
+            scores = flat.clone().requires_grad_()
+            in_loss = torch.tensor([s.in_d_loss for s in seqs])
+            lengths = torch.tensor([len(s.response) for s in seqs])
+            total, _, pairs = bt_terms(scores, in_loss, lengths, self.n)
+            total.backward()
+            for s, g in zip(seqs, scores.grad.tolist()):
+                s.score_grad = g
+        return passes.update(self.d, [[s] for s in seqs], bt_surrogate_step, self.budget, self.pad), pairs
 
     def _global_groups(self, batch) -> list:
         from gad_megatron.data.chat import d_view

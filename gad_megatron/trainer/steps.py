@@ -64,39 +64,65 @@ def score_step(model, batch):
     return per_token, loss_func
 
 
+def bt_terms(scores: torch.Tensor, in_loss: torch.Tensor, length: torch.Tensor, group_size: int) -> tuple:
+    """Bradley-Terry over whole groups ``[teacher, student_1..student_n]`` (``scores`` ``[G*(n+1)]``, in that
+    order): each student sample is paired with its prompt's teacher answer; loss ``-log sigmoid(D(y_t) - D(y_s))``
+    summed over pairs, the count is the number of pairs. Student rows with ``in_loss`` False (truncated samples)
+    make no pair. ``d_acc`` counts a tie as 0.5 and ``d_tie_share`` logs how many pairs tied (a D whose scores tie
+    is not ranking anything). ``length``: each row's answer length (the length buckets). (total, count, logs)."""
+    g = scores.view(-1, group_size + 1)
+    teacher, student = g[:, :1], g[:, 1:]
+    keep = in_loss.to(scores.device).view(-1, group_size + 1)[:, 1:].float()
+    margin = teacher - student
+    total = -(F.logsigmoid(margin) * keep).sum()
+    n = keep.sum().to(torch.int)
+    won = (margin > 0).double() + 0.5 * (margin == 0).double()
+    logs = {
+        "d_loss": _pair(total, n),
+        "d_acc": _pair((won * keep).sum(), n),
+        "d_tie_share": _pair(((margin == 0).double() * keep).sum(), n),
+        "teacher_score": _pair(teacher.sum(), teacher.numel()),
+        "student_score": _pair(student.sum(), student.numel()),
+        **d_acc_buckets(won, keep, length.to(scores.device).view(-1, group_size + 1)[:, 1:].double()),
+    }
+    return total, n, logs
+
+
+def _row_lengths(batch) -> torch.Tensor:
+    return (batch["loss_mask"] if "loss_mask" in batch else batch["attention_mask"]).sum(1)  # answer (or whole)
+
+
 def bt_step(group_size: int):
-    """Bradley-Terry on micro-batches made of whole groups ``[teacher, student_1..student_n]``: each student
-    sample is paired with its prompt's teacher answer; loss ``-log sigmoid(D(y_t) - D(y_s))`` summed over
-    pairs, the count is the number of pairs. Student rows with ``in_d_loss`` False (truncated samples) make
-    no pair. Scores are fp32 (the head is); ``d_acc`` counts a tie as 0.5 and ``d_tie_share`` logs how many
-    pairs tied (a D whose scores tie is not ranking anything)."""
+    """:func:`bt_terms` on micro-batches made of whole groups. Scores are fp32 (the head is)."""
 
     def step(model, batch):
         per_token = model_call(model, batch)
 
         def loss_func(per_token):
             scores = sequence_scores(per_token, batch["attention_mask"].to(per_token.device)).float()
-            g = scores.view(-1, group_size + 1)
-            teacher, student = g[:, :1], g[:, 1:]
             in_loss = batch.get("in_d_loss", torch.ones(scores.shape[0], dtype=torch.bool))  # a hand-made batch: all
-            keep = in_loss.to(scores.device).view(-1, group_size + 1)[:, 1:].float()
-            margin = teacher - student
-            total = -(F.logsigmoid(margin) * keep).sum()
-            n = keep.sum().to(torch.int)
-            won = (margin > 0).double() + 0.5 * (margin == 0).double()
-            logs = {
-                "d_loss": _pair(total, n),
-                "d_acc": _pair((won * keep).sum(), n),
-                "d_tie_share": _pair(((margin == 0).double() * keep).sum(), n),
-                "teacher_score": _pair(teacher.sum(), teacher.numel()),
-                "student_score": _pair(student.sum(), student.numel()),
-                **d_acc_buckets(won, keep, batch, group_size),
-            }
-            return total, n, logs
+            return bt_terms(scores, in_loss, _row_lengths(batch), group_size)
 
         return per_token, loss_func
 
     return step
+
+
+def bt_surrogate_step(model, batch):
+    """Bradley-Terry through a surrogate, for groups split across micro-batches: each row carries
+    ``score_grad`` = d(BT loss sum) / d(its score), taken from a scoring pass of the same weights over the whole
+    groups. ``sum(score_grad x score)`` has BT's gradient; each student row in a pair counts one, so the counts
+    add up to the whole batch's pairs and megatron divides by the same count as :func:`bt_step`. Logs nothing: the
+    scoring pass logged the loss."""
+    per_token = model_call(model, batch)
+
+    def loss_func(per_token):
+        scores = sequence_scores(per_token, batch["attention_mask"].to(per_token.device)).float()
+        total = (scores * batch["score_grad"].to(scores.device)).sum()
+        pairs = (~batch["is_teacher"] & batch["in_d_loss"]).sum()
+        return total, pairs.to(torch.int), {}
+
+    return per_token, loss_func
 
 
 D_ACC_LENGTH_BUCKETS = (16, 64, 256)  # response tokens: <= 16, <= 64, <= 256, longer
@@ -108,12 +134,10 @@ BT_LOG_NAMES = ["d_loss", "d_acc", "d_tie_share", "teacher_score", "student_scor
                 "d_acc_truncated"] + [name for name, _, _ in _LENGTH_BUCKETS]
 
 
-def d_acc_buckets(won, keep, batch, group_size: int) -> dict:
+def d_acc_buckets(won, keep, length) -> dict:
     """d_acc of the finished and of the truncated samples (the latter measured, not trained on), and by the
-    student sample's length: a length or end-token tell shows up here before anywhere else."""
-    dev = won.device
-    per_row = batch["loss_mask"] if "loss_mask" in batch else batch["attention_mask"]  # answer (or whole) length
-    length = per_row.to(dev).sum(1).view(-1, group_size + 1)[:, 1:].double()
+    student sample's length (``length`` ``[G, n]``): a length or end-token tell shows up here before anywhere
+    else."""
     keep = keep.double()
     out = {"d_acc_finished": _pair((won * keep).sum(), keep.sum()),
            "d_acc_truncated": _pair((won * (1 - keep)).sum(), (1 - keep).sum())}
