@@ -164,6 +164,59 @@ def test_a_gguf_without_its_layers_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def tiny_llama_gguf(path, merges=("a b",), nan=False) -> None:
+    """A whole 2-layer llama GGUF (hidden 8) with a GPT-2 style tokenizer; ``nan``: 3 rows of one tensor NaN."""
+    import gguf
+    import numpy as np
+
+    H, F, tokens = 8, 16, ["<s>", "</s>", "a", "b", "ab", "c", "\u0120", "x"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_block_count, 2), (w.add_context_length, 64), (w.add_embedding_length, H),
+                   (w.add_feed_forward_length, F), (w.add_head_count, 2), (w.add_head_count_kv, 2),
+                   (w.add_rope_dimension_count, 4), (w.add_bos_token_id, 0), (w.add_eos_token_id, 1)):
+        add(v)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(list(merges))
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((len(tokens), H)).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(H, dtype=np.float32))
+    for i in range(2):
+        for n in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{n}.weight", np.ones(H, dtype=np.float32))
+        for n, shape in (("attn_q", (H, H)), ("attn_k", (H, H)), ("attn_v", (H, H)), ("attn_output", (H, H)),
+                         ("ffn_gate", (F, H)), ("ffn_up", (F, H)), ("ffn_down", (H, F))):
+            a = rng.standard_normal(shape).astype(np.float32) * 0.1
+            if nan and (i, n) == (1, "ffn_up"):
+                a[:3] = np.nan
+            w.add_tensor(f"blk.{i}.{n}.weight", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("damage", ["merges", "nan"])
+def test_a_gguf_with_a_bad_vocabulary_or_nan_weights_is_one_line(tmp_path, damage):
+    """#32 items 3, 4: merges naming a token missing from the vocabulary gave a traceback that did not name the
+    file; tensor data holding NaN converted with exit 0 (the output had NaN weights). The same file undamaged
+    converts."""
+    good = tmp_path / "good.gguf"
+    tiny_llama_gguf(good)
+    assert convert("gguf-to-hf", "--gguf", str(good), "--out", str(tmp_path / "ok")).returncode == 0
+    src = tmp_path / f"{damage}.gguf"
+    tiny_llama_gguf(src, merges=("a b", "a z") if damage == "merges" else ("a b",), nan=damage == "nan")
+    p = convert("gguf-to-hf", "--gguf", str(src), "--out", str(tmp_path / "out"))
+    err = [x for x in p.stderr.splitlines() if "error" in x or "Traceback" in x]
+    needle = {"merges": "its tokenizer cannot be built (Exception: Error while initializing BPE: Token `z` out of "
+                        "vocabulary)",
+              "nan": "tensor model.layers.1.mlp.up_proj.weight holds 24 non-finite values"}[damage]
+    assert p.returncode == 2 and len(err) == 1 and f"{src}: {needle}" in err[0], p.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_not_a_gguf_file_is_one_line(tmp_path):
     src = tmp_path / "model.gguf"
     src.write_bytes(b"PK\x03\x04 not a gguf")

@@ -121,8 +121,17 @@ def gguf_to_hf(path: str, out: str, overwrite: bool = False) -> str:
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     folder, name = os.path.split(os.path.abspath(path))
+    try:  # first: it reads no weights (#32 item 3: merges naming a token not in the vocabulary were a traceback)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as e:  # noqa: BLE001  (whatever the tokenizer builder raises on a damaged vocabulary)
+        raise GGUFError(f"{path}: its tokenizer cannot be built ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]})") from None
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    for pname, p in model.named_parameters():  # #32 item 4: damaged tensor data (NaN / inf) converted with exit 0
+        bad = int((~torch.isfinite(p)).sum())
+        if bad:
+            raise GGUFError(f"{path}: tensor {pname} holds {bad:,} non-finite values (NaN / inf) after dequantising: "
+                            f"a damaged file")
     # dequantised already: without this save_pretrained refuses ("GGUF quantized model ... cannot be saved")
     model.hf_quantizer = None
     for cfg in (model.config, getattr(model.generation_config, "_from_model_config", None) and model.generation_config):
