@@ -439,3 +439,22 @@ def test_a_deleted_best_checkpoint_is_said_and_chosen_again(student, tmp_path):
     assert "checkpoints/best (step" in p.stdout and "is missing" in p.stdout, p.stdout[-3000:]
     best = json.load(open(tmp_path / "run" / "summary.json"))["best"]
     assert best["step"] > 2 and os.path.isdir(tmp_path / "run" / "checkpoints" / "best")
+
+
+def test_the_suggested_allow_changes_for_a_new_reward_source_works(student, tmp_path):
+    """#32 item 13: the drift error suggested checkpoint.allow_changes=[...reward.source]; with it --check passed,
+    then the run built G, D and the reference and died calling the checkpoint 'damaged' (a run whose reward had
+    no D saved none). Now the suggestion works: D starts as at a fresh start, said in the log."""
+    over = {"parallel.nproc": 1, "train.warmup_steps": 0, "train.critic_warmup": 0, "log.dump_samples_every": 0,
+            "log.plot": False, "log.tensorboard": False, "checkpoint.export_hf_at_end": False, "eval.heldout_every": 0}
+    run = tmp_path / "run"
+    run_train(write_config(tmp_path / "a.yaml", student, run, **over, **{
+        "reward.source": "scorer", "reward.scorer": "gad_megatron.data.demo:score", "train.total_steps": 2}))
+    assert not (run / "checkpoints" / "discriminator").exists()
+    p = run_train(write_config(tmp_path / "b.yaml", student, run, **over, **{"train.total_steps": 3}), check=False)
+    assert p.returncode == 2 and "checkpoint.allow_changes=[reward.scorer,reward.source]" in p.stdout, p.stdout[-2000:]
+    p = run_train(write_config(tmp_path / "b.yaml", student, run, **over, **{
+        "train.total_steps": 3, "checkpoint.allow_changes": "[reward.scorer,reward.source]"}))
+    assert "resuming (reward.source changed)" in p.stdout and "holds no discriminator" in p.stdout
+    rows = [json.loads(x) for x in lines(run) if b'"eval"' not in x]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "d_acc" in rows[2] and "d_acc" not in rows[1]

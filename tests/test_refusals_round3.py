@@ -246,6 +246,30 @@ def test_a_rewritten_heldout_file_is_a_change_on_resume(student, tmp_path):
                          root, 2)
 
 
+def test_another_model_under_the_same_opd_teacher_path_is_a_change_on_resume(student, tmp_path):
+    """#32 item 12: resuming with the same opd.teacher path now holding another model (2 x 128 became 3 x 64) was
+    silent. The teacher folder's identity (names, sizes, configs, safetensors headers) is compared like the data."""
+    import json
+    import shutil
+
+    from gad_megatron.trainer.checkpoint import _plain_config, check_config_against
+    from gad_megatron.trainer.drift import ResumeConfigError, data_digest, model_digest
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(student, teacher)
+    cfg = config(student, tmp_path, "reward.source=opd", f"opd.teacher={teacher}")
+    state = {"config": json.loads(json.dumps(_plain_config(cfg))), "data_sha256": data_digest(demo.ASSET),
+             "heldout_sha256": None, "teacher_sha256": model_digest(str(teacher))}
+    root = _fake_ckpt(tmp_path / "ckpt", [2], 2, state=state)
+    check_config_against(cfg, root, 2)  # unchanged: accepted
+    hf = json.load(open(teacher / "config.json"))  # another architecture under the same path
+    json.dump({**hf, "num_hidden_layers": hf["num_hidden_layers"] + 1}, open(teacher / "config.json", "w"))
+    with pytest.raises(ResumeConfigError, match="teacher_sha256"):
+        check_config_against(cfg, root, 2)
+    check_config_against(config(student, tmp_path, "reward.source=opd", f"opd.teacher={teacher}",
+                                "checkpoint.allow_changes=[teacher_sha256]"), root, 2)
+
+
 def test_a_checkpoint_of_another_architecture_is_named_before_any_model_is_built(student, tmp_path):
     """Item 13: resuming from a checkpoint of another architecture was a 20-frame CheckpointingException
     ('Global shape mismatch') after the models were built."""

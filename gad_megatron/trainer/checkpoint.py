@@ -316,11 +316,12 @@ def save_run(t, run) -> None:
     if t.reward is not None:
         state["reward"] = t.reward.state_dict()
     state["policy"] = t.policy.state_dict()
-    from gad_megatron.trainer.drift import data_digest
+    from gad_megatron.trainer.drift import data_digest, model_digest
 
     # What ran, for the next resume to compare with (trainer/drift.py)
     state.update(config=_plain_config(cfg), data_sha256=data_digest(cfg.data.train),
-                 heldout_sha256=data_digest(cfg.data.heldout) if cfg.data.heldout else None)
+                 heldout_sha256=data_digest(cfg.data.heldout) if cfg.data.heldout else None,
+                 teacher_sha256=model_digest(cfg.opd.teacher))
     save(run.ckpt_root, run.step, roles, {r: t.hf_dir for r in roles}, metas, json.loads(json.dumps(state)),
          cfg.checkpoint.keep_last)
 
@@ -343,8 +344,12 @@ def resume(t, run) -> None:
     """Collective: loads the newest whole checkpoint (``checkpoint.resume``) into the models and ``run``."""
     root = resume_root(t.cfg, run.ckpt_root)
     # A branch from another run takes the models that run saved; one it did not train (D, branching GAD from
-    # a SeqKD run's checkpoints) starts as at a fresh start. This run's own checkpoints must hold every model.
-    roles = {r: e for r, e in t.roles.items() if root == run.ckpt_root or os.path.isdir(os.path.join(root or "", r))}
+    # a SeqKD run's checkpoints) starts as at a fresh start. This run's own checkpoints must hold every model,
+    # unless an accepted change of reward.source brings one the run never trained (#32 item 13: opd -> gad).
+    own = root == run.ckpt_root
+    new_reward = own and _saved_reward_source(root) not in (None, t.cfg.reward.source)
+    roles = {r: e for r, e in t.roles.items()
+             if (own and not new_reward) or os.path.isdir(os.path.join(root or "", r))}
     step = latest_step(root, t.cfg.checkpoint.resume_step, tuple(roles)) if root else None
     if step is None:
         return
@@ -352,8 +357,8 @@ def resume(t, run) -> None:
     st = load(root, step, roles)
     fresh = [r for r in t.roles if r not in roles]
     if fresh and t.world["rank"] == 0:
-        log.info("branching from %s: it holds no %s; %s as at a fresh start", root, " / ".join(fresh),
-                 "it starts" if len(fresh) == 1 else "they start")
+        log.info("%s %s: it holds no %s; %s as at a fresh start", "resuming (reward.source changed)" if own else
+                 "branching from", root, " / ".join(fresh), "it starts" if len(fresh) == 1 else "they start")
     if t.cfg.train.stage == "gad" and st["step"] > t.schedule.warm:  # (at == warm the loop enters it)
         from gad_megatron.trainer.gad import enter_gad_stage
 
@@ -397,6 +402,16 @@ def resume(t, run) -> None:
         log.info("resumed from %s at step %d", root, run.step)
 
 
+def _saved_reward_source(root: str) -> Optional[str]:
+    """reward.source of the config the checkpoint ``latest`` names ran with (None: unknown)."""
+    try:
+        step = int(open(os.path.join(root, LATEST)).read().strip())
+        with open(os.path.join(iter_dir(os.path.join(root, "trainer"), step), "state.json")) as f:
+            return json.load(f)["config"]["reward"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _default_config() -> dict:
     """Every key at its default (what a checkpoint written before a key existed ran with)."""
     from omegaconf import OmegaConf
@@ -427,7 +442,7 @@ def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None
     the checkpoint ran with in a key a resume may not change; logs the changes it applies. Not ``strict``: a
     new run branching from another run's checkpoint (``checkpoint.resume=<dir>``, e.g. tools/ablate.py's
     variants of one warm start), whose differences are the point: logged, applied."""
-    from gad_megatron.trainer.drift import check_resume_config, data_digest
+    from gad_megatron.trainer.drift import check_resume_config, data_digest, model_digest
 
     state_file = os.path.join(iter_dir(os.path.join(root, "trainer"), step), "state.json")
     saved = _read_json(state_file)
@@ -439,9 +454,12 @@ def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None
                     state_file)
     if old is not None:  # the data's content is compared like a key: a changed file under the same name
         # (the held-out file's too: a rewritten one would change every held-out number without a word)
+        # and the OPD teacher folder's identity (#32 item 12: another model under the same path was silent)
         held = data_digest(cfg.data.heldout) if cfg.data.heldout else None
-        old = {**old, "data_sha256": saved.get("data_sha256"), "heldout_sha256": saved.get("heldout_sha256", held)}
-        new = {**new, "data_sha256": data_digest(cfg.data.train), "heldout_sha256": held}
+        teacher = model_digest(cfg.opd.teacher)
+        old = {**old, "data_sha256": saved.get("data_sha256"), "heldout_sha256": saved.get("heldout_sha256", held),
+               "teacher_sha256": saved.get("teacher_sha256", teacher)}
+        new = {**new, "data_sha256": data_digest(cfg.data.train), "heldout_sha256": held, "teacher_sha256": teacher}
     check_architecture(cfg, root)
     replay = ((saved.get("reward") or {}).get("replay") or {}).get("fifo")
     n_then = (old or {}).get("rollout", {}).get("n")

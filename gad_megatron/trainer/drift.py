@@ -27,8 +27,9 @@ MAY_CHANGE = (
 )
 
 
-# Compared like config keys on resume (and named so in checkpoint.allow_changes): the data files' contents.
-DATA_KEYS = ("data_sha256", "heldout_sha256")
+# Compared like config keys on resume (and named so in checkpoint.allow_changes): the data files' contents and
+# the OPD teacher folder's identity (another model under the same path changes every OPD advantage).
+DATA_KEYS = ("data_sha256", "heldout_sha256", "teacher_sha256")
 
 
 class ResumeConfigError(ValueError):
@@ -98,4 +99,28 @@ def data_digest(path: str) -> Optional[str]:
         for name in sorted(files):
             full = os.path.join(root, name)
             h.update(f"{os.path.relpath(full, path)}\0{data_digest(full)}\0".encode())
+    return h.hexdigest()
+
+
+def model_digest(path: Optional[str]) -> Optional[str]:
+    """sha256 of what tells one model folder from another without reading its weights (a 14B teacher is ~28 GB):
+    every file's relative name and size, the whole of each small file (configs, tokenizer, checkpoint metadata)
+    and each safetensors file's header (tensor names, shapes, offsets). None for no path or no folder."""
+    import struct
+
+    if not path or not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            size = os.path.getsize(full)
+            h.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
+            with open(full, "rb") as f:
+                if size <= 1 << 20:
+                    h.update(f.read())
+                elif name.endswith(".safetensors"):
+                    n = struct.unpack("<Q", f.read(8))[0]
+                    h.update(f.read(min(n, 1 << 26)))
     return h.hexdigest()
