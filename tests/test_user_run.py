@@ -307,3 +307,30 @@ def test_an_opd_server_that_is_not_a_vllm_server_is_one_line_naming_opd_url(tmp_
         check_server_tokenizer(student, url)  # tokenizes as the student and gives prompt logprobs: accepted
     finally:
         srv.shutdown()
+
+
+def test_samples_are_checked_against_the_process_and_job_memory_limits(tmp_path):
+    """#32 item 17: rollout.n=100000 in a run of D-warmup steps passed (22.9 GiB of samples against the machine's
+    24 GiB) under a 6 GiB address-space limit and died in its first step. The least of the machine's RAM, ulimit -v,
+    the cgroup's memory.max and Slurm's --mem is the budget, named in the refusal."""
+    import shlex
+    import subprocess
+    import sys
+
+    from gad_megatron.runtime.parallel import host_memory_limit
+
+    cmd = (f"ulimit -v {6 * 2**20}; exec {shlex.quote(sys.executable)} -m gad_megatron.trainer.cli "
+           "--demo --check rollout.n=100000 train.warmup_steps=4 train.total_steps=4 train.d_warmup_last=4")
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "GAD_DEMO_DIR": str(tmp_path / "demo"), "PYTHONPATH": ROOT})
+    err = [x for x in p.stderr.splitlines() if "error" in x]
+    assert p.returncode == 2 and len(err) == 1, p.stderr[-2000:]
+    assert "about 22.9 GiB" in err[0] and "this process's address-space limit (ulimit -v) allows 6.0 GiB" in err[0]
+    (tmp_path / "cg").mkdir()
+    (tmp_path / "cg" / "memory.max").write_text("4294967296\n")
+    assert host_memory_limit({}, str(tmp_path / "cg")) == (4 * 2**30, "the cgroup's memory.max")
+    assert host_memory_limit({"SLURM_MEM_PER_NODE": "2048"}, str(tmp_path / "cg")) == (2 * 2**30,
+                                                                                       "the Slurm job's memory (--mem)")
+    (tmp_path / "cg" / "memory.max").write_text("max\n")  # no limit
+    assert host_memory_limit({}, str(tmp_path / "cg"))[1] in ("the machine's RAM",
+                                                             "this process's address-space limit (ulimit -v)")

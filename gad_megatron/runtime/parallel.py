@@ -117,6 +117,32 @@ def device_memory_bytes(wanted: Optional[str] = None) -> Optional[int]:
     return None if props is None else props.total_memory
 
 
+def host_memory_limit(env=None, cgroup_root: str = "/sys/fs/cgroup") -> tuple:
+    """(bytes, what sets them): the least of the machine's RAM, this process's address-space limit (``ulimit -v``),
+    its cgroup's memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) and the Slurm job's memory
+    (``SLURM_MEM_PER_NODE``, MB). A job is killed at the smallest of them, not at the machine's RAM."""
+    import resource
+
+    import psutil
+
+    env = os.environ if env is None else env
+    limits = [(psutil.virtual_memory().total, "the machine's RAM")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
+        limits.append((soft, "this process's address-space limit (ulimit -v)"))
+    for name in ("memory.max", os.path.join("memory", "memory.limit_in_bytes")):
+        try:
+            text = open(os.path.join(cgroup_root, name)).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 says "no limit" with a huge number, v2 with "max"
+            limits.append((int(text), f"the cgroup's {os.path.basename(name)}"))
+    mem = env.get("SLURM_MEM_PER_NODE", "")
+    if mem.isdigit() and int(mem) > 0:
+        limits.append((int(mem) * 2**20, "the Slurm job's memory (--mem)"))
+    return min(limits)
+
+
 def device_name(wanted: Optional[str] = None) -> Optional[str]:
     """The name of that GPU (e.g. "NVIDIA H200"); None when the process would compute on the CPU."""
     props = _gpu_properties(wanted)

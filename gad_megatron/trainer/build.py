@@ -197,23 +197,23 @@ HOST_BYTES_PER_SAMPLE_TOKEN = 128
 
 
 def check_rollout_memory(cfg, arch) -> None:
-    """A step's samples must fit the host, and one batch of the megatron engine's KV cache the device."""
-    import psutil
-
+    """A step's samples must fit the host (the least of its RAM, the process's and the job's limits), and one batch
+    of the megatron engine's KV cache the device."""
     from gad_megatron.models.memory import kv_bytes_per_token
+    from gad_megatron.runtime.parallel import host_memory_limit
     from gad_megatron.trainer.config import ConfigError
 
     p = cfg.parallel
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", p.nproc))
     dp = max(1, p.nproc // (p.tensor_parallel * p.pipeline_parallel))
     samples = -(-cfg.train.batch_prompts * cfg.rollout.n // dp)
-    host = psutil.virtual_memory().total
+    host, source = host_memory_limit()  # #32 item 17: the machine's RAM let a 6 GiB ulimit -v run die mid-step
     need = samples * (cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) * HOST_BYTES_PER_SAMPLE_TOKEN * ranks_here
     if cfg.train.stage == "gad" and need > host:
         raise ConfigError(f"rollout.n={cfg.rollout.n}: {cfg.train.batch_prompts} prompts x {cfg.rollout.n} samples = "
                           f"{samples:,} samples a step per data-parallel rank need about {need / 2**30:.1f} GiB of host "
-                          f"memory on this node for their tokens; it has {host / 2**30:.1f} GiB: lower rollout.n or "
-                          f"train.batch_prompts")
+                          f"memory on this node for their tokens; {source} allows {host / 2**30:.1f} GiB: lower "
+                          f"rollout.n or train.batch_prompts")
     if cfg.rollout.engine != "megatron":
         check_vllm_can_start(cfg, arch)
         if cfg.rollout.engine == "vllm":
