@@ -28,7 +28,7 @@ def test_bash_syntax(script):
 
 def dry_run(script, slurm_env, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env.update(slurm_env, DRY_RUN="1", PYTHON=sys.executable, PYTHONPATH=ROOT, GAD_ROOT=ROOT, **extra)
+    env.update(slurm_env, **{"DRY_RUN": "1", "PYTHON": sys.executable, "PYTHONPATH": ROOT, "GAD_ROOT": ROOT, **extra})
     return subprocess.run(["bash", os.path.join(ROOT, "examples", script)], capture_output=True, text=True, env=env,
                           cwd="/", timeout=120)
 
@@ -127,3 +127,21 @@ def test_an_allocation_the_helper_refuses_stops_on_its_own_error():
     assert r.returncode == 1, r.stdout + r.stderr
     assert "=2 but SLURM_JOB_NODELIST names 1 node(s)" in r.stderr and "unbound variable" not in r.stderr
     assert "gad_job.sh: not inside a Slurm allocation" in r.stderr and "command:" not in r.stdout
+
+
+def test_a_typo_in_overrides_stops_on_gad_plans_error():
+    """#32 item 19: a typo in OVERRIDES showed gad-plan's error, then the job died on 'LAYOUT: unbound variable'."""
+    r = dry_run("gad_14b.sh", TWO_BY_EIGHT, OVERRIDES="rollout.nn=4")
+    assert r.returncode == 2 and "unbound variable" not in r.stderr, r.stderr
+    assert "rollout.nn" in r.stderr and 'gad-plan refused the config examples/configs/gad_qwen2.5_14b.yaml with ' \
+        'OVERRIDES="rollout.nn=4"' in r.stderr and "command:" not in r.stdout
+
+
+def test_a_python_without_the_project_is_named_not_misread_as_no_allocation(tmp_path):
+    """#32 item 20: a host python without torch and no VENV gave a traceback, then 'not inside a Slurm allocation'."""
+    bare = tmp_path / "python"
+    bare.write_text("#!/bin/sh\nexec /usr/bin/env -i /usr/bin/python3 -S \"$@\"\n")  # no site-packages: no torch
+    bare.chmod(0o755)
+    r = dry_run("gad_14b.sh", TWO_BY_EIGHT, PYTHON=str(bare))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "not inside a Slurm" not in r.stderr, r.stderr
+    assert f"gad_job.sh: {bare} cannot import torch and gad_megatron: set VENV=" in r.stderr

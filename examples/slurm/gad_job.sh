@@ -54,6 +54,12 @@ else
   SRUN_ENV=()
   if [ -n "${VENV:-}" ]; then source "$VENV/bin/activate"; fi
   pystep() { "$PYTHON" "$@"; }
+  # A python without the project (the host's, no VENV) would fail in the helper below with a traceback, read as
+  # "not inside a Slurm allocation": say what is wrong instead.
+  if ! "$PYTHON" -c "import torch, gad_megatron" 2>/dev/null; then
+    echo "gad_job.sh: $(command -v "$PYTHON" || echo "$PYTHON") cannot import torch and gad_megatron: set VENV=<the project's virtualenv>, PYTHON=<its python> or CONTAINER_IMAGE=<the image>" >&2
+    exit 2
+  fi
 fi
 
 # MASTER_ADDR (first node), MASTER_PORT (from the job id: a requeued job keeps it), GAD_WORLD_SIZE, ...
@@ -79,6 +85,10 @@ PLAN=$(pystep -m gad_megatron.plan --config "$CONFIG" "${PLAN_MODEL[@]}" --gpu "
        --shell "${EXTRA[@]}" ${DATA:+"data.train=$DATA"})
 PLAN_RC=$?
 set -e
+if [ "$PLAN_RC" -ne 0 ] && [ -z "$PLAN" ]; then  # gad-plan refused the config (its error is above): no layout to read
+  echo "gad_job.sh: gad-plan refused the config $CONFIG${OVERRIDES:+ with OVERRIDES=\"$OVERRIDES\"} (see its error above); nothing was started" >&2
+  exit 2
+fi
 eval "$PLAN"  # TP PP DP ROLLOUT_TP WORLD FITS PEAK_GIB LAYOUT RUN_HOURS CKPT_GB CKPT_WRITE_S STEP_S SIGNAL_LEAD_S DISK_NEED_GB
 echo "job $SLURM_JOB_ID: $GAD_NUM_NODES node(s) x $GAD_GPUS_PER_NODE GPU(s) = world $GAD_WORLD_SIZE; rendezvous $MASTER_ADDR:$MASTER_PORT"
 echo "layout: $LAYOUT (TP=$TP PP=$PP DP=$DP rollout TP=$ROLLOUT_TP); memory peak $PEAK_GIB GiB per GPU on $GPU_TYPE; predicted run $RUN_HOURS h"
