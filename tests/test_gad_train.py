@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT
+from safetensors.torch import load_file
 
 from gad_megatron.data import demo
 from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
@@ -165,10 +166,19 @@ def test_kill9_then_resume_matches_uninterrupted_run(run_a, student, tmp_path):
     assert p.returncode != 0
     assert open(run_dir / "checkpoints" / "latest").read() == latest  # the torn checkpoint is not chosen
     assert os.path.isdir(run_dir / "checkpoints" / "student" / f"iter_{torn:07d}")  # one part was already renamed
-    # 3) resume again: picks the last whole checkpoint, finishes; metrics equal the uninterrupted run's
+    # 3) #30 item 7: resume with background saves, and die by SIGKILL while the writers of the next one run
+    cfg = write_config(tmp_path / "c.yaml", student, run_dir, **{"checkpoint.async_save": True})
+    p = run_train(cfg, check=False, extra_env={"GAD_FAULT_KILL_DURING_SAVE": str(torn)})
+    assert p.returncode != 0 and open(run_dir / "checkpoints" / "latest").read() == latest  # nothing published
+    # 4) resume again (background saves): picks the last whole checkpoint, finishes; metrics equal the
+    # uninterrupted (synchronous) run's, and so does its last checkpoint, tensor for tensor
     p = run_train(cfg)
+    assert f"checkpoint at step 6: written in the background, published after" in p.stdout
     assert lines(run_dir) == lines(run_dir_a)
     assert not [n for n in os.listdir(run_dir / "checkpoints" / "discriminator") if ".tmp" in n]
+    ours, theirs = load_file(run_dir / "hf_student" / "model.safetensors"), \
+        load_file(run_dir_a / "hf_student" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_one_pass_and_offload_change_no_metric(run_a, student, tmp_path):

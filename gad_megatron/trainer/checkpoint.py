@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from typing import Optional
 
 import torch
@@ -141,20 +142,90 @@ def _fresh_tmp(final: str) -> str:
     return tmp
 
 
+class BackgroundSaves:
+    """``checkpoint.async_save``: each model's shards are written by megatron-core's async ``dist_checkpointing``
+    (a forked writer per rank, tensors staged to host memory first on GPU; on CPU the fork's copy-on-write
+    pages are the snapshot) while training goes on. The checkpoint is published (parts renamed, trackers,
+    ``latest``, pruning: the rules of a synchronous save) only once every rank's writer is done, in the
+    finalisation this class runs between steps; a kill before that leaves ``latest`` on the previous whole
+    checkpoint. One save in flight at a time (the next waits for it), as Megatron-LM does."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+        self.failure = None  # (ckpt_root, tmps, step, engines) of the save in flight: a failed write names them
+        self.staged = []  # the models' writes of the save being prepared: (fn, args with staged tensors, kwargs)
+        self.finalize = []
+
+    def stage(self, request) -> None:
+        """A model's async request from ``dist_checkpointing.save``: its tensors staged to host memory now,
+        before the next model's save is planned."""
+        args = list(request.async_fn_args)
+        if request.preload_fn is not None:
+            args[1] = request.preload_fn()  # the write buckets, on the host
+        self.staged.append((request.async_fn, tuple(args), dict(request.async_fn_kwargs)))
+        self.finalize += list(request.finalize_fns)
+
+    def schedule(self, publish) -> None:
+        """Collective: one background writer runs every staged model write in turn, then (between steps) their
+        finalisations and ``publish``. One writer, not one per model: megatron-core's writers report through
+        one process-wide results queue, and two concurrent ones had a model's metadata take the other's
+        results (the student's checkpoint named the discriminator's head)."""
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+        staged, self.staged = self.staged, []
+
+        def write_all():
+            for fn, args, kwargs in staged:
+                fn(*args, **kwargs)
+
+        request = AsyncRequest(write_all, (), self.finalize + [publish])
+        self.finalize = []
+        self.queue.schedule_async_request(request)
+
+    def poll(self, blocking: bool = False) -> None:
+        """Collective: publishes the saves whose writers are done on every rank (``blocking``: waits for them)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        if not self.queue.get_num_unfinalized_calls():
+            return
+        try:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            raise _write_failed(*self.failure, e) from None
+
+    def wait(self) -> None:
+        self.poll(blocking=True)
+
+
 def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, trainer_state: dict,
-         keep_last: int) -> str:
+         keep_last: int, background: Optional[BackgroundSaves] = None) -> str:
     """Collective. ``engines`` / ``hf_dirs`` / ``metas``: per role (``student`` and, in GAD, ``discriminator``).
-    ``trainer_state`` is JSON-able and the same on every rank; RNG states are taken per rank here."""
+    ``trainer_state`` is JSON-able and the same on every rank; RNG states are taken per rank here.
+    ``background``: the models' shards are written in the background and published by its ``poll``."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 
     own_writer_queue()
+    if background is not None:
+        background.wait()  # the previous save is published before this one starts
     for engine in engines.values():
         if hasattr(engine, "ensure_resident"):
             engine.ensure_resident()  # state offloaded for a rollout engine comes back before it is read
     parts, tmps = [], []
     trainer_dir = os.path.join(ckpt_root, "trainer")
     t_final = iter_dir(trainer_dir, step)
+    started = time.perf_counter()
+
+    def publish():  # a background save's last finalisation: every rank's writers are done
+        _publish(ckpt_root, step, parts, hf_dirs, metas, keep_last)
+        if _rank() == 0:
+            log.info("checkpoint at step %d: written in the background, published after %.1f s", step,
+                     time.perf_counter() - started)
+
+    if background is not None:
+        background.failure = (ckpt_root, tmps, step, engines)
     try:
         for role, engine in engines.items():
             role_dir = os.path.join(ckpt_root, role)
@@ -166,8 +237,10 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
             fresh = getattr(engine, "use_distributed_optimizer", False) and not engine.has_optimizer_state()
             state = _state(engine, metadata=_optim_metadata(engine), with_optimizer=not fresh)
             state.update({"checkpoint_version": 3.0, "iteration": step})
-            dist_checkpointing.save(state, tmp)
             parts.append((role_dir, tmp, final, role))
+            request = dist_checkpointing.save(state, tmp, async_sharded_save=background is not None)
+            if background is not None:
+                background.stage(request)
         t_tmp = _fresh_tmp(t_final)
         tmps.append(t_tmp)
         with open(os.path.join(t_tmp, f"rng_rank{_rank():05d}.json"), "w") as f:
@@ -178,24 +251,36 @@ def save(ckpt_root: str, step: int, engines: dict, hf_dirs: dict, metas: dict, t
                 json.dump({**trainer_state, "step": step}, f, indent=1, sort_keys=True)
     except (OSError, RuntimeError, CheckpointException) as e:  # a writer's OSError comes wrapped in the latter
         raise _write_failed(ckpt_root, tmps, step, engines, e) from None
+    parts.append((trainer_dir, t_tmp, t_final, None))
+    if background is None:
+        _publish(ckpt_root, step, parts, hf_dirs, metas, keep_last)
+        return t_final
+    background.schedule(publish)
+    if os.environ.get("GAD_FAULT_KILL_DURING_SAVE") == str(step):
+        os.kill(os.getpid(), 9)  # fault injection for the kill -9 test: the writers run, nothing is published
+    return t_final
+
+
+def _publish(ckpt_root: str, step: int, parts: list, hf_dirs: dict, metas: dict, keep_last: int) -> None:
+    """Collective, once every part is whole: rank 0 moves each into place, then the per-role trackers, then
+    ``latest`` last, and prunes."""
     if _rank() == 0:
-        # Every part is whole: move each into place, then the per-role trackers, then `latest` last.
-        for i, (role_dir, tmp, final, role) in enumerate(parts + [(trainer_dir, t_tmp, t_final, None)]):
+        for i, (role_dir, tmp, final, role) in enumerate(parts):
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
             if i == 0 and os.environ.get("GAD_FAULT_KILL_DURING_SAVE") == str(step):
                 # Fault injection for the kill -9 test: dies with one part renamed and `latest` not yet moved.
                 os.kill(os.getpid(), 9)
-        for role_dir, _, _, role in parts:
+        models = [p for p in parts if p[3] is not None]
+        for role_dir, _, _, role in models:
             if not os.path.isdir(hf_config_dir(role_dir)):
                 copy_hf_side_files(hf_dirs[role], hf_config_dir(role_dir))
             _write_atomic(os.path.join(role_dir, META), json.dumps(metas[role], indent=2))
             _write_atomic(os.path.join(role_dir, TRACKER), str(step))
         _write_atomic(os.path.join(ckpt_root, LATEST), str(step))
-        _prune(ckpt_root, keep_last, [r for _, _, _, r in parts], step)
+        _prune(ckpt_root, keep_last, [r for _, _, _, r in models], step)
     _barrier()
-    return t_final
 
 
 class CheckpointWriteError(OSError):
@@ -323,7 +408,7 @@ def save_run(t, run) -> None:
                  heldout_sha256=data_digest(cfg.data.heldout) if cfg.data.heldout else None,
                  teacher_sha256=model_digest(cfg.opd.teacher))
     save(run.ckpt_root, run.step, roles, {r: t.hf_dir for r in roles}, metas, json.loads(json.dumps(state)),
-         cfg.checkpoint.keep_last)
+         cfg.checkpoint.keep_last, run.saves)
 
 
 def resume_root(cfg, ckpt_root: str) -> Optional[str]:

@@ -203,6 +203,7 @@ class CheckpointSection:
     resume_step: Optional[int] = None  # a specific saved step instead of the latest
     export_hf_at_end: bool = True
     keep_best: bool = False  # G at its best held-out score (sampled, else greedy) in checkpoints/best
+    async_save: bool = False  # models written by background writers while training goes on; published when whole
     check_free_space: bool = True  # refuse to start when log.run_dir cannot hold keep_last + 1 checkpoints + export
     # Config keys (or sections: g_optim) a resume may change besides those trainer/drift.py allows anyway;
     # any other difference from the checkpoint's config is an error listing it.

@@ -45,11 +45,17 @@ def train(cfg, data=None) -> dict:
         guard = guard_stop(t, run, m)
         last = run.step == end
         stop_now, interrupted = passes.agree(stop.signum is not None, stop.interrupted)
+        if run.saves is not None:
+            run.saves.poll()  # a background save whose writers are done is published (collective)
         if interrupted:
+            if run.saves is not None:
+                run.saves.wait()  # what was being written is published: the last checkpoint is whole either way
             raise KeyboardInterrupt  # gad-train says so in one line and exits 130
         if run.step % cfg.checkpoint.save_every == 0 or last or stop_now or guard:
             with run.progress.phase(run.step, "checkpoint", "save"):
                 ckpt_io.save_run(t, run)
+        if run.saves is not None and (guard or stop_now or last):
+            run.saves.wait()  # the run's last checkpoint is published before anything reads it or the job ends
         if guard:
             return finish(t, run, guard)
         if stop_now and not last:
@@ -81,6 +87,7 @@ class Run:
     log: RunLog = None
     progress: Progress = None
     lock: object = None  # the run directory's lock file (rank 0), held for the run's life
+    saves: object = None  # checkpoint.BackgroundSaves (checkpoint.async_save)
 
     @property
     def ckpt_root(self) -> str:
@@ -133,6 +140,8 @@ def open_run(t) -> Run:
         os.remove(os.path.join(run.run_dir, STOPPED_MARKER))  # this start is the resume it asked for
     ckpt_io.clean_leftovers(run.ckpt_root)
     ckpt_io.resume(t, run)  # refuses a config that differs from the checkpoint's where it may not
+    if cfg.checkpoint.async_save:
+        run.saves = ckpt_io.BackgroundSaves()
     if rank == 0:  # what runs: written once the resume has accepted it
         from gad_megatron.trainer.config import to_yaml
 

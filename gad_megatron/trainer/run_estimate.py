@@ -83,9 +83,17 @@ def estimate_run(cfg, arch, train_examples: list, heldout: int, warm: int, total
     return RunEstimate(
         steps={k: (counts[k], seconds[k]) for k in counts},
         evaluations=count_evaluations(cfg, warm, total, heldout), eval_s=eval_s,
-        saves=saves + int(reference > 0), save_s=ck / (asm.ckpt_write_gbs * 1e9),
+        saves=saves + int(reference > 0), save_s=_save_seconds(ck, c.async_save, world, asm),
         disk_peak_gb=(disk_need_bytes(arch, cfg.model.dtype, c.keep_last, c.export_hf_at_end, has_d) + reference) / 1e9,
         written_gb=(saves * ck + reference + export) / 1e9)
+
+
+def _save_seconds(ckpt_bytes: float, background: bool, world: int, asm) -> float:
+    """What a save holds the steps up: the whole write at the filesystem's rate, or with background saves
+    (checkpoint.async_save) each rank's share staged to host memory over PCIe while the writers run on."""
+    if background:
+        return ckpt_bytes / max(1, world) / (asm.pcie_gbs * 1e9)
+    return ckpt_bytes / (asm.ckpt_write_gbs * 1e9)
 
 
 def check_run_time(cfg, est: RunEstimate, env=None) -> Optional[str]:
