@@ -68,3 +68,36 @@ def test_config_choices_come_from_the_registries():
         assert issubclass(reward_class(source), Reward)
     with pytest.raises(ValueError, match="use one of"):
         engine_class("sglang")
+
+
+def test_engines_are_built_one_way():
+    """#34 / #30 item 1: the trainer, gad-eval and gad-doctor build engines through rollout.base.build_engine (each
+    class's ``build`` reads its part of EngineInputs); no other module constructs one or chooses one."""
+    from gad_megatron.rollout.base import EngineInputs, build_engine
+
+    for cls in all_engines():
+        assert "build" in cls.__dict__, f"{cls.__name__} does not say how it is built"
+
+    class Probe(RolloutEngine):
+        @classmethod
+        def build(cls, inputs):
+            return (cls, inputs.chunks, inputs.max_batch_tokens)
+
+        def generate(self, prompts, sampling):
+            return []
+
+    ENGINES["probe"] = f"{__name__}:Probe"
+    globals()["Probe"] = Probe
+    try:
+        assert build_engine("probe", EngineInputs(chunks=["c"], max_batch_tokens=7)) == (Probe, ["c"], 7)
+    finally:
+        del ENGINES["probe"]
+    pkg = os.path.join(ROOT, "gad_megatron")
+    for root, _, files in os.walk(pkg):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), pkg)
+            if not f.endswith(".py") or rel.startswith("rollout" + os.sep):
+                continue
+            text = open(os.path.join(root, f)).read()
+            for made in ("VLLMEngine(", "MegatronEngine(", "ReforwardEngine(", "make_megatron_engine("):
+                assert made not in text, f"{rel} builds an engine itself ({made}): use rollout.base.build_engine"

@@ -328,12 +328,11 @@ def vllm_starts(ctx: Context) -> Result:
     if ctx.rank != 0:
         return Result("vllm", SKIP, detail="rank 0 only")
     try:
-        from gad_megatron.rollout.base import SamplingConfig
-        from gad_megatron.rollout.vllm_engine import VLLMEngine
+        from gad_megatron.rollout.base import EngineInputs, SamplingConfig, build_engine
         from gad_megatron.trainer.build import model_hf_dir, vllm_config
 
         t0 = time.perf_counter()
-        engine = VLLMEngine(vllm_config(ctx.cfg, model_hf_dir(ctx.cfg.model.student)))
+        engine = build_engine("vllm", EngineInputs(vllm=vllm_config(ctx.cfg, model_hf_dir(ctx.cfg.model.student))))
         out = engine.generate([[1, 2, 3]], SamplingConfig(n=1, temperature=1.0, max_tokens=2))
         engine.shutdown()
         text = f"{len(out[0][0].token_ids)} token(s)"  # prompt 0's first sample

@@ -144,6 +144,12 @@ def _hf_dir_for(model: str, workdir: str) -> str:
     return out
 
 
+def engine_class_live(name: str) -> bool:
+    from gad_megatron.rollout.base import engine_class
+
+    return engine_class(name).live_weights
+
+
 def generate_answers(model: str, items: list, engine: str = "auto", max_tokens: int = 1536,
                      workdir: str = "/tmp", max_model_len: int = 4096) -> dict:
     """{(dataset, id): (answer text, answer tokens)} with greedy decoding (paper: max 1536 new tokens)."""
@@ -157,30 +163,27 @@ def generate_answers(model: str, items: list, engine: str = "auto", max_tokens: 
     ids = [prompt_ids(tok, it["messages"]) for it in items]
     sampling = SamplingConfig().greedy(max_tokens=max_tokens)
     sampling.stop_token_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    from gad_megatron.rollout.megatron_engine import choose_engine
+    from gad_megatron.rollout.base import EngineInputs, build_engine, choose_engine
 
     engine, _ = choose_engine(engine)  # auto: vLLM where it imports, else the trainer's own megatron engine
-    if engine == "vllm":
-        from gad_megatron.rollout.vllm_engine import VLLMConfig, VLLMEngine
-
-        eng = VLLMEngine(VLLMConfig(model=hf_dir, max_model_len=max_model_len))
-        try:
-            groups = eng.generate(ids, sampling)
-        finally:
-            eng.shutdown()
-    elif engine == "megatron":
+    if engine_class_live(engine):  # the megatron engine: the model's own chunks on a one-rank parallel state
         from gad_megatron.convert.api import load_model
-        from gad_megatron.rollout.megatron_engine import make_megatron_engine
         from gad_megatron.runtime import ParallelConfig, destroy, initialize
 
         initialize(ParallelConfig())
         try:
             _, chunks, _ = load_model(model)  # a megatron checkpoint or an HF dir
-            groups = make_megatron_engine(chunks).generate(ids, sampling)
+            groups = build_engine(engine, EngineInputs(chunks=chunks)).generate(ids, sampling)
         finally:
             destroy()
-    else:
-        raise ValueError(f"engine={engine!r}: use vllm or megatron")
+    else:  # an engine with its own copy of the weights (vLLM)
+        from gad_megatron.rollout.vllm_engine import VLLMConfig
+
+        eng = build_engine(engine, EngineInputs(vllm=VLLMConfig(model=hf_dir, max_model_len=max_model_len)))
+        try:
+            groups = eng.generate(ids, sampling)
+        finally:
+            eng.shutdown()
     out = {}
     for it, g in zip(items, groups):
         s = g[0]
@@ -330,7 +333,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--testset {dup[0]}: id {dup[1]!r} appears twice (given the same test set twice?)")
         max_model_len = resolve_max_model_len(a.model, a.max_model_len)
         run_name = a.run_name or os.path.basename(os.path.normpath(a.model))
-        from gad_megatron.rollout.megatron_engine import choose_engine
+        from gad_megatron.rollout.base import choose_engine
 
         a.engine, why = choose_engine(a.engine)  # the engine that ran goes into the run's identity
         print(f"[gad-eval] generation engine: {a.engine} ({why})", file=sys.stderr)

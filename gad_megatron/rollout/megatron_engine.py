@@ -90,6 +90,10 @@ class MegatronEngine(RolloutEngine):
     collective = True  # every rank of the model-parallel group calls generate (and gets the same samples)
     live_weights = True  # the trainer's own parameters: no sync, no copy
 
+    @classmethod
+    def build(cls, inputs) -> RolloutEngine:
+        return make_megatron_engine(inputs.chunks, inputs.max_batch_tokens)
+
     def __init__(self, chunks: list, max_batch_tokens: int = 1 << 17):
         if len(chunks) != 1:
             raise ValueError("the KV-cached megatron engine drives one model chunk per rank; with virtual pipeline "
@@ -255,17 +259,3 @@ def make_megatron_engine(chunks: list, max_batch_tokens: int = 1 << 17):
 
         return ReforwardEngine(chunks)
     return MegatronEngine(chunks, max_batch_tokens)
-
-
-def choose_engine(requested: str) -> tuple:
-    """``(engine, why)`` for ``rollout.engine``: ``auto`` takes vLLM where it imports, else this engine."""
-    from gad_megatron.rollout.base import engine_choices
-
-    if requested not in engine_choices():
-        raise ValueError(f"rollout engine {requested!r}: use one of {', '.join(engine_choices())}")
-    if requested != "auto":
-        return requested, "rollout.engine=" + requested
-    from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
-
-    reason = vllm_unavailable_reason()
-    return ("vllm", "auto: vLLM imports") if reason is None else ("megatron", "auto: " + reason)

@@ -21,6 +21,10 @@ class ReforwardEngine(RolloutEngine):
     collective = True  # every rank of the model-parallel group calls generate (and gets the same samples)
     live_weights = True  # the trainer's own parameters: no sync, no copy
 
+    @classmethod
+    def build(cls, inputs) -> "ReforwardEngine":
+        return cls(inputs.chunks)
+
     def __init__(self, chunks: list):
         self.chunks = chunks
 

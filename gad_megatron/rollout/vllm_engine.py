@@ -61,6 +61,10 @@ class VLLMEngine(RolloutEngine):
     collective = False  # global rank 0 runs it; the trainer broadcasts its samples
     live_weights = False  # a copy of G, fed by weight_sync.WeightSync
 
+    @classmethod
+    def build(cls, inputs) -> "VLLMEngine":
+        return cls(inputs.vllm)
+
     def __init__(self, cfg: VLLMConfig):
         from vllm import LLM
 

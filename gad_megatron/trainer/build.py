@@ -364,8 +364,7 @@ def make_engine(cfg, t: Trainer) -> tuple:
     (no sync: it *is* G)."""
     import torch.distributed as dist
 
-    from gad_megatron.rollout.base import engine_class
-    from gad_megatron.rollout.megatron_engine import choose_engine, make_megatron_engine
+    from gad_megatron.rollout.base import EngineInputs, build_engine, choose_engine, engine_class
     from gad_megatron.rollout.weight_sync import WeightSync
     from gad_megatron.trainer.passes import agree
 
@@ -376,7 +375,7 @@ def make_engine(cfg, t: Trainer) -> tuple:
     if engine_class(name).live_weights:  # the trainer's own megatron GPT: no copy, no sync
         if dist.get_rank() == 0:
             log.info("rollout engine: %s (%s)", name, why if cfg.train.stage == "gad" else "SeqKD: held-out generation only")
-        return make_megatron_engine(t.g.modules, cfg.rollout.max_batch_tokens), None
+        return build_engine(name, EngineInputs(chunks=t.g.modules, max_batch_tokens=cfg.rollout.max_batch_tokens)), None
     rank = dist.get_rank()
     topo = t.policy.topology = run_topology(cfg, dist.get_world_size(), t.world.get("per_node", dist.get_world_size()))
     if rank == 0:
@@ -386,9 +385,9 @@ def make_engine(cfg, t: Trainer) -> tuple:
     if topo.is_leader(rank):
         if cfg.rollout.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        engine = engine_class(name)(vllm_config(cfg, t.hf_dir, devices=topo.local_devices(rank), node_ranks=topo.per_node,
-                                                log_file=None if cfg.log.verbose else os.path.join(
-                                                    cfg.log.run_dir, "logs", f"vllm_engine{topo.engine_of(rank)}.log")))
+        log_file = None if cfg.log.verbose else os.path.join(cfg.log.run_dir, "logs", f"vllm_engine{topo.engine_of(rank)}.log")
+        engine = build_engine(name, EngineInputs(vllm=vllm_config(cfg, t.hf_dir, devices=topo.local_devices(rank),
+                                                                  node_ranks=topo.per_node, log_file=log_file)))
     sync = WeightSync(t.g.modules, engine, t.arch, bucket_mb=cfg.rollout.bucket_mb, stop_gap=cfg.rollout.stop_gap,
                       dst=topo.leaders)
     return engine, sync
