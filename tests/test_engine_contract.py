@@ -73,7 +73,8 @@ def test_config_choices_come_from_the_registries():
 def test_engines_are_built_one_way():
     """#34 / #30 item 1: the trainer, gad-eval and gad-doctor build engines through rollout.base.build_engine (each
     class's ``build`` reads its part of EngineInputs); no other module constructs one or chooses one."""
-    from gad_megatron.rollout.base import EngineInputs, build_engine
+    from gad_megatron.rollout.base import EngineInputs
+    from gad_megatron.rollout.factory import build_engine
 
     for cls in all_engines():
         assert "build" in cls.__dict__, f"{cls.__name__} does not say how it is built"

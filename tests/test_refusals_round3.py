@@ -138,7 +138,7 @@ def test_resume_from_a_run_directory_is_not_a_silent_fresh_start(tmp_path):
     """Item 1: checkpoint.resume=<run dir> (not its checkpoints/) trained from step 1 without a word."""
     from omegaconf import OmegaConf
 
-    from gad_megatron.trainer.checkpoint import resume_root
+    from gad_megatron.trainer.run_checkpoints import resume_root
 
     run = tmp_path / "warm"
     _fake_ckpt(run / "checkpoints", [2], 2)
@@ -166,7 +166,7 @@ def test_a_state_without_a_config_mapping(student, tmp_path, caplog):
     with changed settings and no word that nothing was compared."""
     import logging
 
-    from gad_megatron.trainer.checkpoint import check_config_against
+    from gad_megatron.trainer.run_checkpoints import check_config_against
 
     cfg = config(student, tmp_path)
     bad = _fake_ckpt(tmp_path / "bad", [2], 2, state={"config": [1, 2], "step": 2})
@@ -228,7 +228,7 @@ def test_a_rewritten_heldout_file_is_a_change_on_resume(student, tmp_path):
     import json
     import shutil
 
-    from gad_megatron.trainer.checkpoint import _plain_config, check_config_against
+    from gad_megatron.trainer.run_checkpoints import _plain_config, check_config_against
     from gad_megatron.trainer.drift import ResumeConfigError, data_digest
 
     held = tmp_path / "held.jsonl"
@@ -252,7 +252,7 @@ def test_another_model_under_the_same_opd_teacher_path_is_a_change_on_resume(stu
     import json
     import shutil
 
-    from gad_megatron.trainer.checkpoint import _plain_config, check_config_against
+    from gad_megatron.trainer.run_checkpoints import _plain_config, check_config_against
     from gad_megatron.trainer.drift import ResumeConfigError, data_digest, model_digest
 
     teacher = tmp_path / "teacher"
@@ -276,7 +276,7 @@ def test_a_checkpoint_of_another_architecture_is_named_before_any_model_is_built
     import json
     import os
 
-    from gad_megatron.trainer.checkpoint import check_config_against
+    from gad_megatron.trainer.run_checkpoints import check_config_against
 
     root = _fake_ckpt(tmp_path / "ckpt", [2], 2, state={"step": 2})
     os.makedirs(os.path.join(root, "student", "hf"))
@@ -294,7 +294,7 @@ def test_a_new_group_size_with_an_old_replay_buffer(student, tmp_path):
     in loss_func ("shape '[-1, 4]' is invalid for input of size 6")."""
     import json
 
-    from gad_megatron.trainer.checkpoint import _plain_config, check_config_against
+    from gad_megatron.trainer.run_checkpoints import _plain_config, check_config_against
     from gad_megatron.trainer.drift import data_digest
 
     old = config(student, tmp_path, "reward.replay_steps=2", "rollout.n=4")

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from gad_megatron.trainer.checkpoint import _default_config
+from gad_megatron.trainer.run_checkpoints import _default_config
 from gad_megatron.trainer.drift import ResumeConfigError, check_resume_config
 
 

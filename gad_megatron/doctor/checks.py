@@ -328,7 +328,8 @@ def vllm_starts(ctx: Context) -> Result:
     if ctx.rank != 0:
         return Result("vllm", SKIP, detail="rank 0 only")
     try:
-        from gad_megatron.rollout.base import EngineInputs, SamplingConfig, build_engine
+        from gad_megatron.rollout.base import EngineInputs, SamplingConfig
+        from gad_megatron.rollout.factory import build_engine
         from gad_megatron.trainer.build import model_hf_dir, vllm_config
 
         t0 = time.perf_counter()

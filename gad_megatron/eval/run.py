@@ -163,7 +163,8 @@ def generate_answers(model: str, items: list, engine: str = "auto", max_tokens: 
     ids = [prompt_ids(tok, it["messages"]) for it in items]
     sampling = SamplingConfig().greedy(max_tokens=max_tokens)
     sampling.stop_token_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    from gad_megatron.rollout.base import EngineInputs, build_engine, choose_engine
+    from gad_megatron.rollout.base import EngineInputs
+    from gad_megatron.rollout.factory import build_engine, choose_engine
 
     engine, _ = choose_engine(engine)  # auto: vLLM where it imports, else the trainer's own megatron engine
     if engine_class_live(engine):  # the megatron engine: the model's own chunks on a one-rank parallel state
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--testset {dup[0]}: id {dup[1]!r} appears twice (given the same test set twice?)")
         max_model_len = resolve_max_model_len(a.model, a.max_model_len)
         run_name = a.run_name or os.path.basename(os.path.normpath(a.model))
-        from gad_megatron.rollout.base import choose_engine
+        from gad_megatron.rollout.factory import choose_engine
 
         a.engine, why = choose_engine(a.engine)  # the engine that ran goes into the run's identity
         print(f"[gad-eval] generation engine: {a.engine} ({why})", file=sys.stderr)

@@ -73,7 +73,7 @@ class RolloutEngine(ABC):
     @classmethod
     def build(cls, inputs: "EngineInputs") -> "RolloutEngine":
         """The engine from what it reads of ``inputs`` (every caller builds engines through
-        :func:`build_engine`)."""
+        ``rollout.factory.build_engine``)."""
         raise NotImplementedError(f"{cls.__name__} does not say how it is built")
 
     def sleep(self) -> None:
@@ -97,7 +97,7 @@ ENGINES = {
 @dataclass
 class EngineInputs:
     """What any engine is built from; each class reads its own part. The trainer, gad-eval and gad-doctor fill
-    it and call :func:`build_engine`: one way to make an engine."""
+    it and call ``rollout.factory.build_engine``: one way to make an engine."""
 
     chunks: Optional[list] = None  # the trainer's own model chunks (an engine with ``live_weights``)
     max_batch_tokens: int = 1 << 17  # the megatron engine's KV cache holds at most this many tokens a batch
@@ -114,20 +114,3 @@ def engine_class(name: str) -> type:
     module, cls = ENGINES[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
-
-def choose_engine(requested: str) -> tuple:
-    """``(engine, why)`` for ``rollout.engine`` (or gad-eval's ``--engine``): ``auto`` takes vLLM where it imports,
-    else the megatron engine."""
-    if requested not in engine_choices():
-        raise ValueError(f"rollout engine {requested!r}: use one of {', '.join(engine_choices())}")
-    if requested != "auto":
-        return requested, "rollout.engine=" + requested
-    from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
-
-    reason = vllm_unavailable_reason()
-    return ("vllm", "auto: vLLM imports") if reason is None else ("megatron", "auto: " + reason)
-
-
-def build_engine(name: str, inputs: EngineInputs) -> RolloutEngine:
-    """The engine ``name`` (a registry name, not ``auto``: :func:`choose_engine` first) built from ``inputs``."""
-    return engine_class(name).build(inputs)

@@ -364,7 +364,8 @@ def make_engine(cfg, t: Trainer) -> tuple:
     (no sync: it *is* G)."""
     import torch.distributed as dist
 
-    from gad_megatron.rollout.base import EngineInputs, build_engine, choose_engine, engine_class
+    from gad_megatron.rollout.base import EngineInputs, engine_class
+    from gad_megatron.rollout.factory import build_engine, choose_engine
     from gad_megatron.rollout.weight_sync import WeightSync
     from gad_megatron.trainer.passes import agree
 

@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         if data.stats.duplicate_ids and says:
             print(f"gad-train: {cfg.data.train}: {data.stats.duplicate_ids} rows repeat an id seen before and were "
                   f"dropped (the first row of each id is kept)", file=sys.stderr)
-        from gad_megatron.trainer.checkpoint import precheck_resume
+        from gad_megatron.trainer.run_checkpoints import precheck_resume
 
         precheck_resume(cfg)  # a config a resume may not take: one error, before any rank or model
         if not under_launcher() and not args.check:  # the ranks take the lock; this is the early, clear error

@@ -164,11 +164,11 @@ def _server_json(url: str, path: str, body: Optional[dict] = None):
     headers = {"Content-Type": "application/json", "Authorization": "Bearer " + os.environ.get("OPENAI_API_KEY", "EMPTY")}
     req = urllib.request.Request(root + path, json.dumps(body).encode() if body is not None else None, headers)
     with urllib.request.urlopen(req, timeout=60) as r:
-        raw = r.read()
+        answer = r.read()  # one HTTP answer (not a JSONL line)
     try:
-        return json.loads(raw)
+        return json.loads(answer)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        shown = raw[:60].decode("utf-8", "replace") if raw else "nothing"
+        shown = answer[:60].decode("utf-8", "replace") if answer else "nothing"
         raise TeacherMismatch(f"opd.url={url}: {path} answered {shown!r}, not JSON: not a vLLM OpenAI server") from None
 
 

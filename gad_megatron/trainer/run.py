@@ -15,6 +15,7 @@ import torch
 
 from gad_megatron.data.teacher import EpochSampler
 from gad_megatron.trainer import checkpoint as ckpt_io
+from gad_megatron.trainer import run_checkpoints
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.build import build_trainer
 from gad_megatron.trainer.gad import Timer, enter_gad_stage, run_stage, stage_for
@@ -53,7 +54,7 @@ def train(cfg, data=None) -> dict:
             raise KeyboardInterrupt  # gad-train says so in one line and exits 130
         if run.step % cfg.checkpoint.save_every == 0 or last or stop_now or guard:
             with run.progress.phase(run.step, "checkpoint", "save"):
-                ckpt_io.save_run(t, run)
+                run_checkpoints.save_run(t, run)
         if run.saves is not None and (guard or stop_now or last):
             run.saves.wait()  # the run's last checkpoint is published before anything reads it or the job ends
         if guard:
@@ -139,7 +140,7 @@ def open_run(t) -> Run:
     if rank == 0 and os.path.exists(os.path.join(run.run_dir, STOPPED_MARKER)):
         os.remove(os.path.join(run.run_dir, STOPPED_MARKER))  # this start is the resume it asked for
     ckpt_io.clean_leftovers(run.ckpt_root)
-    ckpt_io.resume(t, run)  # refuses a config that differs from the checkpoint's where it may not
+    run_checkpoints.resume(t, run)  # refuses a config that differs from the checkpoint's where it may not
     if cfg.checkpoint.async_save:
         run.saves = ckpt_io.BackgroundSaves()
     if rank == 0:  # what runs: written once the resume has accepted it
@@ -169,7 +170,7 @@ def begin_gad(t, run: Run) -> None:
     if t.schedule.warm > 0:
         t.policy.reference_from_policy()
         with run.progress.phase(run.step, "checkpoint", "reference"):
-            ckpt_io.save_reference(t, run.ckpt_root, run.step)
+            run_checkpoints.save_reference(t, run.ckpt_root, run.step)
         if t.cfg.eval.after_warmup:
             log_eval(t, run, "after_warmup")
     enter_gad_stage(t, run.sampler)
