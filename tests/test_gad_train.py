@@ -456,7 +456,7 @@ def test_the_suggested_allow_changes_for_a_new_reward_source_works(student, tmp_
     then the run built G, D and the reference and died calling the checkpoint 'damaged' (a run whose reward had
     no D saved none). Now the suggestion works: D starts as at a fresh start, said in the log."""
     over = {"parallel.nproc": 1, "train.warmup_steps": 0, "train.critic_warmup": 0, "log.dump_samples_every": 0,
-            "log.plot": False, "log.tensorboard": False, "checkpoint.export_hf_at_end": False, "eval.heldout_every": 0}
+            "log.plot": False, "log.tensorboard": False, "checkpoint.export_hf_at_end": False, "data.heldout_size": 0}
     run = tmp_path / "run"
     run_train(write_config(tmp_path / "a.yaml", student, run, **over, **{
         "reward.source": "scorer", "reward.scorer": "gad_megatron.data.demo:score", "train.total_steps": 2}))

@@ -155,21 +155,19 @@ def test_planner_counts_the_kv_cache_the_engine_allocates(layouts, hf_models):
     assert plan.rollout_phase - plan.megatron_kv < plan.train_phase  # freed before training: not in its phase
 
 
-def test_demo_with_the_megatron_engine_runs_to_the_end_and_repeats_bit_for_bit(tmp_path):
+def test_demo_with_the_megatron_engine_runs_to_the_end(tmp_path):
+    """The demo script with the megatron engine, warmup and GAD stages to the end (same-seed determinism is
+    test_gad_train.py's, on the same engine)."""
     import os
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = []
-    for name in ("a", "b"):
-        run = tmp_path / name
-        p = subprocess.run(["bash", "scripts/demo.sh", "rollout.engine=megatron", "train.warmup_steps=6",
-                            "train.total_steps=16"], capture_output=True, text=True, cwd=root, timeout=600,
-                           env={**os.environ, "GAD_DEMO_DIR": str(run)})
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        runs.append(run)
-    summary = json.loads((runs[0] / "summary.json").read_text())
-    assert summary["rollout_engine"] == "megatron" and summary["steps"] == 16
-    rows = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r.get("stage") == "gad" for r in rows) == 10 and "after" in summary["evals"]
-    assert (runs[0] / "metrics.jsonl").read_bytes() == (runs[1] / "metrics.jsonl").read_bytes()
+    run = tmp_path / "a"
+    p = subprocess.run(["bash", "scripts/demo.sh", "rollout.engine=megatron", "train.warmup_steps=4",
+                        "train.total_steps=10"], capture_output=True, text=True, cwd=root, timeout=600,
+                       env={**os.environ, "GAD_DEMO_DIR": str(run)})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rollout_engine"] == "megatron" and summary["steps"] == 10
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("stage") == "gad" for r in rows) == 6 and "after" in summary["evals"]

@@ -101,7 +101,7 @@ def test_resumed_run_logs_each_evaluation_once(tmp_path):
     ("algo.kl_coef=nan", "algo.kl_coef=nan: must be a finite number"),
     ("train.max_skipped_steps=-1", "train.max_skipped_steps=-1: must be >= 0"),
     ("log.run_dir=FILE", "log.run_dir='FILE': is a file"),
-    ("model.student=RUN/hf_student", "is this run's own HF export"),
+    ("model.student=RUN/hf_student", "sits in this run's own hf_student"),
 ])
 def test_config_values_that_cannot_work_are_one_error(tmp_path, override, needle):
     from gad_megatron.trainer.config import ConfigError, load_config
