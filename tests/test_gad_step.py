@@ -34,11 +34,13 @@ def step_config(student, run_dir, **over):
 
 
 # name: (ranks, config overrides). "small" budgets split the 8 prompts x (1 + 4) rows into uneven micro-batches;
-# at 64 and 100 tokens D's groups do not fit one micro-batch: D trains through the split-group surrogate (#30 item 5).
+# at 64 and 100 tokens D's groups do not fit one micro-batch: D trains through the split-group surrogate (#30 item 5)
+# at TP1, TP2, PP2 and DP2.
 LAYOUTS = {
     "tp1": (1, {}),
     "tp1_small_mb": (1, {"train.micro_batch_tokens": 64}),
     "tp2": (2, {"parallel.tensor_parallel": 2}),
+    "tp2_small_mb": (2, {"parallel.tensor_parallel": 2, "train.micro_batch_tokens": 64}),
     "pp2": (2, {"parallel.pipeline_parallel": 2, "train.micro_batch_tokens": 100}),
     "dp2_small_mb": (2, {"train.micro_batch_tokens": 64}),
 }
