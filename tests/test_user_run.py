@@ -334,3 +334,17 @@ def test_samples_are_checked_against_the_process_and_job_memory_limits(tmp_path)
     (tmp_path / "cg" / "memory.max").write_text("max\n")  # no limit
     assert host_memory_limit({}, str(tmp_path / "cg"))[1] in ("the machine's RAM",
                                                              "this process's address-space limit (ulimit -v)")
+
+
+@pytest.mark.parametrize("over,needle", [
+    (["reward.source=scorer"], "reward.scorer=None: reward.source=scorer needs a scorer: module:function"),
+    (["reward.source=mixed", "reward.scorer=m:f", "reward.weight_scorer=0", "reward.weight_discriminator=0"],
+     "reward.weight_scorer=0.0: and reward.weight_discriminator are both 0"),
+    (["reward.source=opd"], "opd.teacher=None: reward.source=opd needs one teacher"),
+    (["reward.source=gad+opd", "opd.url=http://x/v1", "opd.teacher=t"], "reward.source=gad+opd needs one teacher")])
+def test_each_reward_says_its_own_config_rules(over, needle):
+    """#34: the rules of a reward live on its class (Reward.validate), not in lists of reward names in the
+    config code; each is one line naming the key."""
+    with pytest.raises(ConfigError) as e:
+        load_config(base={}, overrides=["model.student=s", "data.train=t.jsonl"] + over)
+    assert needle in str(e.value), str(e.value)

@@ -146,9 +146,7 @@ def check_before_build(cfg):
     from gad_megatron.models.hf_config import arch_spec_from_dir
     from gad_megatron.trainer.config import ConfigError
 
-    scorers = {"eval.scorer": cfg.eval.scorer}
-    if cfg.reward.source in ("scorer", "mixed"):
-        scorers["reward.scorer"] = cfg.reward.scorer
+    scorers = {"eval.scorer": cfg.eval.scorer, **reward_class(cfg.reward.source).scorers(cfg)}
     for key, spec in scorers.items():
         try:
             fn = load_scorer(spec)

@@ -8,7 +8,8 @@ import os
 from omegaconf import OmegaConf
 
 from gad_megatron.trainer.drift import DATA_KEYS
-from gad_megatron.trainer.opd import validate_opd
+from gad_megatron.trainer.opd import validate_opd_section
+from gad_megatron.trainer.rewards import reward_choices, reward_class
 
 
 def _get(cfg, dotted: str):
@@ -24,9 +25,9 @@ def _is_number(text: str) -> bool:
 
 def validate_algo(cfg, bad) -> None:
     """The reward, GRPO, GAD-stage and checkpoint rules; ``bad(key, why)`` records a problem."""
-    if cfg.reward.source in ("scorer", "mixed") and (not cfg.reward.scorer or ":" not in cfg.reward.scorer):
-        bad("reward.scorer", f"reward.source={cfg.reward.source} needs a scorer: module:function")
-    validate_opd(cfg, bad)
+    if cfg.reward.source in reward_choices():  # (an unknown one is refused with the choices)
+        reward_class(cfg.reward.source).validate(cfg, bad)  # each reward owns its rules
+    validate_opd_section(cfg, bad)
     if cfg.algo.truncated_reward not in ("min", "score") and not _is_number(cfg.algo.truncated_reward):
         bad("algo.truncated_reward", "use min, score or a number")
     if not cfg.algo.adv_std_floor >= 0:
@@ -87,8 +88,6 @@ def validate_inputs_outside_outputs(cfg, bad) -> None:
 
 def validate_stage_and_resume(cfg, bad) -> None:
     rc, gs = cfg.reward, cfg.gad_stage
-    if rc.source == "mixed" and rc.weight_discriminator == 0 and rc.weight_scorer == 0:
-        bad("reward.weight_scorer", "and reward.weight_discriminator are both 0: every reward would be 0")
     if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
         bad("rollout.top_k", "must be -1 (off) or >= 1")
     if gs.g_lr is not None and gs.g_min_lr is not None and gs.g_min_lr > gs.g_lr:

@@ -31,11 +31,9 @@ from gad_megatron.trainer.policy import model_logprobs, offload_chunks
 from gad_megatron.trainer.rewards import DiscriminatorReward, Reward, RewardContext, Scores, WithDiscriminator
 
 
-def validate_opd(cfg, bad) -> None:
-    """The config's OPD rules (trainer/config.py calls it; ``bad(key, why)`` records a problem)."""
+def validate_opd_section(cfg, bad) -> None:
+    """The ``opd`` section's own rules, whichever reward is chosen (``bad(key, why)`` records a problem)."""
     o = cfg.opd
-    if cfg.reward.source in ("opd", "gad+opd") and bool(o.teacher) == bool(o.url):
-        bad("opd.teacher", f"reward.source={cfg.reward.source} needs one teacher: opd.teacher (a model) or opd.url")
     if o.url and (cfg.rollout.temperature if o.teacher_temperature is None else o.teacher_temperature) != 1.0:
         bad("opd.teacher_temperature", "must be 1 with opd.url (vLLM applies no temperature to prompt logprobs)")
     for key in ("opd.teacher_temperature", "opd.adv_clamp"):
@@ -44,12 +42,12 @@ def validate_opd(cfg, bad) -> None:
     for key in ("opd.coef", "opd.weight", "opd.weight_discriminator", "opd.weight_final"):
         if OmegaConf.select(cfg, key) is not None and not OmegaConf.select(cfg, key) >= 0:
             bad(key, "must be >= 0")
-    # #32 item 9: weights that make every advantage 0 (as the mixed reward's zero weights are refused)
-    if cfg.reward.source == "opd" and o.coef == 0:
-        bad("opd.coef", "is 0 with reward.source=opd: every advantage would be 0")
-    if cfg.reward.source == "gad+opd" and o.weight_discriminator == 0 and not (o.coef and (o.weight or o.weight_final)):
-        bad("opd.weight", "(or opd.coef) and opd.weight_discriminator are 0 with reward.source=gad+opd: every "
-                          "advantage would be 0")
+
+
+def _one_teacher(cfg, bad) -> None:
+    o = cfg.opd
+    if bool(o.teacher) == bool(o.url):
+        bad("opd.teacher", f"reward.source={cfg.reward.source} needs one teacher: opd.teacher (a model) or opd.url")
 
 
 class TeacherMismatch(ValueError):
@@ -222,6 +220,12 @@ class OPDReward(Reward):
         self.coef, self.clamp = cfg.opd.coef, cfg.opd.adv_clamp
 
     @classmethod
+    def validate(cls, cfg, bad) -> None:
+        _one_teacher(cfg, bad)
+        if cfg.opd.coef == 0:  # #32 item 9 (as the mixed reward's zero weights are refused)
+            bad("opd.coef", "is 0 with reward.source=opd: every advantage would be 0")
+
+    @classmethod
     def build(cls, ctx: RewardContext) -> "OPDReward":
         return cls(make_teacher(ctx), ctx.cfg)
 
@@ -265,6 +269,14 @@ class GadOpdReward(WithDiscriminator):
 
     def __init__(self, d: DiscriminatorReward, opd: OPDReward, cfg, warm: int, total: int):
         self.d, self.opd, self.cfg, self.warm, self.total = d, opd, cfg, warm, total
+
+    @classmethod
+    def validate(cls, cfg, bad) -> None:
+        _one_teacher(cfg, bad)
+        o = cfg.opd
+        if o.weight_discriminator == 0 and not (o.coef and (o.weight or o.weight_final)):
+            bad("opd.weight", "(or opd.coef) and opd.weight_discriminator are 0 with reward.source=gad+opd: every "
+                              "advantage would be 0")
 
     @classmethod
     def build(cls, ctx: RewardContext) -> "GadOpdReward":

@@ -71,6 +71,15 @@ class Reward:
     def build(cls, ctx: RewardContext) -> "Reward":
         raise NotImplementedError
 
+    @classmethod
+    def validate(cls, cfg, bad) -> None:
+        """This reward's config rules, before any model is built (``bad(key, why)`` records a problem)."""
+
+    @classmethod
+    def scorers(cls, cfg) -> dict:
+        """{config key: "module:function" or path} of the scorers it calls (imported before any model is built)."""
+        return {}
+
     def score(self, batch) -> Scores:
         raise NotImplementedError
 
@@ -296,6 +305,15 @@ class ScorerReward(Reward):
         spec = ctx.cfg.reward.scorer
         return cls(load_scorer(spec), ctx.tokenizer, f"reward.scorer={spec}")
 
+    @classmethod
+    def validate(cls, cfg, bad) -> None:
+        if not cfg.reward.scorer or ":" not in cfg.reward.scorer:
+            bad("reward.scorer", f"reward.source={cfg.reward.source} needs a scorer: module:function")
+
+    @classmethod
+    def scorers(cls, cfg) -> dict:
+        return {"reward.scorer": cfg.reward.scorer}
+
     def score(self, batch) -> Scores:
         dec = self.tokenizer.decode
 
@@ -343,6 +361,16 @@ class MixedReward(WithDiscriminator):
     def build(cls, ctx: RewardContext) -> "MixedReward":
         rc = ctx.cfg.reward
         return cls(DiscriminatorReward.build(ctx), ScorerReward.build(ctx), rc.weight_discriminator, rc.weight_scorer)
+
+    @classmethod
+    def validate(cls, cfg, bad) -> None:
+        ScorerReward.validate(cfg, bad)
+        if cfg.reward.weight_discriminator == 0 and cfg.reward.weight_scorer == 0:
+            bad("reward.weight_scorer", "and reward.weight_discriminator are both 0: every reward would be 0")
+
+    @classmethod
+    def scorers(cls, cfg) -> dict:
+        return ScorerReward.scorers(cfg)
 
     def score(self, batch) -> Scores:
         d, s = self.d.score(batch), self.scorer.score(batch)
