@@ -94,12 +94,18 @@ def data_digest(path: str) -> Optional[str]:
     if not os.path.isdir(path):
         return None
     h = hashlib.sha256()
+    for rel, full in _files_in_order(path):
+        h.update(f"{rel}\0{data_digest(full)}\0".encode())
+    return h.hexdigest()
+
+
+def _files_in_order(path: str):
+    """(relative name, full path) of every file under ``path``, folders and names sorted: a stable walk."""
     for root, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
             full = os.path.join(root, name)
-            h.update(f"{os.path.relpath(full, path)}\0{data_digest(full)}\0".encode())
-    return h.hexdigest()
+            yield os.path.relpath(full, path), full
 
 
 def model_digest(path: Optional[str]) -> Optional[str]:
@@ -111,16 +117,13 @@ def model_digest(path: Optional[str]) -> Optional[str]:
     if not path or not os.path.isdir(path):
         return None
     h = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            size = os.path.getsize(full)
-            h.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
-            with open(full, "rb") as f:
-                if size <= 1 << 20:
-                    h.update(f.read())
-                elif name.endswith(".safetensors"):
-                    n = struct.unpack("<Q", f.read(8))[0]
-                    h.update(f.read(min(n, 1 << 26)))
+    for rel, full in _files_in_order(path):
+        size = os.path.getsize(full)
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(full, "rb") as f:
+            if size <= 1 << 20:
+                h.update(f.read())
+            elif full.endswith(".safetensors"):
+                n = struct.unpack("<Q", f.read(8))[0]
+                h.update(f.read(min(n, 1 << 26)))
     return h.hexdigest()
