@@ -35,7 +35,7 @@ def step_config(student, run_dir, **over):
 
 # name: (ranks, config overrides). "small" budgets split the 8 prompts x (1 + 4) rows into uneven micro-batches;
 # at 64 and 100 tokens D's groups do not fit one micro-batch: D trains through the split-group surrogate (#30 item 5)
-# at TP1, TP2, PP2 and DP2.
+# at TP1, TP2, PP2 and DP2, padded and packed.
 LAYOUTS = {
     "tp1": (1, {}),
     "tp1_small_mb": (1, {"train.micro_batch_tokens": 64}),
@@ -43,6 +43,11 @@ LAYOUTS = {
     "tp2_small_mb": (2, {"parallel.tensor_parallel": 2, "train.micro_batch_tokens": 64}),
     "pp2": (2, {"parallel.pipeline_parallel": 2, "train.micro_batch_tokens": 100}),
     "dp2_small_mb": (2, {"train.micro_batch_tokens": 64}),
+    # packed sequences (THD): split D groups under sequence parallel, and through the pipeline
+    "tp2_sp_packed_small_mb": (2, {"parallel.tensor_parallel": 2, "parallel.sequence_parallel": True,
+                                   "train.packed_sequences": True, "train.micro_batch_tokens": 64}),
+    "pp2_packed": (2, {"parallel.pipeline_parallel": 2, "train.packed_sequences": True,
+                       "train.micro_batch_tokens": 100}),
 }
 
 
@@ -118,3 +123,12 @@ def test_each_update_moves_the_right_way(demo_student, tmp_path):
     assert r["ce_after"] < r["ce_before"] - 0.3
     assert r["d_acc_before"] == 0.0 and r["d_acc_after"] > 0.5
     assert r["reward_after"] > r["reward_before"]
+
+
+def test_packed_layouts_spend_no_budget_on_padding(layout_results):
+    """The padding share the step logs: padded micro-batches pad short rows to the longest; packed ones only round
+    their length up to TP under sequence parallel (#30 item 5)."""
+    for packed, padded in (("tp2_sp_packed_small_mb", "tp2_small_mb"), ("pp2_packed", "pp2")):
+        p, q = layout_results[packed][0], layout_results[padded][0]
+        for key in ("g_pad_share", "d_pad_share"):
+            assert p[key] < 0.02 and q[key] > 2 * p[key], (packed, key, p[key], q[key])

@@ -6,7 +6,7 @@ import torch
 from conftest import read_json, run_ranks
 
 from gad_megatron.algo.policy import grpo_advantages, truncated_rewards
-from gad_megatron.trainer.batching import Seq, collate
+from gad_megatron.trainer.batching import MicroBatching, Seq, collate
 from gad_megatron.trainer.steps import bt_step
 
 
@@ -150,7 +150,7 @@ def test_balance_band_skips_d_when_ahead_and_adds_a_step_at_chance():
 
     cfg = SimpleNamespace(reward=SimpleNamespace(d_update_every=1, d_acc_band=[0.55, 0.9], replay_steps=0,
                                                  replay_ratio=0.5, canonical_text=True), train=SimpleNamespace(seed=1))
-    r = DiscriminatorReward(None, 4, 1024, 1, cfg, {"dp_rank": 0, "data_parallel": 1})
+    r = DiscriminatorReward(None, 4, MicroBatching(1024), cfg, {"dp_rank": 0, "data_parallel": 1})
     accs = iter([0.5, 0.52, 0.7, 0.95, 0.6])
     calls = []
     r._step = lambda units: calls.append(1) or {"d_acc": next(accs)}

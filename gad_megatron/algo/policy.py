@@ -7,6 +7,8 @@ the caller owns normalisation across micro-batches and data-parallel ranks (see 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
@@ -84,21 +86,28 @@ def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float =
     return w.clamp(max=cap), (w > cap).float()
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"):
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              seq_index: Optional[torch.Tensor] = None):
     """(sum, count) whose global ratio is the loss: callers add sums and counts over micro-batches and DP
     ranks and divide once, so the optimised loss is the logged loss whatever the micro-batching.
 
     - ``token-mean``: sum over valid tokens / number of valid tokens.
     - ``seq-mean-token-mean``: each sequence's own token mean, averaged over sequences (rows with no valid
-      token count as no sequence).
+      token count as no sequence). A sequence is a row, or (``seq_index``: the sequence of each position, for
+      sequences packed into one row) the positions with the same index.
     """
     mask = mask.to(per_token.dtype)
     if mode == "token-mean":
         return (per_token * mask).sum(), mask.sum()
     if mode == "seq-mean-token-mean":
-        n = mask.sum(dim=1)
+        if seq_index is None:
+            n, sums = mask.sum(dim=1), (per_token * mask).sum(dim=1)
+        else:
+            idx, count = seq_index.reshape(-1), int(seq_index.max()) + 1
+            n = mask.new_zeros(count).index_add(0, idx, mask.reshape(-1))
+            sums = per_token.new_zeros(count).index_add(0, idx, (per_token * mask).reshape(-1))
         has = n > 0
-        seq = (per_token * mask).sum(dim=1) / n.clamp(min=1)
+        seq = sums / n.clamp(min=1)
         return (seq * has).sum(), has.to(per_token.dtype).sum()
     raise ValueError(f"loss_agg_mode={mode!r}: use one of {LOSS_AGG_MODES}")
 

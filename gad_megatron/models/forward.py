@@ -53,14 +53,30 @@ def run_schedule(chunks, microbatches: list, step_fn: Callable, forward_only: bo
     )
 
 
+def packed_params(batch: dict, device):
+    """megatron's THD description of a packed micro-batch (``cu_seqlens``: sequence bounds in its one row), or
+    None for a padded one."""
+    cu = batch.get("cu_seqlens")
+    if cu is None:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu.to(device=device, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
 def model_call(model, batch, labels=None):
     """Runs one chunk on a micro-batch; batches live on CPU and move to the model's device here."""
     dev = next(model.parameters()).device
     t = batch["tokens"].to(dev)
     pos = batch.get("position_ids")
     pos = position_ids_for(t) if pos is None else pos.to(dev)
+    packed = packed_params(batch, dev)
     with model_forward_region():
-        return model(t, pos, None, labels=None if labels is None else labels.to(dev))
+        return model(t, pos, None, labels=None if labels is None else labels.to(dev),
+                     **({"packed_seq_params": packed} if packed is not None else {}))
 
 
 def full_logits(chunks, microbatches: list) -> Optional[list]:

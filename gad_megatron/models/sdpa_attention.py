@@ -8,7 +8,9 @@ the same arithmetic in one call and reads the grouped K / V as they are (``enabl
 3 KV heads) a decode step's attention is ~5x faster, and the training forward / backward keeps no score tensor.
 
 The case it takes is the one our models use: vanilla softmax, no attention dropout while training, no
-query-key layer scaling, no sliding window. Anything else goes to megatron's own forward unchanged. The mask
+query-key layer scaling, no sliding window. Anything else goes to megatron's own forward unchanged. Packed
+sequences (THD, megatron's ``PackedSeqParams``), which megatron's local attention refuses, run as one row under
+a block-diagonal causal mask. The mask
 semantics are megatron's: a boolean mask marks the positions to drop and they get -10000 (not -inf), so a
 query row whose keys are all masked (a left-padded prompt's pad positions) stays finite as in megatron; with no
 mask, the scores are causal when sq > 1 (sq == sk) and unmasked for a one-token decode step.
@@ -33,15 +35,21 @@ _MASKED = -10000.0  # megatron's attention_mask_func fills masked scores with th
 
 
 class SDPADotProductAttention(DotProductAttention):
-    def _fused_ok(self, attention_bias, packed_seq_params) -> bool:
+    def _fused_ok(self, attention_bias) -> bool:
         c = self.config
-        return (attention_bias is None and packed_seq_params is None and self.softmax_offset is None
+        return (attention_bias is None and self.softmax_offset is None
                 and not c.apply_query_key_layer_scaling and self.scale_mask_softmax.window_size is None
                 and not (self.training and self.attention_dropout.p > 0))
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if not self._fused_ok(attention_bias, packed_seq_params):
+        packed = packed_seq_params is not None
+        if packed and (packed_seq_params.qkv_format != "thd" or not self._fused_ok(attention_bias)):
+            raise ValueError("packed sequences (train.packed_sequences) on the local spec need plain causal softmax "
+                             "attention in THD (no bias, window, dropout or query-key layer scaling): turn them off")
+        if packed:
+            return self._packed_forward(query, key, value, packed_seq_params)
+        if not self._fused_ok(attention_bias):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         sq, b = query.size(0), query.size(1)
         # [s, b, heads, hn] -> [b, heads, s, hn]
@@ -56,6 +64,23 @@ class SDPADotProductAttention(DotProductAttention):
             enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition)
         # [b, heads, sq, hn] -> [sq, b, heads * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _packed_forward(self, query, key, value, packed_seq_params):
+        """THD: ``[t, heads, hn]`` holding several sequences back to back (bounds ``cu_seqlens_q``); a token sees
+        the tokens before it in its own sequence only: a block-diagonal causal mask (TE's kernels do this from
+        the bounds without a [t, t] mask; the local spec has none that does)."""
+        t = query.size(0)
+        cu = packed_seq_params.cu_seqlens_q.to(query.device).long()
+        segment = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=query.device), cu[1:] - cu[:-1])
+        if segment.numel() != t:
+            raise ValueError(f"cu_seqlens cover {segment.numel()} tokens of a {t}-token packed micro-batch")
+        pos = torch.arange(t, device=query.device)
+        allowed = (segment[:, None] == segment[None, :]) & (pos[None, :] <= pos[:, None])
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, hn]
+        context = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=self.softmax_scale,
+            enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition)
+        return context[0].permute(1, 0, 2).reshape(t, self.hidden_size_per_partition)  # [t, heads * hn]
 
 
 class RopeCachedSelfAttention(SelfAttention):

@@ -1,15 +1,25 @@
 """Sequences -> micro-batches for megatron's pipeline schedule.
 
 A :class:`Seq` is one ``[prompt, response]`` token sequence plus whatever per-response-token values a step
-needs (old / reference / rollout logprobs) and per-sequence values (advantage). Micro-batches are packed by
-a token budget (rows x padded width <= ``budget``), each padded to its own width, so a batch of short answers
-is not padded to the longest answer of the step. A unit (a D group: the teacher answer and its student
-samples) goes into one micro-batch; a caller whose units do not fit the budget (:func:`fits`) splits them
-(D scores the groups first and trains through a surrogate: ``steps.bt_surrogate_step``), so no micro-batch
-is over the budget.
+needs (old / reference / rollout logprobs) and per-sequence values (advantage). A :class:`MicroBatching` fills
+micro-batches up to a token budget in one of two layouts:
 
-Position convention: ``labels[t] = tokens[t + 1]`` and ``loss_mask[t] = 1`` exactly where ``tokens[t + 1]`` is
-a response token, so the value of response token ``k`` sits at position ``prompt_len - 1 + k``.
+- padded (``[b, w]``): rows x padded width <= ``budget``, each micro-batch padded to its own width, so a batch
+  of short answers is not padded to the longest answer of the step;
+- packed (THD, ``train.packed_sequences``): the sequences back to back in one row ``[1, T]``, T = their summed
+  lengths <= ``budget`` (rounded up to the pad multiple), attention kept inside each sequence by megatron's
+  ``PackedSeqParams`` (``cu_seqlens``): TE's fused kernels on GPU, a block-diagonal mask on the local spec
+  (``models/sdpa_attention.py``). No padding but the round-up, and RoPE restarts at each sequence.
+
+A unit (a D group: the teacher answer and its student samples) goes into one micro-batch; a caller whose units
+do not fit the budget (:meth:`MicroBatching.fits`) splits them (D scores the groups first and trains through a
+surrogate: ``steps.bt_surrogate_step``), so no micro-batch is over the budget.
+
+Position convention (per sequence, at its offset in the micro-batch): ``labels[t] = tokens[t + 1]`` and
+``loss_mask[t] = 1`` exactly where ``tokens[t + 1]`` is a response token, so the value of response token ``k``
+sits at position ``start + prompt_len - 1 + k``. Every collated micro-batch also carries, per sequence,
+``starts`` (flat offset of its first token), ``last_index`` (flat offset of its last token: D's score) and
+``response_len``; a packed one carries ``seq_index`` (the sequence of each position) and ``cu_seqlens``.
 """
 
 from __future__ import annotations
@@ -42,28 +52,33 @@ class Seq:
         return len(self.prompt) + len(self.response)
 
 
-def pack_units(units: list, budget: int, pad_multiple: int = 1) -> list:
-    """Greedy, order-preserving packing of units (lists of Seq) into micro-batches (lists of units) with
-    rows x padded width <= budget. A unit larger than the budget goes alone (the config check guarantees a
+def pack_units(units: list, budget: int, pad_multiple: int = 1, packed: bool = False) -> list:
+    """Greedy, order-preserving packing of units (lists of Seq) into micro-batches (lists of units) whose cost
+    (:func:`mb_tokens`) is <= budget. A unit larger than the budget goes alone (the config check guarantees a
     single longest sequence fits)."""
-    out, cur, rows, width = [], [], 0, 0
+    out, cur = [], []
     for unit in units:
-        w = _round_up(max(len(s) for s in unit), pad_multiple)
-        new_rows, new_width = rows + len(unit), max(width, w)
-        if cur and new_rows * new_width > budget:
+        if cur and mb_tokens(cur + [unit], pad_multiple, packed) > budget:
             out.append(cur)
-            cur, rows, width = [], 0, 0
-            new_rows, new_width = len(unit), w
+            cur = []
         cur.append(unit)
-        rows, width = new_rows, new_width
     if cur:
         out.append(cur)
     return out
 
 
-def fits(units: list, budget: int, pad_multiple: int = 1) -> bool:
-    """Every unit fits one micro-batch of ``budget`` (rows x padded width)."""
-    return all(len(u) * _round_up(max(len(s) for s in u), pad_multiple) <= budget for u in units)
+def mb_tokens(units: list, pad_multiple: int = 1, packed: bool = False) -> int:
+    """Tokens a micro-batch of ``units`` occupies: rows x padded width, or (packed) the summed lengths rounded up
+    to the pad multiple."""
+    lengths = [len(s) for u in units for s in u]
+    if packed:
+        return _round_up(sum(lengths), pad_multiple)
+    return len(lengths) * _round_up(max(lengths), pad_multiple)
+
+
+def fits(units: list, budget: int, pad_multiple: int = 1, packed: bool = False) -> bool:
+    """Every unit fits one micro-batch of ``budget``."""
+    return all(mb_tokens([u], pad_multiple, packed) <= budget for u in units)
 
 
 def pad_share(mbs: list) -> tuple:
@@ -97,32 +112,101 @@ def collate(seqs: list, pad_multiple: int = 1, pad_id: int = 0) -> dict:
         if len(s.response):
             loss_mask[i, p - 1 : n - 1] = 1.0
         for k in keys:
-            v = s.per_token[k]
-            if len(v) != len(s.response):
-                raise ValueError(f"per-token {k!r} has {len(v)} values for a {len(s.response)}-token response")
-            extra[k][i, p - 1 : n - 1] = v.float()
-    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "attention_mask": attn,
-             "advantages": torch.tensor([s.advantage for s in seqs], dtype=torch.float32),
-             "is_teacher": torch.tensor([s.is_teacher for s in seqs], dtype=torch.bool),
-             "in_d_loss": torch.tensor([s.in_d_loss for s in seqs], dtype=torch.bool),
-             "score_grad": torch.tensor([s.score_grad for s in seqs], dtype=torch.float32)}
-    batch.update(extra)
+            extra[k][i, p - 1 : n - 1] = _checked(s, k).float()
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "attention_mask": attn, **extra}
+    batch.update(_per_sequence(seqs, [i * width for i in range(b)]))
     return batch
 
 
-def microbatches(units: list, budget: int, pad_multiple: int = 1) -> tuple:
+def collate_packed(seqs: list, pad_multiple: int = 1, pad_id: int = 0) -> dict:
+    """One row ``[1, T]`` holding ``seqs`` back to back (THD), T rounded up to ``pad_multiple`` (sequence
+    parallel splits it over TP ranks); the tail's padding is a segment of its own in ``cu_seqlens`` (it attends
+    to itself only and no loss reads it). ``position_ids`` restart at each sequence."""
+    lengths = [len(s) for s in seqs]
+    starts = [sum(lengths[:i]) for i in range(len(seqs))]
+    real = sum(lengths)
+    total = _round_up(real, pad_multiple)
+    tokens = torch.full((1, total), pad_id, dtype=torch.long)
+    labels = torch.zeros((1, total), dtype=torch.long)
+    loss_mask = torch.zeros((1, total), dtype=torch.float32)
+    attn = torch.zeros((1, total), dtype=torch.long)
+    positions = torch.zeros((1, total), dtype=torch.long)
+    seq_index = torch.zeros((1, total), dtype=torch.long)
+    keys = [k for k in PER_TOKEN_KEYS if seqs and all(k in s.per_token for s in seqs)]
+    extra = {k: torch.zeros((1, total), dtype=torch.float32) for k in keys}
+    for i, (s, o) in enumerate(zip(seqs, starts)):
+        ids = torch.tensor(s.tokens, dtype=torch.long)
+        n, p = len(ids), len(s.prompt)
+        tokens[0, o : o + n] = ids
+        attn[0, o : o + n] = 1
+        positions[0, o : o + n] = torch.arange(n)
+        seq_index[0, o : o + n] = i
+        labels[0, o : o + n - 1] = ids[1:]
+        if len(s.response):
+            loss_mask[0, o + p - 1 : o + n - 1] = 1.0
+        for k in keys:
+            extra[k][0, o + p - 1 : o + n - 1] = _checked(s, k).float()
+    bounds = starts + [real] + ([total] if total > real else [])
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "attention_mask": attn,
+             "position_ids": positions, "seq_index": seq_index,
+             "cu_seqlens": torch.tensor(bounds, dtype=torch.int32), **extra}
+    batch.update(_per_sequence(seqs, starts))
+    return batch
+
+
+def _checked(s: Seq, key: str) -> torch.Tensor:
+    v = s.per_token[key]
+    if len(v) != len(s.response):
+        raise ValueError(f"per-token {key!r} has {len(v)} values for a {len(s.response)}-token response")
+    return v
+
+
+def _per_sequence(seqs: list, starts: list) -> dict:
+    """The per-sequence tensors of a micro-batch (``[b]``), whatever its layout."""
+    return {"advantages": torch.tensor([s.advantage for s in seqs], dtype=torch.float32),
+            "is_teacher": torch.tensor([s.is_teacher for s in seqs], dtype=torch.bool),
+            "in_d_loss": torch.tensor([s.in_d_loss for s in seqs], dtype=torch.bool),
+            "score_grad": torch.tensor([s.score_grad for s in seqs], dtype=torch.float32),
+            "starts": torch.tensor(starts, dtype=torch.long),
+            "last_index": torch.tensor([o + len(s) - 1 for s, o in zip(seqs, starts)], dtype=torch.long),
+            "response_len": torch.tensor([len(s.response) for s in seqs], dtype=torch.float32)}
+
+
+@dataclass(frozen=True)
+class MicroBatching:
+    """How units become micro-batches: the token budget (``train.micro_batch_tokens``), the multiple a
+    micro-batch's width (or packed length) is rounded up to (TP under sequence parallel), and the layout."""
+
+    budget: int
+    pad_multiple: int = 1
+    packed: bool = False
+
+    def fits(self, units: list) -> bool:
+        return fits(units, self.budget, self.pad_multiple, self.packed)
+
+    def microbatches(self, units: list) -> tuple:
+        return microbatches(units, self.budget, self.pad_multiple, self.packed)
+
+
+def microbatches(units: list, budget: int, pad_multiple: int = 1, packed: bool = False) -> tuple:
     """(list of collated micro-batches, list of the Seq lists they hold, in order)."""
-    packed = pack_units(units, budget, pad_multiple)
-    seq_lists = [[s for unit in mb for s in unit] for mb in packed]
-    return [collate(sl, pad_multiple) for sl in seq_lists], seq_lists
+    groups = pack_units(units, budget, pad_multiple, packed)
+    seq_lists = [[s for unit in mb for s in unit] for mb in groups]
+    return [(collate_packed if packed else collate)(sl, pad_multiple) for sl in seq_lists], seq_lists
 
 
 def response_values(per_pos: torch.Tensor, seqs: list) -> list:
-    """Inverse of the collate layout: ``[b, w]`` position values -> per-Seq ``[len(response)]`` tensors."""
-    out = []
+    """Inverse of the collate layouts: position values -> per-Seq ``[len(response)]`` tensors. A padded
+    micro-batch has one row per sequence; a packed one is a single row with the sequences back to back (with
+    one sequence the two layouts are the same)."""
+    packed = per_pos.shape[0] != len(seqs)
+    flat = per_pos.reshape(-1)
+    out, o = [], 0
     for i, s in enumerate(seqs):
+        start = o if packed else i * per_pos.shape[1]
         p, n = len(s.prompt), len(s)
-        out.append(per_pos[i, p - 1 : n - 1].detach().cpu().clone())
+        out.append(flat[start + p - 1 : start + n - 1].detach().cpu().clone())
+        o += n
     return out
 
 

@@ -15,6 +15,7 @@ from gad_megatron.data.teacher import (DataError, DataStats, RowShape, heldout_s
                                        tokenize_rows)
 from gad_megatron.models.storage import DTYPE_BYTES, HF_DTYPE
 from gad_megatron.trainer.disk import check_free_space
+from gad_megatron.trainer.batching import MicroBatching
 from gad_megatron.trainer.policy import Policy
 from gad_megatron.trainer.rewards import Reward, RewardContext, load_scorer, make_reward, reward_class
 
@@ -80,12 +81,8 @@ class Trainer:
         return self.data.tokenizer
 
     @property
-    def budget(self) -> int:
-        return self.policy.budget
-
-    @property
-    def pad(self) -> int:
-        return self.policy.pad
+    def layout(self):
+        return self.policy.layout
 
     @property
     def roles(self) -> dict:
@@ -289,10 +286,11 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
     opts, dist_opt = model_options(cfg), distributed_optimizer(cfg, world["world_size"])
     bf16_grads = cfg.parallel.grad_reduce_in_bf16
     arch, g_chunks, hf_dir = load_model(cfg.model.student, "student", opts)
-    budget = cfg.train.micro_batch_tokens
-    pad = world["tp"] if cfg.parallel.sequence_parallel else 1  # SP splits a micro-batch's width over TP ranks
+    # SP splits a micro-batch's width (a packed one's length) over the TP ranks
+    layout = MicroBatching(cfg.train.micro_batch_tokens, world["tp"] if cfg.parallel.sequence_parallel else 1,
+                           cfg.train.packed_sequences)
     policy = Policy(cfg, world, data.tokenizer, TrainEngine(g_chunks, optim_config(cfg.g_optim, dist_opt, schedule.total, bf16_grads)),
-                    budget=budget, pad=pad)
+                    layout=layout)
     t = Trainer(cfg, world, arch, hf_dir, data, schedule, policy)
     if cfg.train.stage == "gad":
         source = reward_class(cfg.reward.source)
@@ -302,7 +300,7 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
             _, d_chunks, _ = load_model(cfg.model.discriminator or cfg.model.student, "discriminator", opts,
                                         head_init=cfg.model.d_head_init)
             d = TrainEngine(d_chunks, optim_config(cfg.d_optim, dist_opt, schedule.total, bf16_grads))
-        t.reward = make_reward(RewardContext(cfg, world, data.tokenizer, budget, pad, d,
+        t.reward = make_reward(RewardContext(cfg, world, data.tokenizer, layout, d,
                                              load_frozen=lambda path: load_frozen(path, opts), schedule=schedule))
         policy.ref = load_frozen(cfg.model.student, opts)
         policy.offload_reference("cpu")

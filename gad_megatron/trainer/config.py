@@ -165,6 +165,10 @@ class TrainSection:
     stop_after: Optional[int] = None  # end this job after this step (checkpointed); schedules still span total_steps
     epochs: int = 3
     micro_batch_tokens: int = 16384  # dynamic micro-batches: rows x padded length <= this (D's groups split)
+    # Sequences back to back in one row (THD, megatron's PackedSeqParams): no padding; summed lengths <= the
+    # budget. TE's attention on GPU, a block-diagonal mask on the local spec (O(tokens^2) memory: a GPU run
+    # without TE keeps it off).
+    packed_sequences: bool = False
     seed: int = 1234
     max_skipped_steps: int = 10  # non-finite steps tolerated in a row before stopping
     # A step the planner's model estimates beyond this is refused before any rank starts (null: no limit): a

@@ -40,7 +40,7 @@ def evaluate(t, held: list) -> dict:
     if not held:
         return {}
     cfg = t.cfg
-    out, _ = passes.forward(t.g, [[teacher_seq(e)] for e in held], sft_step, t.budget, t.pad)
+    out, _ = passes.forward(t.g, [[teacher_seq(e)] for e in held], sft_step, t.layout)
     res = {"heldout_ce": reduce_pairs(sum_outputs(out) or zero_pairs(["sft_loss"]))["sft_loss"]}
     scorer = load_scorer(cfg.eval.scorer)
     stop = [t.tokenizer.eos_token_id]

@@ -108,14 +108,14 @@ class MegatronTeacher:
     """The teacher as a frozen megatron GPT on G's parallel state (in host memory between uses when
     ``opd.offload_teacher``, on GPU)."""
 
-    def __init__(self, chunks: list, temperature: float, budget: int, pad: int, offload: bool):
-        self.chunks, self.temperature, self.budget, self.pad, self.offload = chunks, temperature, budget, pad, offload
+    def __init__(self, chunks: list, temperature: float, layout, offload: bool):
+        self.chunks, self.temperature, self.layout, self.offload = chunks, temperature, layout, offload
         offload_chunks(chunks, "cpu", offload)
 
     def logprobs(self, seqs: list) -> None:
         """Collective: ``per_token["teacher_logp"]`` of every sequence (real on the last pipeline stage)."""
         offload_chunks(self.chunks, "device", self.offload)
-        model_logprobs(self.chunks, seqs, "teacher_logp", self.temperature, self.budget, self.pad)
+        model_logprobs(self.chunks, seqs, "teacher_logp", self.temperature, self.layout)
         offload_chunks(self.chunks, "cpu", self.offload)
 
 
@@ -207,7 +207,7 @@ def make_teacher(ctx: RewardContext):
     if o.url:
         return ServerTeacher(o.url, o.served_model)
     temperature = cfg.rollout.temperature if o.teacher_temperature is None else o.teacher_temperature
-    return MegatronTeacher(ctx.load_frozen(o.teacher), temperature, ctx.budget, ctx.pad, o.offload_teacher)
+    return MegatronTeacher(ctx.load_frozen(o.teacher), temperature, ctx.layout, o.offload_teacher)
 
 
 class OPDReward(Reward):

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from gad_megatron.trainer.batching import microbatches, pad_share
+from gad_megatron.trainer.batching import MicroBatching, pad_share
 
 
-def forward(model, units: list, step_fn, budget: int, pad: int) -> tuple:
+def forward(model, units: list, step_fn, layout: MicroBatching) -> tuple:
     """Forward only over packed units of ``model`` (a TrainEngine or frozen chunks); returns (outputs on the
     last stage or None elsewhere, the Seq lists per micro-batch)."""
     from megatron.core import parallel_state as ps
 
     from gad_megatron.models.forward import run_schedule
 
-    mbs, seqs = microbatches(units, budget, pad)
+    mbs, seqs = layout.microbatches(units)
     if hasattr(model, "ensure_resident"):
         model.ensure_resident()
     chunks = model.chunks if hasattr(model, "chunks") else model
@@ -27,11 +27,11 @@ def forward(model, units: list, step_fn, budget: int, pad: int) -> tuple:
     return (out if ps.is_pipeline_last_stage() else None), seqs
 
 
-def update(engine, units: list, step_fn, budget: int, pad: int) -> dict:
+def update(engine, units: list, step_fn, layout: MicroBatching) -> dict:
     """One optimizer step of ``engine`` over packed units; its result plus ``seqs`` (the Seq lists per
     micro-batch) and ``pad_pair`` ([padding tokens, all tokens] of its micro-batches, a metrics pair: every rank
     of a DP replica holds the same, so the reduced ratio is the global share)."""
-    mbs, seqs = microbatches(units, budget, pad)
+    mbs, seqs = layout.microbatches(units)
     pad_pair = torch.tensor(pad_share(mbs), dtype=torch.float64)
     return {**engine.train_step(mbs, step_fn), "seqs": seqs, "pad_pair": pad_pair}
 

@@ -18,7 +18,7 @@ from gad_megatron.data.chat import d_view
 from gad_megatron.data.teacher import EpochSampler
 from gad_megatron.rollout.base import RolloutEngine, SamplingConfig
 from gad_megatron.trainer import passes
-from gad_megatron.trainer.batching import Seq, fill_per_token
+from gad_megatron.trainer.batching import MicroBatching, Seq, fill_per_token
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
 from gad_megatron.trainer.steps import logprob_step, policy_step, sft_step
 
@@ -62,9 +62,9 @@ class Policy:
     engine (None on ranks that do not lead a non-collective one) and the weight sync into it (None when the
     engine samples with G's own weights)."""
 
-    def __init__(self, cfg, world: dict, tokenizer, g, ref: Optional[list] = None, budget: int = 0, pad: int = 1):
+    def __init__(self, cfg, world: dict, tokenizer, g, ref: Optional[list] = None, layout: Optional[MicroBatching] = None):
         self.cfg, self.world, self.tokenizer = cfg, world, tokenizer
-        self.g, self.ref, self.budget, self.pad = g, ref, budget, pad
+        self.g, self.ref, self.layout = g, ref, layout
         self.engine: Optional[RolloutEngine] = None
         self.engine_name = ""  # "vllm" | "megatron": what rollout.engine (maybe auto) resolved to
         self.sync_to = None  # rollout.weight_sync.WeightSync, or None
@@ -132,7 +132,7 @@ class Policy:
         """Fills ``per_token[key]`` of every sequence with G's logprobs (or ``chunks``'s, a frozen model of
         the student's shape) at ``temperature`` (default: the rollout's)."""
         temperature = self.cfg.rollout.temperature if temperature is None else temperature
-        model_logprobs(self.g if chunks is None else chunks, seqs, key, temperature, self.budget, self.pad)
+        model_logprobs(self.g if chunks is None else chunks, seqs, key, temperature, self.layout)
 
     def reference_logprobs(self, seqs: list, temperature: float = None) -> None:
         """``per_token["ref_logp"]``: the frozen reference's (brought to the device for it when offloaded)."""
@@ -155,7 +155,7 @@ class Policy:
     # -- learning ----------------------------------------------------------------------------------------
     def sft_update(self, teacher_seqs: list) -> dict:
         """One optimizer step of cross-entropy on teacher answers (SeqKD, the warmup)."""
-        res = passes.update(self.g, [[s] for s in teacher_seqs], sft_step, self.budget, self.pad)
+        res = passes.update(self.g, [[s] for s in teacher_seqs], sft_step, self.layout)
         self.version += 1
         m = reduce_pairs({**(sum_outputs(res["outputs"]) or zero_pairs(["sft_loss"])), "g_pad_share": res["pad_pair"]})
         m.update(g_grad_norm=res["grad_norm"], g_lr=res["lr"], g_skipped=int(res["skipped"]))
@@ -174,7 +174,7 @@ class Policy:
         for _ in range(cfg.algo.ppo_epochs):
             for k in range(mini):
                 chunk = student_seqs[k * per : (k + 1) * per]
-                res = passes.update(self.g, [[s] for s in chunk], step_fn, self.budget, self.pad)
+                res = passes.update(self.g, [[s] for s in chunk], step_fn, self.layout)
                 self.version += 1
                 if "old_logp" not in chunk[0].per_token:  # one pass: the update's own logprobs are the old ones
                     outs = res["outputs"] or None  # the last pipeline stage's; zeros elsewhere (never read there)
@@ -251,10 +251,10 @@ class Policy:
         self.version = int(state.get("version", 0))
 
 
-def model_logprobs(model, seqs: list, key: str, temperature: float, budget: int, pad: int) -> None:
+def model_logprobs(model, seqs: list, key: str, temperature: float, layout: MicroBatching) -> None:
     """Collective: ``per_token[key]`` of every sequence with ``model``'s logprobs (a TrainEngine or frozen
     chunks: G, the reference, an OPD teacher) at ``temperature``; real on the last pipeline stage."""
-    out, mbs = passes.forward(model, [[s] for s in seqs], logprob_step(temperature), budget, pad)
+    out, mbs = passes.forward(model, [[s] for s in seqs], logprob_step(temperature), layout)
     fill_per_token(mbs, None if out is None else [{key: o["logp"]} for o in out], key)
 
 

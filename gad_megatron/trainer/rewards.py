@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from gad_megatron.trainer import passes
-from gad_megatron.trainer.batching import Seq, fits
+from gad_megatron.trainer.batching import MicroBatching, Seq
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
 from gad_megatron.trainer.steps import BT_LOG_NAMES, bt_step, bt_surrogate_step, bt_terms, score_step
 
@@ -53,8 +53,7 @@ class RewardContext:
     cfg: object
     world: dict
     tokenizer: object
-    budget: int
-    pad: int
+    layout: MicroBatching  # micro-batches: token budget, pad multiple, padded or packed
     discriminator: object = None  # D's TrainEngine when the reward's class says ``uses_discriminator``
     load_frozen: object = None  # path -> frozen model chunks of a GPT on G's parallel state
     schedule: object = None  # build.Schedule: the run's steps (warmup, total)
@@ -147,10 +146,10 @@ class DiscriminatorReward(Reward):
 
     @classmethod
     def build(cls, ctx: RewardContext) -> "DiscriminatorReward":
-        return cls(ctx.discriminator, ctx.cfg.rollout.n, ctx.budget, ctx.pad, ctx.cfg, ctx.world, ctx.tokenizer)
+        return cls(ctx.discriminator, ctx.cfg.rollout.n, ctx.layout, ctx.cfg, ctx.world, ctx.tokenizer)
 
-    def __init__(self, engine, group_size: int, budget: int, pad: int, cfg, world: dict, tokenizer=None):
-        self.d, self.n, self.budget, self.pad = engine, group_size, budget, pad
+    def __init__(self, engine, group_size: int, layout: MicroBatching, cfg, world: dict, tokenizer=None):
+        self.d, self.n, self.layout = engine, group_size, layout
         rc = cfg.reward
         self.every = rc.d_update_every
         self.band = list(rc.d_acc_band) if rc.d_acc_band is not None else None
@@ -209,14 +208,14 @@ class DiscriminatorReward(Reward):
     def _scores(self, units: list):
         """D's score of every sequence of ``units`` in their order (fp32; last pipeline stage, None elsewhere).
         Groups over the budget are scored sequence by sequence: scoring needs no group together."""
-        if not fits(units, self.budget, self.pad):
+        if not self.layout.fits(units):
             units = [[s] for u in units for s in u]
-        out, _ = passes.forward(self.d, units, score_step, self.budget, self.pad)
+        out, _ = passes.forward(self.d, units, score_step, self.layout)
         return torch.cat([o["scores"].float() for o in out]) if out is not None else None
 
     def _step(self, units: list) -> dict:
-        if fits(units, self.budget, self.pad):
-            res = passes.update(self.d, units, bt_step(self.n), self.budget, self.pad)
+        if self.layout.fits(units):
+            res = passes.update(self.d, units, bt_step(self.n), self.layout)
             pairs = sum_outputs(res["outputs"])
         else:
             res, pairs = self._split_step(units)
@@ -247,7 +246,7 @@ class DiscriminatorReward(Reward):
             total.backward()
             for s, g in zip(seqs, scores.grad.tolist()):
                 s.score_grad = g
-        return passes.update(self.d, [[s] for s in seqs], bt_surrogate_step, self.budget, self.pad), pairs
+        return passes.update(self.d, [[s] for s in seqs], bt_surrogate_step, self.layout), pairs
 
     def _global_groups(self, batch) -> list:
         from gad_megatron.data.chat import d_view

@@ -53,12 +53,27 @@ def logprob_step(temperature: float):
     return step
 
 
+def batch_scores(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+    """D's ``[b]`` sequence scores of a micro-batch, padded or packed: the head's output at each sequence's last
+    token (``last_index``; a hand-made padded batch without it: its attention mask's last real token)."""
+    if "last_index" not in batch:
+        return sequence_scores(per_token, batch["attention_mask"].to(per_token.device))
+    return per_token.reshape(-1)[batch["last_index"].to(per_token.device)]
+
+
+def per_position(batch: dict, key: str, device) -> torch.Tensor:
+    """A per-sequence value ``[b]`` laid over the positions: ``[b, 1]`` broadcasting over padded rows, or
+    gathered by ``seq_index`` over a packed row."""
+    v = batch[key].to(device)
+    return v[batch["seq_index"].to(device)] if "seq_index" in batch else v.unsqueeze(1)
+
+
 def score_step(model, batch):
     """Forward only: the discriminator's sequence score of every row."""
     per_token = model_call(model, batch)
 
     def loss_func(per_token):
-        s = sequence_scores(per_token, batch["attention_mask"].to(per_token.device)).detach()
+        s = batch_scores(per_token, batch).detach()
         return s.sum() * 0.0, {"scores": s.float().cpu()}
 
     return per_token, loss_func
@@ -89,6 +104,8 @@ def bt_terms(scores: torch.Tensor, in_loss: torch.Tensor, length: torch.Tensor, 
 
 
 def _row_lengths(batch) -> torch.Tensor:
+    if "response_len" in batch:
+        return batch["response_len"]
     return (batch["loss_mask"] if "loss_mask" in batch else batch["attention_mask"]).sum(1)  # answer (or whole)
 
 
@@ -99,7 +116,7 @@ def bt_step(group_size: int):
         per_token = model_call(model, batch)
 
         def loss_func(per_token):
-            scores = sequence_scores(per_token, batch["attention_mask"].to(per_token.device)).float()
+            scores = batch_scores(per_token, batch).float()
             in_loss = batch.get("in_d_loss", torch.ones(scores.shape[0], dtype=torch.bool))  # a hand-made batch: all
             return bt_terms(scores, in_loss, _row_lengths(batch), group_size)
 
@@ -117,7 +134,7 @@ def bt_surrogate_step(model, batch):
     per_token = model_call(model, batch)
 
     def loss_func(per_token):
-        scores = sequence_scores(per_token, batch["attention_mask"].to(per_token.device)).float()
+        scores = batch_scores(per_token, batch).float()
         total = (scores * batch["score_grad"].to(scores.device)).sum()
         pairs = (~batch["is_teacher"] & batch["in_d_loss"]).sum()
         return total, pairs.to(torch.int), {}
@@ -163,7 +180,7 @@ def policy_step(temperature: float, algo):
             # One pass (no separate old-logprob forward): the old policy is this forward's, detached.
             old = batch["old_logp"].to(dev) if "old_logp" in batch else logp.detach()
             ref = batch["ref_logp"].to(dev)
-            adv = batch["advantages"].to(dev).unsqueeze(1)
+            adv = per_position(batch, "advantages", dev)
             if "token_adv" in batch:  # the reward's per-token channel (OPD): added at each sampled token
                 adv = adv + batch["token_adv"].to(dev)
             pg, clipped = ppo_clip_loss(logp, old, adv, algo.clip_ratio, algo.clip_ratio_high, algo.dual_clip)
@@ -181,11 +198,12 @@ def policy_step(temperature: float, algo):
             else:
                 with torch.no_grad():
                     entropy = vocab_parallel_entropy(logits, temperature)
-            total, n = aggregate(per_token, mask, algo.loss_agg_mode)
+            rows = batch["seq_index"].to(dev) if "seq_index" in batch else None
+            total, n = aggregate(per_token, mask, algo.loss_agg_mode, rows)
             tokens = mask.sum()
             logs = {
                 "g_loss": _pair(total, n),
-                "pg_loss": _pair(*aggregate(pg.detach(), mask, algo.loss_agg_mode)),
+                "pg_loss": _pair(*aggregate(pg.detach(), mask, algo.loss_agg_mode, rows)),
                 "kl": _pair((kl.detach() * mask).sum(), tokens),
                 "entropy": _pair((entropy * mask).sum(), tokens),
                 "pg_clipfrac": _pair((clipped * mask).sum(), tokens),

@@ -61,6 +61,7 @@ def vocab_parallel_check(t):
     seqs = [e.prompt + e.response for e in t.data.train[:4]]
     ours = token_logprobs(t.g.modules, seqs, temperature=0.8)
     width = max(len(s) for s in seqs)
+    width += -width % ps.get_tensor_model_parallel_world_size()  # sequence parallel splits the width over TP
     tokens = torch.zeros(len(seqs), width, dtype=torch.long)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s)
@@ -143,7 +144,7 @@ def mode_direction(cfg, out_prefix):
 
     def d_acc():
         b = t.policy.rollout(999, eval_prompts)
-        out, _ = passes.forward(t.reward.d, b.d_units, score_step, t.budget, t.pad)
+        out, _ = passes.forward(t.reward.d, b.d_units, score_step, t.layout)
         s = torch.cat([o["scores"] for o in out]).view(-1, cfg.rollout.n + 1)
         return (s[:, :1] > s[:, 1:]).double().mean().item()
 
