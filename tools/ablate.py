@@ -81,7 +81,8 @@ def commands(a, config: str, base: list) -> tuple:
                 + ([f"opd.teacher={os.path.abspath(a.opd_teacher)}"] if v in NEEDS_TEACHER else [])
             runs[(v, seed)] = train + base + a.overrides + extra + [
                 f"train.seed={seed}", f"train.warmup_steps={a.warmup_steps}",
-                f"train.total_steps={a.warmup_steps + a.steps}", f"checkpoint.save_every={a.warmup_steps + a.steps}",
+                f"train.total_steps={a.warmup_steps + a.steps}",
+                f"checkpoint.save_every={getattr(a, 'save_every', 0) or a.warmup_steps + a.steps}",
                 f"checkpoint.resume={w}/checkpoints", f"log.run_dir={os.path.join(a.out, v, f'seed{seed}')}",
                 "eval.after_warmup=false"]  # every variant starts where the warm start's evaluation was taken
     return warm, runs
@@ -376,6 +377,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--warmup-steps", type=int, default=120)
     p.add_argument("--steps", type=int, default=40, help="steps after the warm start, every variant")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="a variant also checkpoints every k steps, so a killed one continues from there "
+                        "(0: at its end only); resuming changes no number")
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
     a = p.parse_intermixed_args(argv)  # overrides may follow the options

@@ -9,7 +9,9 @@ VERDICTS=docs/oracle_search_smollm2/verdicts.txt
 mkdir -p "$OUT"
 touch "$VERDICTS"
 .venv/bin/gad-convert smollm2 >/dev/null  # the recipe's student, converted once (the YAML finds it)
-common=(--config examples/smollm2/gad.yaml --seeds 1 --timeout 36000 --warmup-steps 60 --steps 32)
+# --save-every 8 (added 2026-12-08, before setting 1's oracle run finished: sessions end hard, and a variant killed
+# without a checkpoint started over; a resumed run's numbers are the uninterrupted run's, tested)
+common=(--config examples/smollm2/gad.yaml --seeds 1 --timeout 36000 --warmup-steps 60 --steps 32 --save-every 8)
 over=(train.d_warmup_last=12 log.progress=false log.tensorboard=false checkpoint.export_hf_at_end=false
       eval.samples=4 gad_stage.g_schedule=constant)
 WARM="$OUT/setting1/warm_seed1"  # setting 1's run makes the warm start; the others link to it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -59,7 +60,12 @@ def optimizer_shard_numels(params: list, dp: int, distributed: bool, bucket_size
     there."""
     if not distributed:
         return [sum(n for _, n, _ in params)] * dp
-    _, buckets, index = grad_buffer_layout(params, dp, True, bucket_size)
+    return list(_distributed_shards(tuple(params), dp, bucket_size))
+
+
+@functools.lru_cache(maxsize=512)  # gad-plan --search asks for the same stage's shards thousands of times
+def _distributed_shards(params: tuple, dp: int, bucket_size) -> tuple:
+    _, buckets, index = grad_buffer_layout(list(params), dp, True, bucket_size)
     shards = [0] * dp
     for b0, b1 in buckets:
         size = (b1 - b0) // dp
@@ -67,7 +73,7 @@ def optimizer_shard_numels(params: list, dp: int, distributed: bool, bucket_size
         for r in range(dp):
             lo, hi = b0 + r * size, b0 + (r + 1) * size
             shards[r] += sum(max(0, min(hi, e) - max(lo, s)) for s, e in inside)
-    return shards
+    return tuple(shards)
 
 
 def optimizer_bytes(params: list, dtype: str, dp: int, distributed: bool, dp_rank=None, bucket_size=None) -> int:

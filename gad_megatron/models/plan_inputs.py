@@ -21,6 +21,23 @@ def planned_topology(world: int, rollout_tp: int):
 
 
 @dataclass(frozen=True)
+class CallCosts:
+    """The fixed part of each call, whatever its size (Python, megatron's schedule, the optimizer's bookkeeping,
+    an engine's scheduler and sampler): what a small model's step is made of. Measured by
+    ``benchmarks/overheads.py``; zero where not measured (the GPUs: none lent yet; at the sizes run there the
+    FLOP and byte terms dominate)."""
+
+    fwd_call_s: float = 0.0  # one micro-batch of a forward-only pass
+    train_call_s: float = 0.0  # one micro-batch of an update (forward + backward)
+    optim_step_s: float = 0.0  # one optimizer step beyond its micro-batches
+    decode_step_s: tuple = ()  # ((engine, seconds), ...): one decode step of a batch
+    sync_s: float = 0.0  # one weight sync into a separate engine, its probe included
+
+    def decode(self, engine: str) -> float:
+        return dict(self.decode_step_s).get(engine, 0.0)
+
+
+@dataclass(frozen=True)
 class GPU:
     name: str
     memory_gib: float
@@ -28,13 +45,22 @@ class GPU:
     hbm_tbs: float  # HBM bandwidth, TB/s
     intra_node_gbs: float  # NVLink per GPU, GB/s (one direction)
     inter_node_gbs: float  # network per GPU, GB/s
+    calls: CallCosts = CallCosts()
 
+
+# The CPU entry's call costs: benchmarks/overheads.py on this project's 2-core VM, 2026-12-08, at the demo's world
+# (2 ranks, gloo, a vLLM engine per rank: every call waits on the other rank and the engines share the 2 cores);
+# the megatron engine's decode step at 1 rank, as the recipe runs it. At 1 rank the figures are lower (3.4 / 7.4 /
+# 6.1 / 3.0 / 13.9 ms): the larger ones are kept (docs/performance.md). A decode step's cost per sequence in the
+# batch measured ~0 (<= 0.1 ms) at 8 vs 32 sequences, so it is not modelled.
+CPU_CALLS = CallCosts(fwd_call_s=0.0041, train_call_s=0.0132, optim_step_s=0.0200,
+                      decode_step_s=(("vllm", 0.0134), ("megatron", 0.0022)), sync_s=0.0498)
 
 GPUS = {
     "h100-80gb": GPU("h100-80gb", 80, 989, 3.35, 450, 50),
     "h200": GPU("h200", 141, 989, 4.8, 450, 50),
     "a100-80gb": GPU("a100-80gb", 80, 312, 2.0, 300, 25),
-    "cpu": GPU("cpu", 24, 0.2, 0.02, 5, 1),
+    "cpu": GPU("cpu", 24, 0.2, 0.02, 5, 1, CPU_CALLS),
 }
 
 

@@ -8,6 +8,22 @@ from gad_megatron.models.params import rank_params, total_params
 from gad_megatron.models.plan_inputs import DTYPE_BYTES, GPU, Assumptions, Layout, Workload, planned_topology
 
 # ---- time ------------------------------------------------------------------------------------------------------
+def call_costs(gpu: GPU, wl: Workload, dp: int, decode_steps: float, T: float, T_teacher: float) -> dict:
+    """The fixed cost of a step's calls (``GPU.calls``): each pass's micro-batches (on each DP rank), each
+    optimizer step, each decode step, the weight sync into a separate engine. ``g_sft``: the warmup's G update."""
+    c = gpu.calls
+    mbs = lambda tokens: max(1, math.ceil(tokens / (dp * wl.micro_batch_tokens)))  # noqa: E731
+    separate_engine = wl.rollout_engine != "megatron"  # the megatron engine samples with G's own weights
+    return {"g_old_logprobs": 0.0 if wl.one_pass else mbs(T) * c.fwd_call_s,
+            "reference": mbs(T) * c.fwd_call_s,
+            "d_scores": mbs(T + T_teacher) * c.fwd_call_s,
+            "d_update": mbs(T + T_teacher) * c.train_call_s + c.optim_step_s,
+            "g_update": mbs(T) * c.train_call_s + c.optim_step_s,
+            "g_sft": mbs(T_teacher) * c.train_call_s + c.optim_step_s,
+            "rollout": decode_steps * c.decode(wl.rollout_engine),
+            "weight_sync": c.sync_s if separate_engine else 0.0}
+
+
 def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assumptions) -> dict:
     P = total_params(arch)
     b = DTYPE_BYTES[wl.dtype]
@@ -69,13 +85,20 @@ def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assump
         from gad_megatron.models.memory import offloaded_bytes
 
         t["offload"] = 2 * offloaded_bytes(arch, lay, world, wl, gpu, asm) / (asm.pcie_gbs * 1e9)
+    fixed = call_costs(gpu, wl, dp, waves * steps, T, T_teacher)
+    for k, v in fixed.items():
+        t[k] = t.get(k, 0.0) + v
     gad_step = sum(t.values())
     # Warmup step: rollout (for D's student samples), D scores + update, G cross-entropy on teacher answers.
-    warm_step = (t["rollout"] + t["d_scores"] + t["d_update"] + 3 * fwd(T_teacher) / rate + t["dp_grad_reduce"]
-                 + t["weight_sync"] + t.get("offload", 0.0))
+    sft_calls = fixed["g_sft"]
+    t.pop("g_sft")
+    gad_step -= sft_calls
+    warm_step = (t["rollout"] + t["d_scores"] + t["d_update"] + 3 * fwd(T_teacher) / rate + sft_calls
+                 + t["dp_grad_reduce"] + t["weight_sync"] + t.get("offload", 0.0))
     total = wl.gad_steps * gad_step + wl.warmup_steps * warm_step
     if wl.stage == "seqkd":  # G's cross-entropy on the teacher answers, every step
-        sft = 3 * fwd(T_teacher) * recompute / rate * bubble + tp_comm(T_teacher, 3) + t["dp_grad_reduce"] / 2
+        sft = (3 * fwd(T_teacher) * recompute / rate * bubble + tp_comm(T_teacher, 3) + t["dp_grad_reduce"] / 2
+               + sft_calls)
         t = {"g_sft": sft}
         gad_step = warm_step = sft
         total = (wl.gad_steps + wl.warmup_steps) * sft

@@ -2,10 +2,11 @@
 (plain SeqKD, warmup steps that also roll out and train D, GAD steps), its evaluations, its checkpoint saves, the
 time of each part and the disk it takes; a run longer than ``train.max_run_hours`` is refused with the figures.
 
-Step times are the planner's (``models/steptime.py``, via ``step_estimate``); an evaluation is modelled as a
-rollout of the held-out prompts x (1 greedy + ``eval.samples``) answers plus the forwards that score them (G and
-the reference for the KL, D for its accuracy); a save writes a checkpoint at ``Assumptions.ckpt_write_gbs``. The
-start (processes, models, engines) is not counted."""
+Step times are the planner's (``models/steptime.py``, via ``step_estimate``): FLOPs and bytes, plus each call's
+fixed cost where the device entry has it measured (``plan_inputs.CallCosts``: on CPU a small model's step is
+mostly that). An evaluation is modelled as a greedy and a sampled rollout of the held-out prompts plus the
+forwards that score them (G's cross-entropy, G and the reference for the KL, D for its accuracy); a save writes a
+checkpoint at ``Assumptions.ckpt_write_gbs``. The start (processes, models, engines) is not counted."""
 
 from __future__ import annotations
 
@@ -72,9 +73,7 @@ def estimate_run(cfg, arch, train_examples: list, heldout: int, warm: int, total
     has_d = cfg.train.stage == "gad" and reward_class(cfg.reward.source).reads_answers  # a D is built and trained
     counts = count_steps(cfg, warm, total, has_d)
     seconds = {"SeqKD": sft, "warmup with D": gad["warmup_step_s"], "GAD": gad["gad_step_s"]}
-    ev = plan_time(arch, lay, world, replace(wl, stage="gad", batch_prompts=max(1, heldout), n=cfg.eval.samples + 1,
-                                             max_response_tokens=cfg.eval.max_tokens, one_pass=False), gpu, asm)["step_s"]
-    eval_s = ev["rollout"] + ev["g_old_logprobs"] + ev["reference"] + (ev["d_scores"] if has_d else 0.0)
+    eval_s = _eval_seconds(arch, lay, world, wl, gpu, asm, cfg.eval, max(1, heldout), has_d)
     ck = checkpoint_bytes(arch, cfg.model.dtype, has_d)
     c = cfg.checkpoint
     saves = total // c.save_every + int(total % c.save_every != 0)
@@ -86,6 +85,23 @@ def estimate_run(cfg, arch, train_examples: list, heldout: int, warm: int, total
         saves=saves + int(reference > 0), save_s=_save_seconds(ck, c.async_save, world, asm),
         disk_peak_gb=(disk_need_bytes(arch, cfg.model.dtype, c.keep_last, c.export_hf_at_end, has_d) + reference) / 1e9,
         written_gb=(saves * ck + reference + export) / 1e9)
+
+
+def _eval_seconds(arch, lay, world: int, wl, gpu, asm, ev_cfg, prompts: int, has_d: bool) -> float:
+    """One held-out evaluation (``trainer/heldout.evaluate``): G's cross-entropy on the teacher answers, a greedy
+    rollout, then ``eval.samples`` sampled answers a prompt, G's and the reference's logprobs of them (the KL) and
+    D's scores (its accuracy): two engine calls, each with its own decode steps."""
+    def part(n: int) -> dict:
+        w = replace(wl, stage="gad", batch_prompts=prompts, n=n, max_response_tokens=ev_cfg.max_tokens, one_pass=False)
+        return plan_time(arch, lay, world, w, gpu, asm)["step_s"]
+
+    greedy = part(1)
+    total = greedy["rollout"] + greedy["g_old_logprobs"]  # the cross-entropy forward: one answer a prompt
+    if ev_cfg.samples:
+        sampled = part(ev_cfg.samples)
+        total += sampled["rollout"] + sampled["g_old_logprobs"] + sampled["reference"]
+        total += sampled["d_scores"] if has_d else 0.0
+    return total
 
 
 def _save_seconds(ckpt_bytes: float, background: bool, world: int, asm) -> float:
