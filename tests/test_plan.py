@@ -97,3 +97,35 @@ def test_presets_are_the_published_sizes():
     sizes = {"qwen2.5-3b": 3.09e9, "qwen2.5-7b": 7.62e9, "llama-3.2-3b": 3.21e9, "llama-3.1-8b": 8.03e9}
     for name, n in sizes.items():
         assert abs(P.total_params(P.load_arch(name)) - n) / n < 0.005, name
+
+
+def test_each_calls_fixed_cost_is_counted_once_per_call():
+    """#31 item 3: the step time adds each call's fixed cost (plan_inputs.CallCosts): per micro-batch of each
+    forward and update pass (micro-batches of the token budget on each DP rank), per optimizer step, per decode
+    step of the rollout, per weight sync into a separate engine; none into the megatron engine."""
+    import dataclasses
+    import math
+
+    from gad_megatron.models.plan_inputs import CallCosts
+    from gad_megatron.models.steptime import plan_time
+
+    arch, cpu = P.load_arch("qwen2.5-3b"), P.GPUS["cpu"]
+    wl = P.Workload(batch_prompts=8, n=4, mean_prompt_tokens=40, mean_response_tokens=24, max_prompt_tokens=64,
+                    max_response_tokens=32, micro_batch_tokens=256)
+    lay, asm = P.Layout(), P.Assumptions()
+    calls = CallCosts(fwd_call_s=1.0, train_call_s=10.0, optim_step_s=100.0, decode_step_s=(("vllm", 1000.0),),
+                      sync_s=10000.0)
+    bare = plan_time(arch, lay, 2, wl, dataclasses.replace(cpu, calls=CallCosts()), asm)
+    got = plan_time(arch, lay, 2, wl, dataclasses.replace(cpu, calls=calls), asm)
+    extra = {k: round(got["step_s"][k] - bare["step_s"][k], 3) for k in bare["step_s"]}
+    T, Tt = 8 * 4 * 64, 8 * 64  # student and teacher tokens of a step
+    mbs = lambda tokens: math.ceil(tokens / (2 * 256))  # noqa: E731  (DP 2)
+    steps = min(32, 24 * asm.decode_tail)  # decode steps of one wave
+    assert extra == {"g_old_logprobs": 0.0, "reference": mbs(T) * 1.0, "d_scores": mbs(T + Tt) * 1.0,
+                     "d_update": mbs(T + Tt) * 10.0 + 100.0, "g_update": mbs(T) * 10.0 + 100.0,
+                     "rollout": steps * 1000.0, "dp_grad_reduce": 0.0, "weight_sync": 10000.0}, extra
+    # the warmup step: G's cross-entropy over the teacher answers instead of GRPO, D's passes, the rollout, the sync
+    assert round(got["warmup_step_s"] - bare["warmup_step_s"], 3) == round(
+        mbs(T + Tt) * 11.0 + 100.0 + mbs(Tt) * 10.0 + 100.0 + steps * 1000.0 + 10000.0, 3)
+    meg = plan_time(arch, lay, 2, dataclasses.replace(wl, rollout_engine="megatron"), dataclasses.replace(cpu, calls=calls), asm)
+    assert meg["step_s"]["weight_sync"] == bare["step_s"]["weight_sync"]  # G's own weights: nothing to sync
