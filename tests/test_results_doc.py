@@ -69,3 +69,23 @@ def test_smollm2_per_seed_rows_are_the_committed_runs_numbers():
                              f"{a['heldout_score_sampled'] - b['heldout_score_sampled']:+.3f}")
         row = f"| {seed} | {pair(w)} | {pair(s)} | {pair(g)} | {diff(g, s)} | {diff(g, w)} |"
         assert row in text, row
+
+
+def test_the_oracle_search_row_is_the_committed_runs_paired_change():
+    """#33 item 3: the search's row in docs/results.md (and its verdict line) is what gad_megatron.eval.paired
+    computes from the committed per-prompt scores of the warm start and setting 1's oracle run."""
+    from gad_megatron.eval.paired import change_between
+
+    runs = os.path.join(DOCS, "oracle_search_smollm2", "runs")
+    warm, oracle = os.path.join(runs, "warm_seed1"), os.path.join(runs, "setting1_oracle_seed1")
+    s = change_between(warm, "after", oracle, "after", "sampled")
+    g = change_between(warm, "after", oracle, "after", "greedy")
+    assert s.prompts == g.prompts == 240
+    row = (f"| 1 | 3e-6 | 4 x 4 | {s.before:.4f} -> {s.after:.4f} ({s.change:+.4f} +- {s.se:.4f}) | "
+           f"{g.before:.4f} -> {g.after:.4f} ({g.change:+.4f} +- {g.se:.4f}) | learns ({s.change / s.se:.1f} SE) |")
+    assert row in open(os.path.join(DOCS, "results.md")).read(), row
+    assert s.change > 2 * s.se  # the pre-registered criterion
+    verdicts = open(os.path.join(DOCS, "oracle_search_smollm2", "verdicts.txt")).read().splitlines()
+    assert verdicts[0].startswith("setting 1 lr 3e-6 prompts 4 n 4 (") and verdicts[0].endswith(
+        f"sampled {s.before:.4f} -> {s.after:.4f}, change {s.change:+.4f} +- {s.se:.4f} over 240 prompts; greedy "
+        f"{g.before:.4f} -> {g.after:.4f}, change {g.change:+.4f} +- {g.se:.4f} over 240 prompts: learns")
