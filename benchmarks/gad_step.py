@@ -69,9 +69,6 @@ def main():
     ap.add_argument("--engine", default="megatron", choices=("megatron", "vllm"))
     ap.add_argument("--batch", type=int, default=16)
     a = ap.parse_args()
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"), ("RANK", "0"), ("WORLD_SIZE", "1"),
-                 ("LOCAL_RANK", "0")):
-        os.environ.setdefault(k, v)
     import torch
 
     from gad_megatron.data import demo

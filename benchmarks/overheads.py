@@ -106,9 +106,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29541"), ("RANK", "0"), ("WORLD_SIZE", "1"),
-                 ("LOCAL_RANK", "0")):
-        os.environ.setdefault(k, v)
     from gad_megatron.runtime import destroy
 
     work = tempfile.mkdtemp(prefix="gad-overheads-")
@@ -119,11 +116,11 @@ def main():
     figures["sync_s"] = timed(lambda: t.policy.sync(1), a.reps)
     t.policy.shutdown()
     destroy()
-    world = int(os.environ["WORLD_SIZE"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; alone, runtime.initialize makes a world of one
     if world == 1:  # a second parallel state in one launch: single-rank only (the recipe that uses it runs one)
         t = build("megatron", work)
         figures["decode_step_s[megatron]"], figures["decode_seq_s[megatron]"] = decode_step(t, a.reps)
-    if int(os.environ["RANK"]) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"fixed costs on this machine (demo student, {world} rank(s), {a.reps} reps, medians):")
         for k, v in figures.items():
             print(f"  {k:<26} {v * 1000:8.1f} ms")

@@ -86,13 +86,11 @@ def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assump
 
         t["offload"] = 2 * offloaded_bytes(arch, lay, world, wl, gpu, asm) / (asm.pcie_gbs * 1e9)
     fixed = call_costs(gpu, wl, dp, waves * steps, T, T_teacher)
+    sft_calls = fixed.pop("g_sft")  # the warmup's G update: not a part of the GAD step
     for k, v in fixed.items():
         t[k] = t.get(k, 0.0) + v
     gad_step = sum(t.values())
     # Warmup step: rollout (for D's student samples), D scores + update, G cross-entropy on teacher answers.
-    sft_calls = fixed["g_sft"]
-    t.pop("g_sft")
-    gad_step -= sft_calls
     warm_step = (t["rollout"] + t["d_scores"] + t["d_update"] + 3 * fwd(T_teacher) / rate + sft_calls
                  + t["dp_grad_reduce"] + t["weight_sync"] + t.get("offload", 0.0))
     total = wl.gad_steps * gad_step + wl.warmup_steps * warm_step

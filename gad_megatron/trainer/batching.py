@@ -24,6 +24,7 @@ sits at position ``start + prompt_len - 1 + k``. Every collated micro-batch also
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -55,25 +56,31 @@ class Seq:
 def pack_units(units: list, budget: int, pad_multiple: int = 1, packed: bool = False) -> list:
     """Greedy, order-preserving packing of units (lists of Seq) into micro-batches (lists of units) whose cost
     (:func:`mb_tokens`) is <= budget. A unit larger than the budget goes alone (the config check guarantees a
-    single longest sequence fits)."""
-    out, cur = [], []
+    single longest sequence fits). The micro-batch being filled is kept as running totals (rows, longest,
+    summed length), so each unit costs its own length."""
+    out, cur, rows, longest, total = [], [], 0, 0, 0
     for unit in units:
-        if cur and mb_tokens(cur + [unit], pad_multiple, packed) > budget:
+        lengths = [len(s) for s in unit]
+        grown = (rows + len(lengths), max(longest, max(lengths)), total + sum(lengths))
+        if cur and _cost(*grown, pad_multiple, packed) > budget:
             out.append(cur)
-            cur = []
+            cur, grown = [], (len(lengths), max(lengths), sum(lengths))
         cur.append(unit)
+        rows, longest, total = grown
     if cur:
         out.append(cur)
     return out
+
+
+def _cost(rows: int, longest: int, total: int, pad_multiple: int, packed: bool) -> int:
+    return _round_up(total, pad_multiple) if packed else rows * _round_up(longest, pad_multiple)
 
 
 def mb_tokens(units: list, pad_multiple: int = 1, packed: bool = False) -> int:
     """Tokens a micro-batch of ``units`` occupies: rows x padded width, or (packed) the summed lengths rounded up
     to the pad multiple."""
     lengths = [len(s) for u in units for s in u]
-    if packed:
-        return _round_up(sum(lengths), pad_multiple)
-    return len(lengths) * _round_up(max(lengths), pad_multiple)
+    return _cost(len(lengths), max(lengths), sum(lengths), pad_multiple, packed)
 
 
 def fits(units: list, budget: int, pad_multiple: int = 1, packed: bool = False) -> bool:
@@ -123,7 +130,7 @@ def collate_packed(seqs: list, pad_multiple: int = 1, pad_id: int = 0) -> dict:
     parallel splits it over TP ranks); the tail's padding is a segment of its own in ``cu_seqlens`` (it attends
     to itself only and no loss reads it). ``position_ids`` restart at each sequence."""
     lengths = [len(s) for s in seqs]
-    starts = [sum(lengths[:i]) for i in range(len(seqs))]
+    starts = [0, *itertools.accumulate(lengths)][:-1]
     real = sum(lengths)
     total = _round_up(real, pad_multiple)
     tokens = torch.full((1, total), pad_id, dtype=torch.long)
