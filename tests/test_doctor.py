@@ -17,7 +17,7 @@ from gad_megatron.data import demo
 
 DOCTOR = [sys.executable, "-m", "gad_megatron.doctor.cli"]
 CHECKS = ["gpus", "driver", "fp8", "versions", "rendezvous", "model", "data", "shm", "ulimits", "cpu_affinity",
-          "allreduce", "shared_fs", "disk", "vllm"]
+          "allreduce", "shared_fs", "disk", "engine"]
 
 
 DEMO_DIR = tempfile.mkdtemp(prefix="gad_doctor_demo_")  # --demo makes its student there, not in the checkout
@@ -52,8 +52,8 @@ def test_doctor_on_cpu_runs_every_check_that_applies(student, tmp_path, nproc):
     assert list(got) == CHECKS, p.stdout
     for gpu_only in ("gpus", "driver", "fp8"):
         assert got[gpu_only] == ("SKIP", "-- skipped: no GPU")
-    assert got["vllm"][0] == "SKIP"  # --deep only
-    assert all(got[c][0] in ("PASS", "WARN") for c in CHECKS if c not in ("gpus", "driver", "fp8", "vllm"))
+    assert got["engine"][0] == "SKIP"  # --deep only
+    assert all(got[c][0] in ("PASS", "WARN") for c in CHECKS if c not in ("gpus", "driver", "fp8", "engine"))
     assert f"x {nproc} ranks, gloo/tcp" in got["allreduce"][1] and float(got["allreduce"][1].split()[0]) > 0
     assert "torch 2.13.0" in got["versions"][1] and "megatron-core 0.16.1" in got["versions"][1]
     assert "GB free, write" in got["disk"][1] and "/dev/shm" in got["shm"][1] and "CPU(s)" in got["cpu_affinity"][1]

@@ -11,7 +11,8 @@ from conftest import ROOT
 
 from gad_megatron.rollout.base import ENGINES, RolloutEngine, engine_choices, engine_class
 from gad_megatron.rollout.reforward_engine import ReforwardEngine
-from gad_megatron.trainer.rewards import REWARDS, Reward, reward_class, reward_choices
+from gad_megatron.trainer.reward_registry import REWARDS, reward_class, reward_choices
+from gad_megatron.trainer.rewards import Reward
 
 CONTRACT = {"generate", "update_weights", "score", "sleep", "wake_up", "shutdown", "collective", "live_weights"}
 
@@ -63,11 +64,15 @@ def test_config_choices_come_from_the_registries():
     from gad_megatron.trainer.config import _CHOICES
 
     assert _CHOICES["rollout.engine"] == engine_choices() == ("auto",) + tuple(ENGINES)
-    assert _CHOICES["reward.source"] == reward_choices() == tuple(REWARDS)
+    assert reward_choices() == tuple(REWARDS)
     for source in REWARDS:
         assert issubclass(reward_class(source), Reward)
     with pytest.raises(ValueError, match="use one of"):
         engine_class("sglang")
+    with pytest.raises(ValueError, match="use one of discriminator, scorer"):
+        reward_class("critic")
+    with pytest.raises(ValueError, match="not a subclass of"):
+        reward_class("gad_megatron.trainer.rewards:Scores")
 
 
 def test_engines_are_built_one_way():

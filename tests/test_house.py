@@ -227,3 +227,57 @@ def test_vllm_eager_default_follows_the_device():
     assert cfg.rollout.enforce_eager is None  # decided by the engine: eager on CPU, CUDA graphs on GPU
     cfg = load_config(base={"model": {"student": "x"}, "data": {"train": "y"}}, overrides=["rollout.enforce_eager=true"])
     assert cfg.rollout.enforce_eager is True
+
+
+# ---- #34: each reward and engine is named only by its registry and its own module ------------------------------
+# Calls whose string argument is a Python package or logger, not a registry entry ("vllm" the package).
+PACKAGE_NAME_CALLS = {"getLogger", "find_spec", "import_module", "version", "_version", "requires"}
+
+
+def spelled_names(src: str, names: set) -> list:
+    """(line, name) of every string literal in ``src`` equal to one of ``names``, except a package's name given to
+    a call of PACKAGE_NAME_CALLS."""
+    tree = ast.parse(src)
+    exempt = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if fn in PACKAGE_NAME_CALLS:
+                exempt.update(id(a) for a in node.args)
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+            and id(node) not in exempt]
+
+
+def registry_homes() -> dict:
+    """{name: files allowed to spell it}: its registry and the module of its class (D's role name: models/roles)."""
+    from gad_megatron.models.roles import D_ROLE
+    from gad_megatron.rollout.base import ENGINES
+    from gad_megatron.trainer.reward_registry import REWARDS
+
+    def path(module):
+        return os.path.join(*module.split(".")) + ".py"
+
+    homes = {}
+    for registry, entries in ((path("gad_megatron.trainer.reward_registry"), REWARDS), (path("gad_megatron.rollout.base"), ENGINES)):
+        for name, target in entries.items():
+            homes.setdefault(name, {registry}).add(path(target.split(":")[0]))
+    homes.setdefault(D_ROLE, set()).add(path("gad_megatron.models.roles"))
+    return homes
+
+
+def test_no_reward_or_engine_name_is_spelled_outside_its_module():
+    """A new reward or engine touches one file: nothing else branches on, defaults to or lists a registry name;
+    the trainer, planner, gad-eval and gad-doctor ask the registered class."""
+    homes = registry_homes()
+    assert {"discriminator", "opd", "gad+opd", "vllm", "megatron"} <= set(homes)
+    found = []
+    for p, src in _sources(PKG):
+        rel = os.path.relpath(p, ROOT)
+        found += [f"{rel}:{line}: {name!r}" for line, name in spelled_names(src, set(homes)) if rel not in homes[name]]
+    assert not found, "registry names spelled outside their modules:\n" + "\n".join(found)
+
+
+def test_the_name_scan_finds_a_spelled_name():
+    src = 'import logging\nlogging.getLogger("vllm")\nif cfg.reward.source in ("opd", "x"):\n    engine = "megatron"\n'
+    assert sorted(spelled_names(src, {"opd", "megatron", "vllm"})) == [(3, "opd"), (4, "megatron")]

@@ -158,7 +158,7 @@ def test_planner_counts_the_kv_cache_the_engine_allocates(layouts, hf_models):
     per_token = 2 * arch.num_layers * arch.num_query_groups * arch.kv_channels * 4  # fp32
     assert mem["kv_cache_bytes"] == rows * width * per_token
     wl = Workload(batch_prompts=len(PROMPTS), n=32, max_prompt_tokens=11, max_response_tokens=24, dtype="fp32",
-                  rollout_engine="megatron", max_batch_tokens=rows * width)
+                  engine_live_weights=True, max_batch_tokens=rows * width)
     plan = plan_memory(arch, Layout(tp=1, pp=1), 1, wl, GPUS["cpu"], Assumptions())
     assert plan.megatron_kv == mem["kv_cache_bytes"] and plan.vllm_weights == 0 and plan.vllm_kv == 0
     assert plan.rollout_phase - plan.megatron_kv < plan.train_phase  # freed before training: not in its phase

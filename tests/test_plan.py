@@ -113,7 +113,7 @@ def test_each_calls_fixed_cost_is_counted_once_per_call():
     wl = P.Workload(batch_prompts=8, n=4, mean_prompt_tokens=40, mean_response_tokens=24, max_prompt_tokens=64,
                     max_response_tokens=32, micro_batch_tokens=256)
     lay, asm = P.Layout(), P.Assumptions()
-    calls = CallCosts(fwd_call_s=1.0, train_call_s=10.0, optim_step_s=100.0, decode_step_s=(("vllm", 1000.0),),
+    calls = CallCosts(fwd_call_s=1.0, train_call_s=10.0, optim_step_s=100.0, decode_step_s=1000.0,
                       sync_s=10000.0)
     bare = plan_time(arch, lay, 2, wl, dataclasses.replace(cpu, calls=CallCosts()), asm)
     got = plan_time(arch, lay, 2, wl, dataclasses.replace(cpu, calls=calls), asm)
@@ -127,5 +127,5 @@ def test_each_calls_fixed_cost_is_counted_once_per_call():
     # the warmup step: G's cross-entropy over the teacher answers instead of GRPO, D's passes, the rollout, the sync
     assert round(got["warmup_step_s"] - bare["warmup_step_s"], 3) == round(
         mbs(T + Tt) * 11.0 + 100.0 + mbs(Tt) * 10.0 + 100.0 + steps * 1000.0 + 10000.0, 3)
-    meg = plan_time(arch, lay, 2, dataclasses.replace(wl, rollout_engine="megatron"), dataclasses.replace(cpu, calls=calls), asm)
-    assert meg["step_s"]["weight_sync"] == bare["step_s"]["weight_sync"]  # G's own weights: nothing to sync
+    meg = plan_time(arch, lay, 2, dataclasses.replace(wl, engine_live_weights=True), dataclasses.replace(cpu, calls=calls), asm)
+    assert meg["step_s"]["weight_sync"] == 0.0  # G's own weights: nothing to sync, no call, no copy

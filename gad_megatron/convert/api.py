@@ -28,8 +28,9 @@ from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
 from gad_megatron.models.gpt import ModelOptions, build_gpt_chunks
 from gad_megatron.models.hf_config import arch_spec_from_dir, arch_spec_from_hf, load_hf_config
 from gad_megatron.models.storage import HF_DTYPE
+from gad_megatron.models.roles import D_ROLE
 
-ROLES = ("student", "discriminator")
+ROLES = ("student", D_ROLE)
 _HF_DTYPES = {hf: ours for ours, hf in HF_DTYPE.items()}
 
 
@@ -43,7 +44,7 @@ def hf_dtype(cfg: dict) -> str:
 def build_role_chunks(arch, role: str, opts: Optional[ModelOptions] = None, head_init: str = "normal"):
     if role == "student":
         return build_gpt_chunks(arch, opts)
-    if role == "discriminator":
+    if role == D_ROLE:
         from gad_megatron.models.discriminator import build_discriminator_chunks
 
         return build_discriminator_chunks(arch, opts, head_init=head_init)
@@ -71,7 +72,7 @@ def hf_to_mcore(hf_dir: str, out: str, role: str = "student", overwrite: bool = 
     with torch.device("meta"):
         chunks = build_role_chunks(arch, role, opts, head_init=head_init)
     fresh = {}
-    if role == "discriminator" and not src.has_head():  # a discriminator from a causal LM: a new scalar head
+    if role == D_ROLE and not src.has_head():  # a discriminator from a causal LM: a new scalar head
         fresh["output_layer.weight"] = new_head(arch, head_init)
     maker = ChunkMaker(src, fresh)
     meta = {"role": role, "model_type": arch.model_type, "source": os.path.abspath(hf_dir), "dtype": opts.dtype}
@@ -95,7 +96,7 @@ def load_from_checkpoint(ckpt: str, opts: Optional[ModelOptions] = None, role: O
     meta = read_meta(ckpt)
     arch = arch_spec_from_dir(hf_config_dir(ckpt))
     role = role or meta["role"]
-    if role != meta["role"] and not (meta["role"] == "student" and role == "discriminator"):
+    if role != meta["role"] and not (meta["role"] == "student" and role == D_ROLE):
         raise ValueError(f"{ckpt}: a {meta['role']} checkpoint cannot be loaded as a {role}")
     # transformer_impl auto: the TE spec on GPU when installed (the checkpoint keys are the same).
     opts = opts or ModelOptions(dtype=meta.get("dtype", "fp32"), perform_initialization=False)
@@ -109,6 +110,11 @@ def is_checkpoint(path: str) -> bool:
     from gad_megatron.convert.megatron_ckpt import TRACKER
 
     return os.path.isfile(os.path.join(path, TRACKER))
+
+
+def model_hf_dir(path: str) -> str:
+    """The HF folder of a model path: the folder itself, or a gad-convert checkpoint's config / tokenizer folder."""
+    return hf_config_dir(path) if is_checkpoint(path) else path
 
 
 def config_dir(path: str) -> str:
@@ -146,7 +152,7 @@ def load_model(path: str, role: str = "student", opts: Optional[ModelOptions] = 
 def export_hf_config(arch, role: str) -> dict:
     mapping = mapping_for(arch.model_type)
     cfg = dict(arch.hf_config)
-    if role == "discriminator":
+    if role == D_ROLE:
         cfg.update(
             architectures=[mapping.seq_cls_class],
             num_labels=1,
@@ -258,7 +264,7 @@ def reference_model(hf_dir: str, role: str):
     """The HF transformers model a converted checkpoint must agree with (eager attention, fp32)."""
     import transformers
 
-    auto = transformers.AutoModelForSequenceClassification if role == "discriminator" else transformers.AutoModelForCausalLM
+    auto = transformers.AutoModelForSequenceClassification if role == D_ROLE else transformers.AutoModelForCausalLM
     return auto.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
@@ -278,16 +284,16 @@ def verify(hf_dir: str, ckpt: str, batch: int = 2, seq_len: int = 32, seed: int 
     tokens = torch.randint(0, arch.vocab_size, (batch, seq_len), generator=g)
     role = meta["role"]
     pad = arch.hf_config.get("pad_token_id")
-    if role == "discriminator" and pad is not None:
+    if role == D_ROLE and pad is not None:
         # HF sequence classifiers score the last token that is not pad_token_id: keep pad out of the input.
         tokens[tokens == pad] = (pad + 1) % arch.vocab_size
     mb = {"tokens": tokens, "attention_mask": torch.ones_like(tokens)}
-    ours = (discriminator_scores if role == "discriminator" else full_logits)(chunks, [mb])
+    ours = (discriminator_scores if role == D_ROLE else full_logits)(chunks, [mb])
     if ours is None or ps.get_tensor_model_parallel_rank() != 0:
         return None
     ref_model = reference_model(hf_dir, role)
     with torch.no_grad():
         ref = ref_model(tokens).logits
-    ref = ref[:, 0] if role == "discriminator" else ref
+    ref = ref[:, 0] if role == D_ROLE else ref
     diff = (ours[0].float().cpu() - ref.float()).abs()
     return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "role": role, "shape": list(ref.shape)}

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from gad_megatron.models.roles import D_ROLE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True)
     a.add_argument("--tp", type=int, default=1)
     a.add_argument("--pp", type=int, default=1)
-    a.add_argument("--role", choices=("student", "discriminator"), default="student")
+    a.add_argument("--role", choices=("student", D_ROLE), default="student")
     a.add_argument("--head-init", choices=("normal", "zero"), default="normal",
                    help="discriminator head init when the HF model has no score.weight")
     a.add_argument("--overwrite", action="store_true")

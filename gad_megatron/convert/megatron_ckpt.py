@@ -20,6 +20,7 @@ import shutil
 from typing import Optional
 
 import torch
+from gad_megatron.models.roles import D_ROLE
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "gad_meta.json"
@@ -54,7 +55,7 @@ def read_meta(ckpt: str) -> dict:
     from gad_megatron.runtime.outputs import read_json
 
     meta = read_json(path)
-    if not isinstance(meta, dict) or meta.get("role") not in ("student", "discriminator"):
+    if not isinstance(meta, dict) or meta.get("role") not in ("student", D_ROLE):
         raise ValueError(f"{path}: expected an object with \"role\": \"student\" or \"discriminator\"")
     return meta
 

@@ -14,6 +14,7 @@ import torch
 
 from gad_megatron.convert.hf_io import SafetensorsReader
 from gad_megatron.models.mapping import LAYER_PREFIX, ArchMapping, expected_hf_tensors, mcore_row_sources
+from gad_megatron.models.roles import D_ROLE
 
 
 @dataclass
@@ -118,9 +119,9 @@ class HFWeightSource:
         expected = expected_hf_tensors(self.mapping, self.arch, self.role)
         optional = []
         # Tied exporters may still write lm_head; a discriminator drops the LM head for its scalar head.
-        if self.arch.tie_word_embeddings or self.role == "discriminator":
+        if self.arch.tie_word_embeddings or self.role == D_ROLE:
             optional.append("lm_head.weight")
-        if self.role == "discriminator" and not self.has_head():
+        if self.role == D_ROLE and not self.has_head():
             expected.pop("score.weight", None)  # a causal-LM checkpoint: the head starts fresh
         self.reader.validate(expected, self.mapping.ignore_suffixes, optional)
 
@@ -141,5 +142,5 @@ class HFWeightSource:
 def load_hf_into_model(chunks, source: HFWeightSource) -> int:
     """Fills the model from HF weights; a discriminator built from a causal LM keeps its freshly
     initialised head (there is no ``score.weight`` to read)."""
-    fresh_head = source.role == "discriminator" and not source.has_head()
+    fresh_head = source.role == D_ROLE and not source.has_head()
     return fill_model(chunks, source, skip_keys={"output_layer.weight"} if fresh_head else ())

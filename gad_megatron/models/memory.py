@@ -9,6 +9,7 @@ from typing import Optional
 
 from gad_megatron.models.params import param_list, total_params
 from gad_megatron.models.plan_inputs import DTYPE_BYTES, GIB, GPU, Assumptions, Layout, Workload, planned_topology
+from gad_megatron.models.roles import D_ROLE
 
 # ---- memory ----------------------------------------------------------------------------------------------------
 def kv_bytes_per_token(num_layers: int, num_query_groups: int, kv_channels: int, dtype_bytes: int, tp: int = 1,
@@ -95,7 +96,7 @@ def grad_bytes(params: list, dp: int, distributed: bool, bucket_size=None, own_b
 
 def fp32_params(role: str, dtype: str) -> tuple:
     """Parameters kept in fp32 whatever the model dtype: the discriminator's scalar head (models/discriminator)."""
-    return ("output_layer.weight",) if role == "discriminator" and dtype != "fp32" else ()
+    return ("output_layer.weight",) if role == D_ROLE and dtype != "fp32" else ()
 
 
 def activation_bytes_per_token_layer(arch, lay: Layout, dtype: str, seq_len: int, flash: bool,
@@ -156,7 +157,7 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
 
     def stage_state(stage: int):  # (weights, grads, optimizer, reference) bytes of one rank of this stage
         bucket = ddp_bucket_size(gpu.name != "cpu", dp, stage)
-        roles = ["student"] + (["discriminator"] if wl.stage != "seqkd" else [])
+        roles = ["student"] + ([D_ROLE] if wl.stage != "seqkd" and wl.discriminator else [])
         lists = [param_list(arch, lay.tp, lay.pp, stage, r) for r in roles]
         n = [sum(x for _, x, _ in pl) for pl in lists]
         return (sum(n) * b, sum(grad_bytes(pl, dp, do, bucket, fp32_params(r, wl.dtype)) for pl, r in zip(lists, roles)),
@@ -187,7 +188,7 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
     resident = weights + grads + optim + reference + overhead
     vllm = vllm_w + vllm_kv + (asm.vllm_overhead_gib * GIB if wl.stage == "gad" else 0)
     megatron_kv = 0.0
-    if wl.rollout_engine == "megatron" and wl.stage == "gad":
+    if wl.engine_live_weights and wl.stage == "gad":
         # No second copy of the weights; the cache holds a batch's samples x (longest prompt + max tokens) for
         # this rank's layers and query groups, and is freed before G and D train.
         rows_tokens = min(wl.max_batch_tokens, samples * engines // (dp or 1) * seq)
@@ -197,7 +198,7 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
         vllm = megatron_kv
         lay = replace(lay, sleep=True, colocated=True)
     share = vllm
-    if wl.rollout_engine != "megatron" and wl.stage == "gad" and gpu.name != "cpu":
+    if not wl.engine_live_weights and wl.stage == "gad" and gpu.name != "cpu":
         share = (vllm_w + wl.kv_cache_gb * GIB + asm.vllm_overhead_gib * GIB if wl.kv_cache_gb is not None
                  else max(vllm, wl.gpu_memory_utilization * gpu.memory_gib * GIB))
     if lay.colocated:
@@ -208,7 +209,7 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
         rollout_phase = share  # on the engine's own GPUs
     if lay.colocated:  # what rollout.offload moves to the host for the rollout phase
         away = (grads * ("grads" in lay.offload) + optim * ("optimizer" in lay.offload)
-                + weights * ("params" in lay.offload and wl.rollout_engine != "megatron"))
+                + weights * ("params" in lay.offload and not wl.engine_live_weights))
         rollout_phase -= away
     mp = MemoryPlan(weights, grads, optim, acts, logits, reference, vllm_w, vllm_kv, overhead, megatron_kv,
                     vllm_share=share, resident_rollout=rollout_phase - share if lay.colocated else 0.0)
@@ -236,4 +237,4 @@ def offloaded_bytes(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: 
     """Bytes ``rollout.offload`` moves to the host (and back) each rollout, per GPU."""
     mp = plan_memory(arch, lay, world, wl, gpu, asm)
     return (mp.grads * ("grads" in lay.offload) + mp.optimizer * ("optimizer" in lay.offload)
-            + mp.weights * ("params" in lay.offload and wl.rollout_engine != "megatron"))
+            + mp.weights * ("params" in lay.offload and not wl.engine_live_weights))

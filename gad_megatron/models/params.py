@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gad_megatron.models.roles import D_ROLE
 # ---- parameters, exactly as megatron shards them --------------------------------------------------------------
 def param_list(arch, tp: int, pp: int, stage: int, role: str = "student") -> list:
     """(name, numel, shared_embedding) of one rank of pipeline ``stage`` (any TP rank: the splits are even), in
@@ -12,7 +13,7 @@ def param_list(arch, tp: int, pp: int, stage: int, role: str = "student") -> lis
     projection."""
     h, f, q, kv = arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads * arch.kv_channels, \
         arch.num_query_groups * arch.kv_channels
-    student = role != "discriminator"
+    student = role != D_ROLE
     tied_copy = student and arch.tie_word_embeddings and pp > 1
     out = []
     if stage == 0:

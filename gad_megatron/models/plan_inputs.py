@@ -30,11 +30,12 @@ class CallCosts:
     fwd_call_s: float = 0.0  # one micro-batch of a forward-only pass
     train_call_s: float = 0.0  # one micro-batch of an update (forward + backward)
     optim_step_s: float = 0.0  # one optimizer step beyond its micro-batches
-    decode_step_s: tuple = ()  # ((engine, seconds), ...): one decode step of a batch
+    decode_step_s: float = 0.0  # one decode step of a batch in an engine with its own copy of the weights (vLLM)
+    live_decode_step_s: float = 0.0  # ... in an engine that samples with the trainer's live weights (megatron's)
     sync_s: float = 0.0  # one weight sync into a separate engine, its probe included
 
-    def decode(self, engine: str) -> float:
-        return dict(self.decode_step_s).get(engine, 0.0)
+    def decode(self, live_weights: bool) -> float:
+        return self.live_decode_step_s if live_weights else self.decode_step_s
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class GPU:
 # 6.1 / 3.0 / 13.9 ms): the larger ones are kept (docs/performance.md). A decode step's cost per sequence in the
 # batch measured ~0 (<= 0.1 ms) at 8 vs 32 sequences, so it is not modelled.
 CPU_CALLS = CallCosts(fwd_call_s=0.0041, train_call_s=0.0132, optim_step_s=0.0200,
-                      decode_step_s=(("vllm", 0.0134), ("megatron", 0.0022)), sync_s=0.0498)
+                      decode_step_s=0.0134, live_decode_step_s=0.0022, sync_s=0.0498)
 
 GPUS = {
     "h100-80gb": GPU("h100-80gb", 80, 989, 3.35, 450, 50),
@@ -103,9 +104,10 @@ class Workload:
     gad_steps: int = 1600  # paper: ~2,400 steps over 3 epochs, the first epoch (~800) warmup
     warmup_steps: int = 800
     stage: str = "gad"  # gad | seqkd (the baseline trains G alone: no D, no reference, no rollout engine)
-    # vllm: a second copy of the weights + paged KV; megatron: G's own weights + a KV cache allocated per rollout
-    # batch of at most max_batch_tokens tokens and freed before training (rollout/megatron_engine.py)
-    rollout_engine: str = "vllm"
+    # The rollout engine's kind (its class's ``live_weights``): False, a second copy of the weights + paged KV
+    # (vLLM); True, G's own weights + a KV cache allocated per rollout batch of at most max_batch_tokens tokens
+    # and freed before training (rollout/megatron_engine.py): no copy, no weight sync.
+    engine_live_weights: bool = False
     max_batch_tokens: int = 131072
     keep_last: int = 3  # checkpoints kept (checkpoint.keep_last): the run directory's disk need
     # vLLM's memory budget (rollout.gpu_memory_utilization; rollout.kv_cache_gb instead when set): a colocated
@@ -113,6 +115,11 @@ class Workload:
     gpu_memory_utilization: float = 0.7
     kv_cache_gb: Optional[float] = None
     one_pass: bool = True  # G's old logprobs come from its update's forward (algo.one_pass, on-policy)
+    # What the reward adds (its class's ``planned_models``): a D trained beside G (GAD's), and a local frozen
+    # teacher (OPD's) of teacher_params parameters on G's parallel state, in host memory between uses when offloaded.
+    discriminator: bool = True
+    teacher_params: int = 0
+    teacher_offloaded: bool = False
     export_hf: bool = True  # checkpoint.export_hf_at_end
 
 

@@ -5,6 +5,7 @@ free space than that (before any model is built)."""
 from __future__ import annotations
 
 from gad_megatron.models.params import total_params
+from gad_megatron.models.roles import D_ROLE
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # our dtype names -> HF / torch / vLLM names
@@ -19,7 +20,7 @@ def bytes_per_param(dtype: str) -> int:
 def checkpoint_bytes(arch, dtype: str, with_discriminator: bool = True) -> int:
     """One checkpoint of the run: G (and D, in a GAD run) with their optimizer state. The reference is the
     starting student, read again on resume, never written."""
-    params = total_params(arch, "student") + (total_params(arch, "discriminator") if with_discriminator else 0)
+    params = total_params(arch, "student") + (total_params(arch, D_ROLE) if with_discriminator else 0)
     return params * bytes_per_param(dtype)
 
 

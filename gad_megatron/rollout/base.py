@@ -55,6 +55,12 @@ class RolloutEngine(ABC):
 
     collective: bool = False
     live_weights: bool = False
+    distributions: tuple = ()  # the packages it runs on (gad-doctor reports their versions)
+
+    @classmethod
+    def unavailable_reason(cls):
+        """None when the engine can run here; otherwise why not (``auto`` skips it, tests skip on it)."""
+        return None
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list:

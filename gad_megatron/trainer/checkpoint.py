@@ -25,13 +25,14 @@ from typing import Optional
 
 import torch
 
+from gad_megatron.models.roles import D_ROLE
 from gad_megatron.convert.megatron_ckpt import META, TRACKER, copy_hf_side_files, hf_config_dir, iter_dir, own_writer_queue
 from gad_megatron.runtime import on_cuda
 from gad_megatron.trainer.disk import bytes_under
 
 log = logging.getLogger("gad_megatron.checkpoint")
 LATEST = "latest"
-ROLES = ("student", "discriminator")
+ROLES = ("student", D_ROLE)
 # The distributed optimizer's default sharding cannot be re-read (see docs/platform.md); this one reshards.
 DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 

@@ -19,10 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gad_megatron.algo.policy import ADV_STD_MODES, LOSS_AGG_MODES
 from gad_megatron.rollout.base import engine_choices
+from gad_megatron.rollout.factory import possible_engines
 from gad_megatron.convert.smollm2 import recipe_student
 from gad_megatron.trainer.config_rules import (launch_world, validate_algo, validate_inputs_outside_outputs,
                                                validate_offload)
-from gad_megatron.trainer.rewards import reward_choices
+from gad_megatron.trainer.reward_registry import DEFAULT_REWARD
 from gad_megatron.rollout.transport import transport_choices
 
 
@@ -257,7 +258,7 @@ class RewardSection:
     # Where GRPO's rewards come from (trainer/rewards.py): discriminator (GAD's D, trained by BT) | scorer (a
     # fixed module:function(messages, response_text) -> float: a rule, an oracle, a reward model's client; no
     # D is built) | mixed (weight_discriminator x D + weight_scorer x scorer, both logged).
-    source: str = "discriminator"
+    source: str = DEFAULT_REWARD  # or a Reward subclass of your own: package.module:Class | path/to/file.py:Class
     scorer: Optional[str] = None
     weight_discriminator: float = 1.0
     weight_scorer: float = 1.0
@@ -329,7 +330,6 @@ _CHOICES = {
     "algo.loss_agg_mode": LOSS_AGG_MODES,
     "algo.adv_std": ADV_STD_MODES,
     "train.stage": ("gad", "seqkd"),
-    "reward.source": reward_choices(),
     "gad_stage.g_schedule": (None, "constant", "cosine"),
 }
 
@@ -457,7 +457,7 @@ def validate(cfg) -> None:
             if (_get(cfg, key) or 0) > 0 and _get(cfg, key) % (world // mp * cfg.algo.ppo_mini_batches):
                 bad(key, f"must be divisible by data-parallel size {world // mp} x algo.ppo_mini_batches")
     validate_offload(cfg, bad)
-    if cfg.rollout.in_process and world > 1 and cfg.rollout.engine != "megatron":
+    if cfg.rollout.in_process and world > 1 and not all(e.live_weights for e in possible_engines(cfg.rollout.engine)):
         bad("rollout.in_process", f"only for a single-rank run (world size here: {world})")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))

@@ -7,9 +7,10 @@ import os
 
 from omegaconf import OmegaConf
 
+from gad_megatron.rollout.base import ENGINES, engine_class
 from gad_megatron.trainer.drift import DATA_KEYS
 from gad_megatron.trainer.opd import validate_opd_section
-from gad_megatron.trainer.rewards import reward_choices, reward_class
+from gad_megatron.trainer.reward_registry import reward_class
 
 
 def _get(cfg, dotted: str):
@@ -25,8 +26,12 @@ def _is_number(text: str) -> bool:
 
 def validate_algo(cfg, bad) -> None:
     """The reward, GRPO, GAD-stage and checkpoint rules; ``bad(key, why)`` records a problem."""
-    if cfg.reward.source in reward_choices():  # (an unknown one is refused with the choices)
-        reward_class(cfg.reward.source).validate(cfg, bad)  # each reward owns its rules
+    try:
+        source = reward_class(cfg.reward.source)
+    except ValueError as e:  # an unknown name (the choices are named) or a class of the user's that does not load
+        bad("reward.source", str(e))
+    else:
+        source.validate(cfg, bad)  # each reward owns its rules
     validate_opd_section(cfg, bad)
     if cfg.algo.truncated_reward not in ("min", "score") and not _is_number(cfg.algo.truncated_reward):
         bad("algo.truncated_reward", "use min, score or a number")
@@ -62,8 +67,8 @@ def validate_offload(cfg, bad) -> None:
     for kind in cfg.rollout.offload:
         if kind not in ("grads", "optimizer", "params"):
             bad("rollout.offload", f"{kind!r}: use grads, optimizer and / or params")
-    if "params" in cfg.rollout.offload and cfg.rollout.engine == "megatron":
-        bad("rollout.offload", "params cannot leave: the megatron engine samples with G's own parameters")
+    if "params" in cfg.rollout.offload and cfg.rollout.engine in ENGINES and engine_class(cfg.rollout.engine).live_weights:
+        bad("rollout.offload", f"params cannot leave: the {cfg.rollout.engine} engine samples with G's own parameters")
 
 
 # what a run writes into log.run_dir and replaces or prunes: an input in there would be overwritten by the run

@@ -25,10 +25,12 @@ import torch
 from omegaconf import OmegaConf
 
 from gad_megatron.algo.policy import low_var_kl
+from gad_megatron.convert.api import model_hf_dir
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.metrics import max_over_world, reduce_pairs
 from gad_megatron.trainer.policy import model_logprobs, offload_chunks
-from gad_megatron.trainer.rewards import DiscriminatorReward, Reward, RewardContext, Scores, WithDiscriminator
+from gad_megatron.trainer.rewards import (DiscriminatorReward, PlannedModels, Reward, RewardContext, Scores,
+                                         WithDiscriminator)
 
 
 def validate_opd_section(cfg, bad) -> None:
@@ -210,7 +212,35 @@ def make_teacher(ctx: RewardContext):
     return MegatronTeacher(ctx.load_frozen(o.teacher), temperature, ctx.layout, o.offload_teacher)
 
 
-class OPDReward(Reward):
+class TeacherChecks:
+    """The teacher's part of a reward's contract: its pre-flight and what the planner budgets for it."""
+
+    @classmethod
+    def preflight(cls, cfg, student_dir: str) -> str:
+        """The teacher folder loads and reads the student's tokens (or the server's tokenizer does): '' or why not."""
+        o = cfg.opd
+        problem = "" if o.url else teacher_folder_problem(o.teacher)
+        if problem:
+            return f"opd.teacher={o.teacher}: {problem}"
+        try:
+            if o.url:
+                check_server_tokenizer(student_dir, o.url, o.served_model)
+            else:
+                check_teacher(student_dir, model_hf_dir(o.teacher))
+        except (TeacherMismatch, OSError) as e:
+            where = f"opd.url={o.url}" if o.url else f"opd.teacher={o.teacher}"
+            said = " ".join(str(e).split())  # the tokenizer loader's errors run over several lines
+            return said if isinstance(e, TeacherMismatch) else f"{where}: {said[:300]}"
+        return ""
+
+    @classmethod
+    def planned_models(cls, cfg) -> dict:
+        """A local teacher is a frozen GPT on G's parallel state (one behind opd.url costs this job nothing)."""
+        o = cfg.opd
+        return PlannedModels(cls.uses_discriminator, None if o.url else model_hf_dir(o.teacher), bool(o.offload_teacher))
+
+
+class OPDReward(TeacherChecks, Reward):
     """The teacher's per-token advantages on G's samples; rewards are all 0 (no sequence-level signal)."""
 
     reads_old_logprobs = True
@@ -261,7 +291,7 @@ def opd_metrics(students: list, adv: list) -> dict:
     return m
 
 
-class GadOpdReward(WithDiscriminator):
+class GadOpdReward(TeacherChecks, WithDiscriminator):
     """``w_d x GRPO(D) + w_opd(step) x OPD``: D's scores and BT updates as in GAD, the teacher's per-token
     advantages added; both parts' weights and sizes logged."""
 

@@ -4,7 +4,7 @@ A :class:`Reward` scores the student samples of a rollout batch (and, when it ca
 :class:`Scores`: a reward per sample, which G turns into GRPO's group advantages, and optionally per-token
 advantages added to them (a white-box teacher's logprobs: ``trainer/opd.py``). It learns from the batch if it is
 trained (the GAD discriminator is), and names the models a checkpoint must hold for it. ``reward.source``
-names one in :data:`REWARDS`; a new reward is one class in one file and a line there. The trainer calls
+names one in ``reward_registry.REWARDS`` (or a class of the user's own); a new reward is one class. The trainer calls
 ``score`` before ``update`` in a GAD step: G's advantages come from the scores taken
 *before* the reward model learns from the same batch, as the paper's reference code does.
 
@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from gad_megatron.models.roles import D_ROLE
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.batching import MicroBatching, Seq
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
@@ -44,6 +45,16 @@ class Scores:
     metrics: dict = field(default_factory=dict)
     token_advantages: Optional[list] = None
     sequence_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PlannedModels:
+    """The models a reward adds beside G, as the planner budgets them: a trained D, and a local frozen teacher
+    (its HF folder; None: none, or one behind a server) that waits in host memory between uses when offloaded."""
+
+    discriminator: bool = False
+    teacher: Optional[str] = None
+    teacher_offloaded: bool = False
 
 
 @dataclass
@@ -78,6 +89,17 @@ class Reward:
     def scorers(cls, cfg) -> dict:
         """{config key: "module:function" or path} of the scorers it calls (imported before any model is built)."""
         return {}
+
+    @classmethod
+    def preflight(cls, cfg, student_dir: str) -> str:
+        """Before any model is built, what the files can tell (a teacher's folder and tokenizer): a problem
+        naming its key, or ''."""
+        return ""
+
+    @classmethod
+    def planned_models(cls, cfg) -> "PlannedModels":
+        """What the planner budgets beside G for this reward."""
+        return PlannedModels(discriminator=cls.uses_discriminator)
 
     def score(self, batch) -> Scores:
         raise NotImplementedError
@@ -161,7 +183,7 @@ class DiscriminatorReward(Reward):
         self._scored = None  # (units, _updates, their scores) of the last score()
 
     def engines(self) -> dict:
-        return {"discriminator": self.d}
+        return {D_ROLE: self.d}
 
     def score(self, batch) -> Scores:
         """D's scores before its update. Each DP replica fills its share of the global batch; one all-reduce."""
@@ -375,32 +397,6 @@ class MixedReward(WithDiscriminator):
         d, s = self.d.score(batch), self.scorer.score(batch)
         m = {"reward_d_mean": d.rewards.mean().item(), "reward_scorer_mean": s.rewards.mean().item()}
         return Scores(self.w_d * d.rewards + self.w_s * s.rewards, self.w_d * d.teacher + self.w_s * s.teacher, m)
-
-
-# reward.source -> "module:Class" (imported when chosen)
-REWARDS = {
-    "discriminator": "gad_megatron.trainer.rewards:DiscriminatorReward",
-    "scorer": "gad_megatron.trainer.rewards:ScorerReward",
-    "mixed": "gad_megatron.trainer.rewards:MixedReward",
-    "opd": "gad_megatron.trainer.opd:OPDReward",
-    "gad+opd": "gad_megatron.trainer.opd:GadOpdReward",
-}
-
-
-def reward_choices() -> tuple:
-    return tuple(REWARDS)
-
-
-def reward_class(source: str) -> type:
-    if source not in REWARDS:
-        raise ValueError(f"reward.source={source!r}: use one of {', '.join(REWARDS)}")
-    module, cls = REWARDS[source].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def make_reward(ctx: RewardContext) -> Reward:
-    """The reward ``reward.source`` names."""
-    return reward_class(ctx.cfg.reward.source).build(ctx)
 
 
 def load_scorer(spec):

@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Optional
 
+from gad_megatron.models.roles import D_ROLE
 from gad_megatron.convert.megatron_ckpt import hf_config_dir, iter_dir
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.checkpoint import LATEST, _rank, _read_json, latest_step, load, save
@@ -194,7 +195,7 @@ def check_architecture(cfg, root: str) -> None:
     from gad_megatron.convert.api import config_dir
     from gad_megatron.models.hf_config import arch_spec_from_dir
 
-    for role, path in (("student", cfg.model.student), ("discriminator", cfg.model.discriminator or cfg.model.student)):
+    for role, path in (("student", cfg.model.student), (D_ROLE, cfg.model.discriminator or cfg.model.student)):
         saved_dir = hf_config_dir(os.path.join(root, role))
         if not os.path.isfile(os.path.join(saved_dir, "config.json")):
             continue  # not saved (a SeqKD run has no D)

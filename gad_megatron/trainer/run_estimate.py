@@ -62,7 +62,7 @@ def count_evaluations(cfg, warm: int, total: int, heldout: int) -> int:
 
 
 def estimate_run(cfg, arch, train_examples: list, heldout: int, warm: int, total: int) -> RunEstimate:
-    from gad_megatron.trainer.rewards import reward_class
+    from gad_megatron.trainer.reward_registry import reward_class
 
     lay, wl = layout_and_workload(cfg, *mean_lengths(train_examples))
     from gad_megatron.trainer.config_rules import launch_world

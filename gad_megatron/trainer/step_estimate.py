@@ -9,8 +9,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from gad_megatron.models.hf_config import arch_spec_from_dir
+from gad_megatron.models.params import total_params
 from gad_megatron.models.plan_inputs import GPUS, Assumptions, Layout, Workload
 from gad_megatron.models.steptime import plan_time
+from gad_megatron.rollout.factory import planned_engine
+from gad_megatron.trainer.reward_registry import reward_class
 
 
 def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
@@ -30,17 +34,22 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
         lengths["mean_response_tokens"] = mean_response_tokens
     wl = Workload(batch_prompts=tr.batch_prompts, n=r.n, max_prompt_tokens=d.max_prompt_tokens,
                   max_response_tokens=d.max_response_tokens, micro_batch_tokens=tr.micro_batch_tokens,
-                  dtype=m.dtype, stage=tr.stage, rollout_engine="megatron" if r.engine == "megatron" else "vllm",
+                  dtype=m.dtype, stage=tr.stage, engine_live_weights=planned_engine(r.engine).live_weights,
                   max_batch_tokens=r.max_batch_tokens, keep_last=cfg.checkpoint.keep_last,
                   export_hf=cfg.checkpoint.export_hf_at_end, gpu_memory_utilization=r.gpu_memory_utilization,
-                  kv_cache_gb=r.kv_cache_gb, one_pass=one_pass(cfg), **lengths)
+                  kv_cache_gb=r.kv_cache_gb, one_pass=one_pass(cfg), **lengths, **reward_workload(cfg))
     return lay, wl
+
+
+def reward_workload(cfg) -> dict:
+    """The Workload fields of what the reward adds beside G (its class's ``planned_models``): a D, a teacher."""
+    planned = reward_class(cfg.reward.source).planned_models(cfg)
+    teacher = total_params(arch_spec_from_dir(planned.teacher)) if planned.teacher and cfg.train.stage == "gad" else 0
+    return dict(discriminator=planned.discriminator, teacher_params=teacher, teacher_offloaded=planned.teacher_offloaded)
 
 
 def one_pass(cfg) -> bool:
     """The config's GRPO update computes the old logprobs itself (trainer.policy.Policy.one_pass)."""
-    from gad_megatron.trainer.rewards import reward_class
-
     a = cfg.algo
     return (a.one_pass and a.ppo_mini_batches == 1 and a.ppo_epochs == 1
             and not reward_class(cfg.reward.source).reads_old_logprobs)

@@ -1,6 +1,7 @@
 """Llama 3 / 3.1 / 3.2 (tied embeddings in 3.2). The other Llama-layout architectures extend these rules."""
 
 from gad_megatron.models.mapping import ArchMapping, Rule
+from gad_megatron.models.roles import D_ROLE
 
 L = "model.layers.{i}."
 
@@ -9,7 +10,7 @@ EMBEDDING_RULES = (
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",), (("hidden",),)),
     Rule("output_layer.weight", ("lm_head.weight",), (("vocab", "hidden"),), when="untied"),
     # The discriminator's scalar head, exported as *ForSequenceClassification (num_labels=1).
-    Rule("output_layer.weight", ("score.weight",), (("one", "hidden"),), when="discriminator"),
+    Rule("output_layer.weight", ("score.weight",), (("one", "hidden"),), when=D_ROLE),
 )
 
 LAYER_RULES = (
