@@ -1,6 +1,7 @@
 """gad-plan (#8): its memory formulas against what CPU runs allocate, layouts refused and ranked, and the
 paper's 14B run on 16 H100."""
 
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,45 @@ def test_each_calls_fixed_cost_is_counted_once_per_call():
         mbs(T + Tt) * 11.0 + 100.0 + mbs(Tt) * 10.0 + 100.0 + steps * 1000.0 + 10000.0, 3)
     meg = plan_time(arch, lay, 2, dataclasses.replace(wl, engine_live_weights=True), dataclasses.replace(cpu, calls=calls), asm)
     assert meg["step_s"]["weight_sync"] == 0.0  # G's own weights: nothing to sync, no call, no copy
+
+
+def test_the_plan_budgets_what_the_reward_builds(tmp_path):
+    """#34: the planner asks the reward class: GAD budgets D; a scorer no D; OPD a local teacher, sharded over
+    TP x PP and resident unless opd.offload_teacher (then its shard crosses PCIe for each forward)."""
+    from gad_megatron.models.memory import plan_memory
+    from gad_megatron.models.params import total_params
+    from gad_megatron.models.steptime import plan_time
+    from gad_megatron.trainer.config import load_config
+    from gad_megatron.trainer.step_estimate import layout_and_workload
+
+    student = make_hf_model("qwen2_untied", str(tmp_path / "student"))
+    # the planner reads a teacher's config alone: a 7B-sized one (its offloaded shard takes measurable PCIe time)
+    conf = json.loads(open(os.path.join(student, "config.json")).read())
+    conf.update(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(conf))
+    (tmp_path / "d.jsonl").write_text("")
+    base = [f"model.student={student}", f"data.train={tmp_path / 'd.jsonl'}", "parallel.nproc=4",
+            "parallel.tensor_parallel=2", "train.batch_prompts=8"]
+    arch, gpu, asm = arch_spec_from_dir(student), P.GPUS["h100-80gb"], P.Assumptions()
+
+    def planned(*over):
+        lay, wl = layout_and_workload(load_config(None, base + list(over)))
+        return wl, plan_memory(arch, lay, 4, wl, gpu, asm), plan_time(arch, lay, 4, wl, P.GPUS["cpu"], asm)["step_s"]
+
+    gad_wl, gad_mem, gad_t = planned()
+    sc_wl, sc_mem, sc_t = planned("reward.source=scorer", "reward.scorer=m:f")
+    assert gad_wl.discriminator and not sc_wl.discriminator and gad_wl.teacher_params == 0
+    for part in ("weights", "grads", "optimizer"):  # D's share gone (D: G's layers with a 1-row head)
+        assert 0.5 * getattr(gad_mem, part) < getattr(sc_mem, part) < 0.6 * getattr(gad_mem, part), part
+    assert sc_t["d_update"] == sc_t["d_scores"] == 0 < gad_t["d_update"]
+    opd_wl, opd_mem, opd_t = planned("reward.source=opd", f"opd.teacher={teacher}")
+    assert opd_wl.teacher_params == total_params(arch_spec_from_dir(teacher)) > 0 and not opd_wl.discriminator
+    assert opd_mem.teacher == opd_wl.teacher_params * 4 / 2  # fp32, TP 2
+    assert opd_t["teacher"] > 0 and "teacher" not in sc_t
+    off_wl, off_mem, off_t = planned("reward.source=opd", f"opd.teacher={teacher}", "opd.offload_teacher=true")
+    assert off_mem.teacher == 0 and off_t["teacher"] > opd_t["teacher"]
+    gadopd_wl, _, _ = planned("reward.source=gad+opd", f"opd.teacher={teacher}")
+    assert gadopd_wl.discriminator and gadopd_wl.teacher_params == opd_wl.teacher_params

@@ -138,6 +138,7 @@ class MemoryPlan:
     vllm_kv: float
     overhead: float
     megatron_kv: float = 0.0  # the megatron engine's KV cache (rollout phase only)
+    teacher: float = 0.0  # a local frozen teacher's shard (OPD), unless it waits in host memory between uses
     # what vLLM takes in the rollout phase: gpu_memory_utilization x the GPU (it starts only when that much is
     # free; the KV cache fills what its weights leave), or its weights + kv_cache_gb + overhead when set
     vllm_share: float = 0.0
@@ -185,7 +186,9 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
     live_tokens = wl.mean_prompt_tokens + min(wl.max_response_tokens, wl.mean_response_tokens * asm.decode_tail)
     vllm_kv = min(samples, asm.max_num_seqs) * live_tokens * kv_per_token if wl.stage == "gad" else 0.0
     overhead = asm.overhead_gib * GIB
-    resident = weights + grads + optim + reference + overhead
+    # a frozen teacher on G's parallel state: its layers split over TP x PP like G's (OPD, opd.offload_teacher)
+    teacher = 0.0 if wl.teacher_offloaded or wl.stage != "gad" else wl.teacher_params * b / (lay.tp * lay.pp)
+    resident = weights + grads + optim + reference + teacher + overhead
     vllm = vllm_w + vllm_kv + (asm.vllm_overhead_gib * GIB if wl.stage == "gad" else 0)
     megatron_kv = 0.0
     if wl.engine_live_weights and wl.stage == "gad":
@@ -211,7 +214,7 @@ def plan_memory(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assu
         away = (grads * ("grads" in lay.offload) + optim * ("optimizer" in lay.offload)
                 + weights * ("params" in lay.offload and not wl.engine_live_weights))
         rollout_phase -= away
-    mp = MemoryPlan(weights, grads, optim, acts, logits, reference, vllm_w, vllm_kv, overhead, megatron_kv,
+    mp = MemoryPlan(weights, grads, optim, acts, logits, reference, vllm_w, vllm_kv, overhead, megatron_kv, teacher,
                     vllm_share=share, resident_rollout=rollout_phase - share if lay.colocated else 0.0)
     mp.train_phase, mp.rollout_phase = train_phase, rollout_phase
     mp.peak = max(train_phase, rollout_phase)
