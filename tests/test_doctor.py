@@ -17,7 +17,7 @@ from gad_megatron.data import demo
 
 DOCTOR = [sys.executable, "-m", "gad_megatron.doctor.cli"]
 CHECKS = ["gpus", "driver", "fp8", "versions", "rendezvous", "model", "data", "shm", "ulimits", "cpu_affinity",
-          "allreduce", "shared_fs", "disk", "engine"]
+          "allreduce", "shared_fs", "disk", "engine", "preflight"]
 
 
 DEMO_DIR = tempfile.mkdtemp(prefix="gad_doctor_demo_")  # --demo makes its student there, not in the checkout

@@ -6,7 +6,8 @@ import pytest
 
 from gad_megatron.data import demo
 from gad_megatron.data.teacher import DataError
-from gad_megatron.trainer.build import check_before_build, plan_steps
+from gad_megatron.trainer.build import plan_steps
+from gad_megatron.trainer.preflight import Findings, check_config, check_positions
 from gad_megatron.trainer.config import ConfigError, load_config
 
 
@@ -64,15 +65,15 @@ SCORER_LIST = [1, 2, 3]  # item 14: reward.scorer naming something that is not c
 def test_a_scorer_that_is_not_a_function(student, tmp_path):
     cfg = config(student, tmp_path, "reward.source=scorer", "reward.scorer=test_refusals_round3:SCORER_LIST")
     with pytest.raises(ConfigError, match=r"reward.scorer='test_refusals_round3:SCORER_LIST': is a list, not a function"):
-        check_before_build(cfg)
+        check_config(cfg, Findings())
 
 
 def test_eval_tokens_beyond_the_students_positions(student, tmp_path):
     """Item 4: 48 prompt + 250 eval tokens with a 256-position student decoded to ~275 positions, exit 0."""
     with pytest.raises(ConfigError, match=r"data.max_prompt_tokens \+ eval.max_tokens = 298 is beyond the student's "
                                           r"max_position_embeddings=256"):
-        check_before_build(config(student, tmp_path, "eval.max_tokens=250"))
-    check_before_build(config(student, tmp_path, "eval.max_tokens=200"))
+        check_positions(config(student, tmp_path, "eval.max_tokens=250"), Findings())
+    check_positions(config(student, tmp_path, "eval.max_tokens=200"), Findings())
 
 
 def test_metrics_jsonl_is_strict_json(student, tmp_path):

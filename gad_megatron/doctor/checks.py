@@ -16,6 +16,7 @@ from gad_megatron.convert.api import model_hf_dir
 from gad_megatron.rollout.base import ENGINES, EngineInputs, SamplingConfig, engine_class
 from gad_megatron.rollout.factory import build_engine, choose_engine
 from gad_megatron.trainer.build import vllm_config
+from gad_megatron.trainer.preflight import CHECKS, run_checks
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 ORDER = {SKIP: 0, PASS: 1, WARN: 2, FAIL: 3}  # over ranks: a check that ran on one rank counts over its skips
@@ -349,6 +350,18 @@ def engine_starts(ctx: Context) -> Result:
         return Result("engine", FAIL, "", f"{name} did not start with {ctx.cfg.model.student}: {type(e).__name__}: {e}")
     tp = ctx.cfg.rollout.vllm_tensor_parallel
     return Result("engine", PASS, f"{name} started at TP{tp} and decoded {text} in {time.perf_counter() - t0:.0f} s")
+
+
+def preflight(ctx: Context) -> Result:
+    """gad-train's pre-flight (trainer.preflight: config, data, positions, memory, disk, step time, resume), every
+    check, on rank 0: the refusals ``gad-train --check`` lists."""
+    if ctx.rank != 0:
+        return Result("preflight", SKIP, detail="rank 0 only")
+    found = run_checks(ctx.cfg, keep_going=True)
+    ran = [name for name, _, _ in CHECKS if name not in {s for s, _ in found.skipped}]
+    if found.refused:
+        return Result("preflight", FAIL, "", " | ".join(f"{c}: {m}" for c, m in found.refused))
+    return Result("preflight", PASS, f"{len(ran)} checks passed: {', '.join(ran)}")
 
 
 def safely(check, ctx: Context, *args) -> Result:

@@ -63,6 +63,7 @@ def _run_checks(cfg, args, rank: int, world: int, local_rank: int, gpu: bool) ->
     mine.append(checks.safely(checks.shared_run_dir, ctx, token[0]))
     mine.append(checks.safely(checks.disk, ctx) if local_rank == 0 else Result("disk", checks.SKIP, detail="local rank 0 checks"))
     mine.append(checks.safely(checks.engine_starts, ctx))
+    mine.append(checks.safely(checks.preflight, ctx))
     every = [None] * world
     dist.all_gather_object(every, [r.to_dict() for r in mine])
     return [[Result(**d) for d in rank_rows] for rank_rows in every]

@@ -21,7 +21,7 @@ from gad_megatron.trainer.disk import check_free_space
 from gad_megatron.trainer.batching import MicroBatching
 from gad_megatron.trainer.policy import Policy
 from gad_megatron.trainer.reward_registry import make_reward, reward_class
-from gad_megatron.trainer.rewards import Reward, RewardContext, load_scorer
+from gad_megatron.trainer.rewards import Reward, RewardContext
 
 log = logging.getLogger("gad_megatron.train")
 
@@ -131,42 +131,6 @@ def plan_steps(cfg, n_train: int, stats: Optional[DataStats] = None) -> Schedule
     total = cfg.train.total_steps or cfg.train.epochs * spe
     warm = 0 if cfg.train.stage == "seqkd" else (spe if cfg.train.warmup_steps is None else cfg.train.warmup_steps)
     return Schedule(spe, total, min(warm, total))
-
-
-def check_before_build(cfg):
-    """What the config alone cannot show: the scorers import, a prompt plus an answer fit the model's positions,
-    and the run directory has room for the checkpoints. Raises ConfigError naming the key (OSError for the disk);
-    returns the student's architecture."""
-    from gad_megatron.models.hf_config import arch_spec_from_dir
-    from gad_megatron.trainer.config import ConfigError
-
-    scorers = {"eval.scorer": cfg.eval.scorer, **reward_class(cfg.reward.source).scorers(cfg)}
-    for key, spec in scorers.items():
-        try:
-            fn = load_scorer(spec)
-        except Exception as e:  # noqa: BLE001  (whatever the import raises: one line naming the key)
-            raise ConfigError(f"{key}={spec!r}: cannot be imported ({type(e).__name__}: {e})") from None
-        if fn is not None and not callable(fn):
-            raise ConfigError(f"{key}={spec!r}: is a {type(fn).__name__}, not a function (messages, text) -> float")
-    student_dir = model_hf_dir(cfg.model.student)
-    arch = arch_spec_from_dir(student_dir)
-    limit = arch.max_position_embeddings
-    for name, new in (("data.max_response_tokens", cfg.data.max_response_tokens), ("eval.max_tokens", cfg.eval.max_tokens)):
-        if cfg.data.max_prompt_tokens + new > limit:
-            raise ConfigError(f"data.max_prompt_tokens + {name} = {cfg.data.max_prompt_tokens + new} is beyond the "
-                              f"student's max_position_embeddings={limit}")
-    problem = reward_class(cfg.reward.source).preflight(cfg, student_dir) if cfg.train.stage == "gad" else ""
-    if problem:  # the reward's own files (OPD: the teacher's folder and tokenizer)
-        raise ConfigError(problem)
-    if cfg.train.stage == "gad" and not all(e.live_weights for e in possible_engines(cfg.rollout.engine)):
-        from gad_megatron.runtime.parallel import ranks_per_node
-        from gad_megatron.trainer.config_rules import launch_world
-
-        world = launch_world(cfg)
-        run_topology(cfg, world, ranks_per_node(world))
-    check_rollout_memory(cfg, arch)
-    check_free_space(cfg, arch)
-    return arch
 
 
 # Host bytes a step keeps per sampled token until its updates are done: the token id and logprob as Python

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     from gad_megatron.data.teacher import DataError
-    from gad_megatron.trainer.config import ConfigError, load_config, to_yaml
+    from gad_megatron.trainer.config import ConfigError, load_config, to_yaml, validate
 
     try:
         if not any(o.replace(" ", "").lower() == "log.verbose=true" for o in args.overrides):
@@ -101,26 +101,26 @@ def main(argv=None) -> int:
         config = args.config
         if args.demo:
             config = config or _prepare_demo()
-        cfg = load_config(config, args.overrides)
+        cfg = load_config(config, args.overrides, check_rules=False)  # the rules are the pre-flight's first check
         if cfg.log.verbose:
             _loud()
         if args.print_config:
+            validate(cfg)
             print(to_yaml(cfg), end="")
             return 0
         from gad_megatron.runtime.launch import LAUNCHER_PID, under_launcher
-        from gad_megatron.trainer.build import check_before_build, load_data, plan_steps
+        from gad_megatron.trainer.preflight import run_checks
 
-        arch = check_before_build(cfg)  # scorers import, lengths fit the model
-        # Data rows are checked here too, in the launching process, before any rank starts.
-        data = load_data(cfg)
-        schedule = plan_steps(cfg, len(data.train), data.stats)
-        from gad_megatron.trainer.run_estimate import check_run_time, estimate_run
-        from gad_megatron.trainer.step_estimate import check_step_time, estimate_step
-
-        estimate = estimate_step(cfg, arch, data.train)
-        check_step_time(cfg, estimate)  # a step that cannot finish: refused before any rank starts
-        whole = estimate_run(cfg, arch, data.train, len(data.held), schedule.warm, schedule.total)
-        note = check_run_time(cfg, whole)  # a run beyond train.max_run_hours: refused here too
+        found = run_checks(cfg, keep_going=args.check)  # every refusal before any rank starts or model is built
+        if found.refused:  # --check: every refusal, each in its own line, in the pre-flight's order
+            for _, message in found.refused:
+                print(f"gad-train: error: {message}", file=sys.stderr)
+            for check, lacking in found.skipped:
+                print(f"gad-train: {check}: not checked (needs {lacking})", file=sys.stderr)
+            print(f"gad-train: --check: {len(found.refused)} refusal(s), from the "
+                  f"{', '.join(c for c, _ in found.refused)} check(s)", file=sys.stderr)
+            return 2
+        data, estimate, whole, note = found.data, found.step, found.run, found.run_note
         says = not under_launcher() or (os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
                                         and LAUNCHER_PID not in os.environ)  # gad-train's launcher, or rank 0 of srun
         if says:
@@ -141,9 +141,6 @@ def main(argv=None) -> int:
         if data.stats.duplicate_ids and says:
             print(f"gad-train: {cfg.data.train}: {data.stats.duplicate_ids} rows repeat an id seen before and were "
                   f"dropped (the first row of each id is kept)", file=sys.stderr)
-        from gad_megatron.trainer.run_checkpoints import precheck_resume
-
-        precheck_resume(cfg)  # a config a resume may not take: one error, before any rank or model
         if not under_launcher() and not args.check:  # the ranks take the lock; this is the early, clear error
             from gad_megatron.runtime.outputs import lock_directory
 
