@@ -9,7 +9,8 @@ import os
 import pytest
 from conftest import ROOT
 
-from gad_megatron.rollout.base import ENGINES, RolloutEngine, engine_choices, engine_class
+from gad_megatron.rollout.base import RolloutEngine
+from gad_megatron.rollout.factory import ENGINES, engine_choices, engine_class
 from gad_megatron.rollout.reforward_engine import ReforwardEngine
 from gad_megatron.trainer.reward_registry import REWARDS, reward_class, reward_choices
 from gad_megatron.trainer.rewards import Reward
@@ -76,7 +77,7 @@ def test_config_choices_come_from_the_registries():
 
 
 def test_engines_are_built_one_way():
-    """#34 / #30 item 1: the trainer, gad-eval and gad-doctor build engines through rollout.base.build_engine (each
+    """#34 / #30 item 1: the trainer, gad-eval and gad-doctor build engines through rollout.factory.build_engine (each
     class's ``build`` reads its part of EngineInputs); no other module constructs one or chooses one."""
     from gad_megatron.rollout.base import EngineInputs
     from gad_megatron.rollout.factory import build_engine
@@ -106,4 +107,4 @@ def test_engines_are_built_one_way():
                 continue
             text = open(os.path.join(root, f)).read()
             for made in ("VLLMEngine(", "MegatronEngine(", "ReforwardEngine(", "make_megatron_engine("):
-                assert made not in text, f"{rel} builds an engine itself ({made}): use rollout.base.build_engine"
+                assert made not in text, f"{rel} builds an engine itself ({made}): use rollout.factory.build_engine"

@@ -53,16 +53,27 @@ def test_imports_only_run_downwards_and_never_cycle():
     assert not up, "imports from a lower package to a higher one:\n" + "\n".join(up)
 
 
+def _string_imports(tree):
+    """Modules named in strings: ``importlib.import_module("gad_megatron.x")``, registries' ``"gad_megatron.x:Class"``,
+    dotted class paths handed to a library (``"gad_megatron.x.Class"``): an import by another road."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("gad_megatron."):
+            name = node.value.split(":")[0]
+            if name.replace(".", "").replace("_", "").isalnum():
+                yield name
+
+
 def module_edges() -> dict:
-    """{module: {module it imports}} over gad_megatron's own modules (function-local imports included: a
-    circle through a function is still a circle a reader must follow)."""
+    """{module: {module it imports}} over gad_megatron's own modules (function-local imports and imports by
+    string included: a circle through a function or a registry is still a circle a reader must follow)."""
     mods = {}
     for path, src in _sources(PKG):
         rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
         mods[rel.removesuffix(".__init__")] = src
     edges = {}
     for mod, src in mods.items():
-        for name in _imports(ast.parse(src)):
+        tree = ast.parse(src)
+        for name in [*_imports(tree), *_string_imports(tree)]:
             while name and name not in mods:  # gad_megatron.trainer.gad.stage_gad -> gad_megatron.trainer.gad
                 name = name.rpartition(".")[0]
             # a package itself (gad_megatron.trainer of `from gad_megatron.trainer import gad`) is not a file read
@@ -106,6 +117,14 @@ def file_circles(edges: dict) -> list:
 def test_no_file_imports_itself_through_a_circle():
     circles = file_circles(module_edges())
     assert not circles, "modules that import each other in a circle:\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_imports_by_string_are_edges():
+    edges = module_edges()
+    assert "gad_megatron.trainer.opd" in edges["gad_megatron.trainer.reward_registry"]  # REWARDS' "module:Class"
+    assert "gad_megatron.rollout.vllm_engine" in edges["gad_megatron.rollout.factory"]  # ENGINES'
+    tree = ast.parse('import importlib\nimportlib.import_module("gad_megatron.trainer.opd")\nX = "gad_megatron.a.b:C"\n')
+    assert sorted(_string_imports(tree)) == ["gad_megatron.a.b", "gad_megatron.trainer.opd"]
 
 
 def test_the_circle_finder_finds_a_circle():
@@ -252,14 +271,14 @@ def spelled_names(src: str, names: set) -> list:
 def registry_homes() -> dict:
     """{name: files allowed to spell it}: its registry and the module of its class (D's role name: models/roles)."""
     from gad_megatron.models.roles import D_ROLE
-    from gad_megatron.rollout.base import ENGINES
+    from gad_megatron.rollout.factory import ENGINES
     from gad_megatron.trainer.reward_registry import REWARDS
 
     def path(module):
         return os.path.join(*module.split(".")) + ".py"
 
     homes = {}
-    for registry, entries in ((path("gad_megatron.trainer.reward_registry"), REWARDS), (path("gad_megatron.rollout.base"), ENGINES)):
+    for registry, entries in ((path("gad_megatron.trainer.reward_registry"), REWARDS), (path("gad_megatron.rollout.factory"), ENGINES)):
         for name, target in entries.items():
             homes.setdefault(name, {registry}).add(path(target.split(":")[0]))
     homes.setdefault(D_ROLE, set()).add(path("gad_megatron.models.roles"))

@@ -13,8 +13,8 @@ from importlib import metadata
 import torch
 
 from gad_megatron.convert.api import model_hf_dir
-from gad_megatron.rollout.base import ENGINES, EngineInputs, SamplingConfig, engine_class
-from gad_megatron.rollout.factory import build_engine, choose_engine
+from gad_megatron.rollout.base import EngineInputs, SamplingConfig
+from gad_megatron.rollout.factory import ENGINES, build_engine, choose_engine, engine_class
 from gad_megatron.trainer.build import vllm_config
 from gad_megatron.trainer.preflight import CHECKS, run_checks
 

@@ -18,7 +18,7 @@ import os
 import sys
 
 from gad_megatron.eval import judge_prompts
-from gad_megatron.rollout.base import engine_choices
+from gad_megatron.rollout.factory import engine_choices
 from gad_megatron.eval.judge import Judge, aggregate
 
 log = logging.getLogger("gad_megatron.eval")
@@ -146,7 +146,7 @@ def _hf_dir_for(model: str, workdir: str) -> str:
 
 
 def engine_class_live(name: str) -> bool:
-    from gad_megatron.rollout.base import engine_class
+    from gad_megatron.rollout.factory import engine_class
 
     return engine_class(name).live_weights
 

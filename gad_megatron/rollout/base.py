@@ -3,7 +3,6 @@ registry of engines the config's ``rollout.engine`` chooses from."""
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -92,14 +91,6 @@ class RolloutEngine(ABC):
         pass
 
 
-# name -> "module:Class" of every engine ``rollout.engine`` may name (imported when chosen: vLLM's module
-# imports only on a machine that has it). A new engine is one RolloutEngine subclass in one file and a line here.
-ENGINES = {
-    "vllm": "gad_megatron.rollout.vllm_engine:VLLMEngine",
-    "megatron": "gad_megatron.rollout.megatron_engine:MegatronEngine",
-}
-
-
 @dataclass
 class EngineInputs:
     """What any engine is built from; each class reads its own part. The trainer, gad-eval and gad-doctor fill
@@ -108,15 +99,3 @@ class EngineInputs:
     chunks: Optional[list] = None  # the trainer's own model chunks (an engine with ``live_weights``)
     max_batch_tokens: int = 1 << 17  # the megatron engine's KV cache holds at most this many tokens a batch
     vllm: object = None  # rollout.vllm_engine.VLLMConfig (a separate copy of the weights)
-
-
-def engine_choices() -> tuple:
-    return ("auto",) + tuple(ENGINES)
-
-
-def engine_class(name: str) -> type:
-    if name not in ENGINES:
-        raise ValueError(f"rollout engine {name!r}: use one of {', '.join(engine_choices())}")
-    module, cls = ENGINES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-

@@ -1,9 +1,30 @@
 """How a rollout engine is chosen and built: the one way for gad-train, gad-eval, gad-doctor and the planner.
-Everything here asks the engine classes (``rollout.base.ENGINES``), never an engine's name."""
+Everything here asks the engine classes (:data:`ENGINES`), never an engine's name. The registry lives here,
+not in ``rollout.base``: the engines import ``base``, and a registry there naming them would close a circle."""
 
 from __future__ import annotations
 
-from gad_megatron.rollout.base import ENGINES, EngineInputs, RolloutEngine, engine_choices, engine_class
+import importlib
+
+from gad_megatron.rollout.base import EngineInputs, RolloutEngine
+
+# name -> "module:Class" of every engine ``rollout.engine`` may name (imported when chosen: vLLM's module
+# imports only on a machine that has it). A new engine is one RolloutEngine subclass in one file and a line here.
+ENGINES = {
+    "vllm": "gad_megatron.rollout.vllm_engine:VLLMEngine",
+    "megatron": "gad_megatron.rollout.megatron_engine:MegatronEngine",
+}
+
+
+def engine_choices() -> tuple:
+    return ("auto",) + tuple(ENGINES)
+
+
+def engine_class(name: str) -> type:
+    if name not in ENGINES:
+        raise ValueError(f"rollout engine {name!r}: use one of {', '.join(engine_choices())}")
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def choose_engine(requested: str) -> tuple:

@@ -309,7 +309,8 @@ def make_engine(cfg, t: Trainer) -> tuple:
     (no sync: it *is* G)."""
     import torch.distributed as dist
 
-    from gad_megatron.rollout.base import EngineInputs, engine_class
+    from gad_megatron.rollout.base import EngineInputs
+    from gad_megatron.rollout.factory import engine_class
     from gad_megatron.rollout.factory import build_engine, choose_engine, live_engine
     from gad_megatron.rollout.weight_sync import WeightSync
     from gad_megatron.trainer.passes import agree

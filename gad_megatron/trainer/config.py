@@ -18,8 +18,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gad_megatron.algo.policy import ADV_STD_MODES, LOSS_AGG_MODES
-from gad_megatron.rollout.base import engine_choices
-from gad_megatron.rollout.factory import possible_engines
+from gad_megatron.rollout.factory import engine_choices, possible_engines
 from gad_megatron.convert.smollm2 import recipe_student
 from gad_megatron.trainer.config_rules import (launch_world, validate_algo, validate_inputs_outside_outputs,
                                                validate_offload)

@@ -7,7 +7,7 @@ import os
 
 from omegaconf import OmegaConf
 
-from gad_megatron.rollout.base import ENGINES, engine_class
+from gad_megatron.rollout.factory import ENGINES, engine_class
 from gad_megatron.trainer.drift import DATA_KEYS
 from gad_megatron.trainer.opd import validate_opd_section
 from gad_megatron.trainer.reward_registry import reward_class
