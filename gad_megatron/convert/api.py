@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 
 from gad_megatron.convert.hf_io import StreamingSafetensorsWriter
-from gad_megatron.models.mapping import dims, expected_hf_tensors, mapping_for, to_hf
+from gad_megatron.convert.lazy_save import ChunkMaker, lazy_strategy
 from gad_megatron.convert.megatron_ckpt import (
+    TRACKER,
     CheckpointTensorReader,
     copy_hf_side_files,
     hf_config_dir,
@@ -25,10 +26,14 @@ from gad_megatron.convert.megatron_ckpt import (
     save_checkpoint,
 )
 from gad_megatron.convert.model_io import HFWeightSource, load_hf_into_model
+from gad_megatron.models.discriminator import build_discriminator_chunks
+from gad_megatron.models.forward import discriminator_scores, full_logits
 from gad_megatron.models.gpt import ModelOptions, build_gpt_chunks
 from gad_megatron.models.hf_config import arch_spec_from_dir, arch_spec_from_hf, load_hf_config
-from gad_megatron.models.storage import HF_DTYPE
+from gad_megatron.models.mapping import dims, expected_hf_tensors, mapping_for, to_hf
 from gad_megatron.models.roles import D_ROLE
+from gad_megatron.models.storage import HF_DTYPE
+from gad_megatron.runtime.outputs import check_not_an_input, clean_stale_tmp, make_tmp_dir, publish_dir
 
 ROLES = ("student", D_ROLE)
 _HF_DTYPES = {hf: ours for ours, hf in HF_DTYPE.items()}
@@ -45,8 +50,6 @@ def build_role_chunks(arch, role: str, opts: Optional[ModelOptions] = None, head
     if role == "student":
         return build_gpt_chunks(arch, opts)
     if role == D_ROLE:
-        from gad_megatron.models.discriminator import build_discriminator_chunks
-
         return build_discriminator_chunks(arch, opts, head_init=head_init)
     raise ValueError(f"role={role!r}: use one of {ROLES}")
 
@@ -63,8 +66,6 @@ def check_hf_input(hf_dir: str, role: str = "student"):
 def hf_to_mcore(hf_dir: str, out: str, role: str = "student", overwrite: bool = False, head_init: str = "normal"):
     """Collective over the already-initialised parallel state: megatron's save (atomic) of the model built on
     the meta device, each rank's chunks read from the HF files as they are written (``convert/lazy_save.py``)."""
-    from gad_megatron.convert.lazy_save import ChunkMaker, lazy_strategy
-
     arch, src = check_hf_input(hf_dir, role)
     opts = ModelOptions(dtype=hf_dtype(arch.hf_config), transformer_impl="local", perform_initialization=False)
     # The model is only the plan of the checkpoint (keys, shapes, this rank's TP/PP chunks): built on the meta
@@ -107,8 +108,6 @@ def load_from_checkpoint(ckpt: str, opts: Optional[ModelOptions] = None, role: O
 
 
 def is_checkpoint(path: str) -> bool:
-    from gad_megatron.convert.megatron_ckpt import TRACKER
-
     return os.path.isfile(os.path.join(path, TRACKER))
 
 
@@ -213,8 +212,6 @@ def check_same_model(hf_dir: str, ckpt: str) -> tuple:
 def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3) -> list:
     """Streams ``ckpt`` to an HF directory (written to a temp dir, renamed at the end). One process; holds
     one layer's tensors at a time, and writes each output tensor straight to its shard file."""
-    from gad_megatron.runtime.outputs import check_not_an_input, clean_stale_tmp, make_tmp_dir, publish_dir
-
     out = os.path.abspath(out)
     arch, role, reader = check_config_against_checkpoint(ckpt)
     check_not_an_input(out, {"--ckpt": ckpt})
@@ -272,8 +269,6 @@ def verify(hf_dir: str, ckpt: str, batch: int = 2, seq_len: int = 32, seed: int 
     """Collective: runs the checkpoint (current layout) and HF on the same tokens; returns the diff on the
     rank that holds the output (last pipeline stage, TP rank 0), None elsewhere."""
     from megatron.core import parallel_state as ps
-
-    from gad_megatron.models.forward import discriminator_scores, full_logits
 
     arch, chunks, meta = load_from_checkpoint(
         ckpt, ModelOptions(dtype="fp32", transformer_impl="local", perform_initialization=False)

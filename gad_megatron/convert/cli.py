@@ -17,7 +17,13 @@ import argparse
 import json
 import os
 import sys
+
+from gad_megatron.convert import api, smollm2
+from gad_megatron.convert.gguf import gguf_to_hf
 from gad_megatron.models.roles import D_ROLE
+from gad_megatron.runtime import ParallelConfig, initialize, validate_layout
+from gad_megatron.runtime.launch import die_with_parent, relaunch, under_launcher
+from gad_megatron.runtime.outputs import check_not_an_input
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,29 +68,19 @@ def _one_line(e: BaseException) -> str:
 
 
 def _relaunch_if_needed(nproc: int, argv: list) -> None:
-    from gad_megatron.runtime.launch import relaunch, under_launcher
-
     if nproc > 1 and not under_launcher():
         sys.exit(relaunch("gad_megatron.convert.cli", argv, nproc))
     if under_launcher():
-        from gad_megatron.runtime.launch import die_with_parent
-
         die_with_parent()  # a rank never outlives its launcher
 
 
 def _init(args, arch):
-    from gad_megatron.runtime import ParallelConfig, initialize
-
     # Conversion and verification are exact-arithmetic tools: CPU unless the user asks for CUDA.
     return initialize(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, device=args.device or "cpu"),
                       arch.model_dims)
 
 
 def _from_gguf(args) -> int:
-    from gad_megatron.convert import smollm2
-    from gad_megatron.convert.gguf import gguf_to_hf
-    from gad_megatron.runtime.outputs import check_not_an_input
-
     if args.cmd == "smollm2":
         print(smollm2.hf_dir())
         return 0
@@ -96,11 +92,6 @@ def _from_gguf(args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from gad_megatron.convert import api
-    from gad_megatron.runtime import validate_layout
-    from gad_megatron.runtime.parallel import ParallelConfig
-
-    from gad_megatron.runtime.outputs import check_not_an_input
 
     try:
         if args.cmd in ("gguf-to-hf", "smollm2"):

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from gad_megatron.convert.hf_io import write_pieces
 from gad_megatron.models.mapping import LAYER_PREFIX
 
 
@@ -59,8 +60,6 @@ class PiecewiseWrites:
         self.raw = raw
 
     def write(self, b) -> int:
-        from gad_megatron.convert.hf_io import write_pieces
-
         return write_pieces(self.raw, b)
 
     def __getattr__(self, name):  # tell, flush, fileno (fsync), close, ...

@@ -1,7 +1,6 @@
 """Megatron-LM-layout distributed checkpoints (``torch_dist``), written atomically.
 
 Layout::
-
     CKPT/
       latest_checkpointed_iteration.txt      # "0"
       iter_0000000/                          # dist_checkpointing (torch_dist) of {"model": ...}
@@ -20,7 +19,12 @@ import shutil
 from typing import Optional
 
 import torch
+
+from gad_megatron.convert.safe_metadata import load_metadata, safe_filesystem_reader
 from gad_megatron.models.roles import D_ROLE
+from gad_megatron.runtime.launch import die_with_parent
+from gad_megatron.runtime.outputs import clean_stale_tmp, make_tmp_dir, publish_dir, read_json
+from gad_megatron.runtime.signals import ignored_by_children
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "gad_meta.json"
@@ -52,7 +56,6 @@ def read_meta(ckpt: str) -> dict:
     path = os.path.join(ckpt, META)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing (not written by gad-convert / gad-megatron)")
-    from gad_megatron.runtime.outputs import read_json
 
     meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("role") not in ("student", D_ROLE):
@@ -99,8 +102,6 @@ _WRITER_MANAGER = None
 def _writer_helper_init() -> None:
     import signal
 
-    from gad_megatron.runtime.launch import die_with_parent
-
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     die_with_parent()
 
@@ -117,11 +118,8 @@ def own_writer_queue() -> None:
     if getattr(fa, "_results_queue", "absent") is not None or _WRITER_MANAGER is not None:
         return
     import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
-
     import signal
-
-    from gad_megatron.runtime.signals import ignored_by_children
+    from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
     # Started with SIGINT ignored (inherited across exec; Python then installs no KeyboardInterrupt handler):
@@ -147,8 +145,6 @@ def save_checkpoint(
     """Collective: every rank calls it. Written into a temp dir beside ``ckpt``, renamed at the end.
     ``strategy``: megatron's sharded save strategy (default: its torch_dist one)."""
     from megatron.core import dist_checkpointing
-
-    from gad_megatron.runtime.outputs import clean_stale_tmp, make_tmp_dir, publish_dir
 
     ckpt = os.path.abspath(ckpt)
     tmp = None
@@ -203,8 +199,6 @@ def load_checkpoint(chunks, ckpt: str, skip_keys=()) -> int:
     (top-level module keys, e.g. ``output_layer.weight``) keep the model's own values."""
     from megatron.core import dist_checkpointing
 
-    from gad_megatron.convert.safe_metadata import load_metadata
-
     iteration = read_iteration(ckpt)
     load_metadata(iter_dir(ckpt, iteration))  # refuses a crafted .metadata before megatron unpickles it
     state = _model_state(chunks)
@@ -229,8 +223,6 @@ class CheckpointTensorReader:
     """
 
     def __init__(self, ckpt: str):
-        from gad_megatron.convert.safe_metadata import safe_filesystem_reader
-
         self.ckpt = ckpt
         self.dir = iter_dir(ckpt, read_iteration(ckpt))
         self._storage = safe_filesystem_reader(self.dir)

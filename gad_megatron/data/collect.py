@@ -27,8 +27,15 @@ from typing import Optional
 
 from gad_megatron.data.jsonl import OutputBusy, lock_output, recover_output
 from gad_megatron.data.openai_chat import (  # noqa: F401  (CollectConfig and the errors are this tool's API too)
-    CollectConfig, FatalReply, RateLimiter, RequestFailed, RetryingChat, redact_key,
+    CollectConfig,
+    FatalReply,
+    RateLimiter,
+    RequestFailed,
+    RetryingChat,
+    redact_key,
 )
+from gad_megatron.data.prompts import PromptFormatError, load_prompts
+from gad_megatron.runtime.outputs import check_not_an_input, read_json
 
 log = logging.getLogger("gad_megatron.collect")
 
@@ -41,8 +48,6 @@ REFUSAL_PATTERNS = (
 
 def load_prices(path: str) -> dict:
     """The price table, checked whole before the first request: {model: {"input": $/1M, "output": $/1M}}."""
-    from gad_megatron.runtime.outputs import read_json
-
     table = read_json(path)
     if not isinstance(table, dict):
         raise ValueError(f"{path}: expected an object {{model: {{\"input\": $/1M tokens, \"output\": $/1M tokens}}}}")
@@ -315,9 +320,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from gad_megatron.data.prompts import PromptFormatError, load_prompts
-    from gad_megatron.runtime.outputs import check_not_an_input
-
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request otherwise

@@ -10,6 +10,8 @@ import json
 import os
 from typing import Iterator, Optional
 
+from gad_megatron.data.jsonl import iter_jsonl
+
 
 class PromptFormatError(ValueError):
     pass
@@ -70,8 +72,6 @@ def iter_rows(path: str, split: str = "train") -> Iterator[tuple]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.endswith((".jsonl", ".json")) and os.path.isfile(path):
-        from gad_megatron.data.jsonl import iter_jsonl
-
         yield from iter_jsonl(path, PromptFormatError)
         return
     import datasets

@@ -13,9 +13,11 @@ from importlib import metadata
 import torch
 
 from gad_megatron.convert.api import model_hf_dir
+from gad_megatron.models.hf_config import arch_spec_from_dir
 from gad_megatron.rollout.base import EngineInputs, SamplingConfig
 from gad_megatron.rollout.factory import ENGINES, build_engine, choose_engine, engine_class
 from gad_megatron.trainer.build import vllm_config
+from gad_megatron.trainer.disk import check_free_space
 from gad_megatron.trainer.preflight import CHECKS, run_checks
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
@@ -266,9 +268,6 @@ def write_canary(run_dir: str) -> str:
 
 def disk(ctx: Context) -> Result:
     """Free space for keep_last + 1 checkpoints + the export, and the write bandwidth (64 MiB, fsync'd)."""
-    from gad_megatron.models.hf_config import arch_spec_from_dir
-    from gad_megatron.trainer.disk import check_free_space
-
     run_dir = ctx.cfg.log.run_dir
     try:
         check_free_space(ctx.cfg, arch_spec_from_dir(model_hf_dir(ctx.cfg.model.student)))

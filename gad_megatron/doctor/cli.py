@@ -15,7 +15,10 @@ import sys
 
 from gad_megatron.doctor import checks
 from gad_megatron.doctor.checks import FAIL, ORDER, Context, Result
-from gad_megatron.runtime.launch import LAUNCHER_PID
+from gad_megatron.runtime.launch import LAUNCHER_PID, relaunch, under_launcher
+from gad_megatron.runtime.parallel import ParallelConfig, _env_world, _free_port
+from gad_megatron.trainer.cli import _prepare_demo, _quiet
+from gad_megatron.trainer.config import ConfigError, load_config
 
 
 def _parser():
@@ -85,16 +88,12 @@ def _report(cfg, per_rank: list) -> tuple:
 
 def _uses_gpu(cfg) -> bool:
     """The run's own device decision (parallel.device; unset: the runtime's), not merely whether CUDA exists."""
-    from gad_megatron.runtime.parallel import ParallelConfig
-
     return ParallelConfig(device=cfg.parallel.device).resolved_device() == "cuda"
 
 
 def run_rank(cfg, args) -> int:
     import torch
     import torch.distributed as dist
-
-    from gad_megatron.runtime.parallel import _env_world, _free_port
 
     rank, world, local_rank = _env_world()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -123,9 +122,6 @@ def run_rank(cfg, args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from gad_megatron.runtime.launch import relaunch, under_launcher
-    from gad_megatron.trainer.cli import _prepare_demo, _quiet
-    from gad_megatron.trainer.config import ConfigError, load_config
 
     _quiet()
     try:

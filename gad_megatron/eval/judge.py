@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from gad_megatron.data.openai_chat import RequestFailed
 from gad_megatron.eval import judge_prompts as P
 
 _SCORE_RE = re.compile(r"score\s*a\s*[:=]\s*(\d+(?:\.\d+)?)\s*[\r\n]+\s*score\s*b\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -51,8 +52,6 @@ class Judge:
 
     async def judge(self, instruction_messages: list, student_answer: str) -> dict:
         """Reference answer, then scores (retrying an unparsable score reply ``parse_retries`` times)."""
-        from gad_megatron.data.openai_chat import RequestFailed
-
         instruction = instruction_messages[-1]["content"]
         try:
             got = await self.chat.ask(self.client, [{"role": "system", "content": P.REFERENCE_SYSTEM}, *instruction_messages])

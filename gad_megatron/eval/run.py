@@ -17,9 +17,21 @@ import logging
 import os
 import sys
 
+from gad_megatron.convert.api import config_dir, is_checkpoint, load_model, mcore_to_hf
+from gad_megatron.convert.megatron_ckpt import iter_dir, read_iteration
+from gad_megatron.data.chat import prompt_ids
+from gad_megatron.data.jsonl import recover_output
+from gad_megatron.data.openai_chat import CollectConfig, FatalReply, RetryingChat, redact_key
+from gad_megatron.data.prompts import PromptFormatError
 from gad_megatron.eval import judge_prompts
-from gad_megatron.rollout.factory import engine_choices
 from gad_megatron.eval.judge import Judge, aggregate
+from gad_megatron.eval.testsets import load_testset
+from gad_megatron.models.hf_config import load_hf_config
+from gad_megatron.rollout.base import EngineInputs, SamplingConfig
+from gad_megatron.rollout.factory import build_engine, choose_engine, engine_choices, engine_class
+from gad_megatron.rollout.vllm_engine import VLLMConfig
+from gad_megatron.runtime import ParallelConfig, destroy, initialize
+from gad_megatron.runtime.outputs import check_not_an_input, read_json
 
 log = logging.getLogger("gad_megatron.eval")
 
@@ -27,8 +39,6 @@ log = logging.getLogger("gad_megatron.eval")
 def _read_jsonl(path: str, repair: bool = True) -> list:
     """Rows of a JSONL this tool writes. ``repair`` drops a torn last line (a crash mid-write) of our own
     outputs; inputs (``report``) are only read, never written to."""
-    from gad_megatron.data.jsonl import recover_output
-
     rows: list = []
     _, torn = recover_output(path, on_row=rows.append, repair=repair)
     if torn and not repair:
@@ -51,9 +61,6 @@ def model_identity(model: str) -> dict:
     fingerprint of the weight files (names, sizes, modification times)."""
     import hashlib
 
-    from gad_megatron.convert.api import is_checkpoint
-    from gad_megatron.convert.megatron_ckpt import iter_dir, read_iteration
-
     ident = {"path": os.path.abspath(model)}
     if is_checkpoint(model):
         ident["iteration"] = read_iteration(model)
@@ -75,8 +82,6 @@ def check_run_identity(out: str, identity: dict) -> None:
     meta_path = out + ".meta.json"
     existing = [p for p in (out, out + ".answers.jsonl") if os.path.exists(p) and os.path.getsize(p)]
     if os.path.exists(meta_path):
-        from gad_megatron.runtime.outputs import read_json
-
         old = read_json(meta_path)
         diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
         if diff:
@@ -95,9 +100,6 @@ def check_run_identity(out: str, identity: dict) -> None:
 
 def model_max_len(model: str) -> int:
     """The model's context length from its config (an HF dir, or the config saved with a checkpoint)."""
-    from gad_megatron.convert.api import config_dir
-    from gad_megatron.models.hf_config import load_hf_config
-
     cfg = load_hf_config(config_dir(model))
     return int(cfg.get("max_position_embeddings") or 4096)
 
@@ -134,8 +136,6 @@ def _hf_dir_for(model: str, workdir: str) -> str:
         return model
     import hashlib
 
-    from gad_megatron.convert.api import mcore_to_hf
-
     # One export per checkpoint identity (the same one the results are tied to): a shared workdir must never
     # answer for one model with another model's export.
     ident = json.dumps(model_identity(model), sort_keys=True)
@@ -146,8 +146,6 @@ def _hf_dir_for(model: str, workdir: str) -> str:
 
 
 def engine_class_live(name: str) -> bool:
-    from gad_megatron.rollout.factory import engine_class
-
     return engine_class(name).live_weights
 
 
@@ -156,22 +154,14 @@ def generate_answers(model: str, items: list, engine: str = "auto", max_tokens: 
     """{(dataset, id): (answer text, answer tokens)} with greedy decoding (paper: max 1536 new tokens)."""
     from transformers import AutoTokenizer
 
-    from gad_megatron.data.chat import prompt_ids
-    from gad_megatron.rollout.base import SamplingConfig
-
     hf_dir = _hf_dir_for(model, workdir)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     ids = [prompt_ids(tok, it["messages"]) for it in items]
     sampling = SamplingConfig().greedy(max_tokens=max_tokens)
     sampling.stop_token_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    from gad_megatron.rollout.base import EngineInputs
-    from gad_megatron.rollout.factory import build_engine, choose_engine
 
     engine, _ = choose_engine(engine)  # auto: vLLM where it imports, else the trainer's own megatron engine
     if engine_class_live(engine):  # the megatron engine: the model's own chunks on a one-rank parallel state
-        from gad_megatron.convert.api import load_model
-        from gad_megatron.runtime import ParallelConfig, destroy, initialize
-
         initialize(ParallelConfig())
         try:
             _, chunks, _ = load_model(model)  # a megatron checkpoint or an HF dir
@@ -179,7 +169,6 @@ def generate_answers(model: str, items: list, engine: str = "auto", max_tokens: 
         finally:
             destroy()
     else:  # an engine with its own copy of the weights (vLLM)
-        from gad_megatron.rollout.vllm_engine import VLLMConfig
 
         eng = build_engine(engine, EngineInputs(vllm=VLLMConfig(model=hf_dir, max_model_len=max_model_len)))
         try:
@@ -198,8 +187,6 @@ async def judge_items(items: list, answers: dict, results_path: str, judge_cfg, 
                       max_in_flight: int = 8, parse_retries: int = 2, retry_failed: bool = True) -> list:
     """Judges every item not judged yet (and, with ``retry_failed``, every item whose last judgement failed:
     an outage must not fail items for good). ``answers``: {(dataset, id): (text, tokens)}."""
-    from gad_megatron.data.openai_chat import RetryingChat
-
     latest = {k[1:]: r for k, r in _latest(_read_jsonl(results_path)).items() if k[0] == run_name}
     todo = [it for it in items if _key(it) not in latest or (retry_failed and latest[_key(it)].get("failed"))]
     chat = RetryingChat(judge_cfg)
@@ -307,11 +294,6 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    from gad_megatron.data.openai_chat import CollectConfig, FatalReply, redact_key
-    from gad_megatron.data.prompts import PromptFormatError
-    from gad_megatron.eval.testsets import load_testset
-    from gad_megatron.runtime.outputs import check_not_an_input
-
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     key_env = a.api_key_env if a.cmd == "run" else "OPENAI_API_KEY"
@@ -335,7 +317,6 @@ def main(argv=None) -> int:
             raise ValueError(f"--testset {dup[0]}: id {dup[1]!r} appears twice (given the same test set twice?)")
         max_model_len = resolve_max_model_len(a.model, a.max_model_len)
         run_name = a.run_name or os.path.basename(os.path.normpath(a.model))
-        from gad_megatron.rollout.factory import choose_engine
 
         a.engine, why = choose_engine(a.engine)  # the engine that ran goes into the run's identity
         print(f"[gad-eval] generation engine: {a.engine} ({why})", file=sys.stderr)

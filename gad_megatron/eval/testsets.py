@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from typing import Optional
 
+from gad_megatron.data.jsonl import iter_jsonl
 from gad_megatron.data.prompts import PromptFormatError, load_prompts
 
 DATASETS = ("lmsys", "dolly", "selfinst", "vicuna")
@@ -20,8 +21,6 @@ DATASETS = ("lmsys", "dolly", "selfinst", "vicuna")
 
 def _jsonl(path: str):
     """(line number, row) of a test-set JSONL; the first bad line raises naming it."""
-    from gad_megatron.data.jsonl import iter_jsonl
-
     for where, row in iter_jsonl(path, PromptFormatError):
         if isinstance(row, Exception):
             raise row

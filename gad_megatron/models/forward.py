@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 import torch
 
+from gad_megatron.models.discriminator import sequence_scores
+from gad_megatron.models.logprobs import vocab_parallel_logprobs
 from gad_megatron.runtime.parallel import model_forward_region
 
 
@@ -103,8 +105,6 @@ def discriminator_scores(chunks, microbatches: list) -> Optional[list]:
     """``[b]`` sequence scores per micro-batch on the last stage (None elsewhere)."""
     from megatron.core import parallel_state as ps
 
-    from gad_megatron.models.discriminator import sequence_scores
-
     def step(model, batch):
         out = model_call(model, batch)
 
@@ -135,7 +135,6 @@ def token_logprobs(chunks, sequences: list, pad_id: int = 0, temperature: float 
     tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for i, s in enumerate(sequences):
         tokens[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-    from gad_megatron.models.logprobs import vocab_parallel_logprobs
 
     labels = torch.zeros_like(tokens)
     labels[:, :-1] = tokens[:, 1:]

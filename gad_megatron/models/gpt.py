@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gad_megatron.models.hf_config import ArchSpec
+from gad_megatron.models.norms import RMSNorm
 from gad_megatron.models.storage import HF_DTYPE
 from gad_megatron.runtime import on_cuda  # decided once by initialize (the CPU shim implies cpu)
 
@@ -161,7 +162,6 @@ def layer_spec(arch: ArchSpec, opts: ModelOptions):
 
     if use_transformer_engine(opts):
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    from gad_megatron.models.norms import RMSNorm
 
     spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     spec.submodules.input_layernorm = RMSNorm
@@ -170,6 +170,7 @@ def layer_spec(arch: ArchSpec, opts: ModelOptions):
         spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     if not on_cuda():  # torch's fused attention kernel, keys cached after RoPE (models/sdpa_attention.py)
+        # local: CPU only, and it subclasses megatron-core's attention at import (megatron loads on first build)
         from gad_megatron.models.sdpa_attention import RopeCachedSelfAttention, SDPADotProductAttention
 
         spec.submodules.self_attention.module = RopeCachedSelfAttention
@@ -180,8 +181,6 @@ def layer_spec(arch: ArchSpec, opts: ModelOptions):
 def _block_spec(spec, config, vp_stage):
     """The local spec's final norm must be our RMSNorm too, which needs an explicit block spec."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
-    from gad_megatron.models.norms import RMSNorm
 
     if spec.submodules.input_layernorm is not RMSNorm:
         return spec  # TE spec: megatron picks TENorm for the final norm itself

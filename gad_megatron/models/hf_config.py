@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from gad_megatron.models.mapping import mapping_for, supported_model_types
+from gad_megatron.runtime.outputs import read_json
+
 
 class UnsupportedConfigError(ValueError):
     pass
@@ -59,7 +62,6 @@ def load_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no config.json")
-    from gad_megatron.runtime.outputs import read_json
 
     cfg = read_json(cfg_path, UnsupportedConfigError)
     if not isinstance(cfg, dict):
@@ -84,8 +86,6 @@ def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
 
 
 def arch_spec_from_hf(cfg: dict, source: str = "config.json") -> ArchSpec:
-    from gad_megatron.models.mapping import mapping_for, supported_model_types
-
     mt = cfg.get("model_type")
     if mt not in supported_model_types():
         raise UnsupportedConfigError(

@@ -177,6 +177,7 @@ _REGISTRY: dict = {}
 
 def _load_registry() -> dict:
     if not _REGISTRY:
+        # local: every family module imports this one (its Rule, ArchMapping); read on first use, not at import
         from gad_megatron.models import families as mappings
 
         for mod in pkgutil.iter_modules(mappings.__path__):

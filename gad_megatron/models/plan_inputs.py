@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from gad_megatron.models.storage import DTYPE_BYTES  # noqa: F401  (the planner's inputs name it here)
+from gad_megatron.runtime.topology import rollout_topology
 
 GIB = 1024**3
 GPUS_PER_NODE = 8  # the planner's nodes (gad-plan --gpus-per-node sets the world, not this)
@@ -15,8 +16,6 @@ GPUS_PER_NODE = 8  # the planner's nodes (gad-plan --gpus-per-node sets the worl
 def planned_topology(world: int, rollout_tp: int):
     """The rollout engines the trainer builds for this world (``runtime.topology``, the one function both
     read): ``world / rollout_tp`` engines of ``rollout_tp`` GPUs, none across nodes."""
-    from gad_megatron.runtime.topology import rollout_topology
-
     return rollout_topology(world, rollout_tp, min(world, GPUS_PER_NODE))
 
 

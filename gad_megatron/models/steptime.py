@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+from gad_megatron.models.memory import offloaded_bytes
 from gad_megatron.models.params import rank_params, total_params
 from gad_megatron.models.plan_inputs import DTYPE_BYTES, GPU, Assumptions, Layout, Workload, planned_topology
+
 
 # ---- time ------------------------------------------------------------------------------------------------------
 def call_costs(gpu: GPU, wl: Workload, dp: int, decode_steps: float, T: float, T_teacher: float) -> dict:
@@ -97,7 +99,6 @@ def plan_time(arch, lay: Layout, world: int, wl: Workload, gpu: GPU, asm: Assump
     if wl.teacher_params and wl.teacher_offloaded:  # so does an offloaded teacher's
         t["teacher"] += wl.teacher_params * b / (lay.tp * lay.pp) / (asm.pcie_gbs * 1e9)
     if lay.offload and lay.colocated and wl.stage == "gad":  # out before the engine wakes, back after: G's and D's
-        from gad_megatron.models.memory import offloaded_bytes
 
         t["offload"] = 2 * offloaded_bytes(arch, lay, world, wl, gpu, asm) / (asm.pcie_gbs * 1e9)
     fixed = call_costs(gpu, wl, dp, decode_steps, T, T_teacher)

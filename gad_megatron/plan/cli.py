@@ -9,9 +9,13 @@ import os
 import sys
 from dataclasses import asdict, replace
 
+from gad_megatron.convert.api import config_dir
+from gad_megatron.models.hf_config import arch_spec_from_dir, arch_spec_from_hf
+from gad_megatron.models.plan_inputs import GPUS, Assumptions, Layout, Workload
 from gad_megatron.models.storage import checkpoint_bytes, disk_need_bytes
 from gad_megatron.plan.layouts import plan, search
-from gad_megatron.models.plan_inputs import GPUS, Assumptions, Layout, Workload
+from gad_megatron.trainer.config import load_config
+from gad_megatron.trainer.step_estimate import layout_and_workload
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "model_configs")
@@ -20,9 +24,6 @@ PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
 def load_arch(model: str):
     """An HF dir, a gad-convert checkpoint, or a preset name (the published config.json of the paper's
     students, shipped in ``assets/model_configs``: planning needs no weights)."""
-    from gad_megatron.convert.api import config_dir
-    from gad_megatron.models.hf_config import arch_spec_from_dir, arch_spec_from_hf
-
     if os.path.isfile(os.path.join(config_dir(model), "config.json")):
         return arch_spec_from_dir(config_dir(model))
     key = os.path.basename(model.rstrip("/")).lower().replace("-instruct", "").replace("meta-llama-", "llama-")
@@ -36,8 +37,6 @@ def load_arch(model: str):
 
 def from_config(cfg) -> tuple:
     """(model path, Layout, Workload) from a gad-train config (the trainer's own reading of it)."""
-    from gad_megatron.trainer.step_estimate import layout_and_workload
-
     return (cfg.model.student, *layout_and_workload(cfg))
 
 
@@ -85,8 +84,6 @@ def main(argv=None) -> int:
         lay, wl = Layout(), Workload()
         model = a.model
         if a.config:
-            from gad_megatron.trainer.config import load_config
-
             model_cfg, lay, wl = from_config(load_config(a.config, a.overrides))
             model = model or model_cfg
         if not model:

@@ -6,13 +6,14 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from gad_megatron.models.memory import MemoryPlan, plan_memory, vllm_start_refusal
-from gad_megatron.models.steptime import plan_time
 from gad_megatron.models.plan_inputs import GIB, GPU, Assumptions, Layout, Workload, planned_topology
+from gad_megatron.models.steptime import plan_time
+from gad_megatron.runtime.parallel import LayoutError, ParallelConfig, validate_layout
+from gad_megatron.runtime.topology import TopologyError
+
 
 # ---- layouts -----------------------------------------------------------------------------------------------------
 def check_layout(arch, lay: Layout, world: int) -> list:
-    from gad_megatron.runtime.parallel import LayoutError, ParallelConfig, validate_layout
-
     problems = []
     try:
         validate_layout(ParallelConfig(lay.tp, lay.pp, context_parallel=lay.cp, sequence_parallel=lay.sp), world,
@@ -21,7 +22,6 @@ def check_layout(arch, lay: Layout, world: int) -> list:
         problems.append(str(e))
     if arch.vocab_size % lay.tp:
         problems.append(f"vocab_size={arch.vocab_size} is not divisible by TP={lay.tp}")
-    from gad_megatron.runtime.topology import TopologyError
 
     try:
         planned_topology(world, lay.rollout_tp)

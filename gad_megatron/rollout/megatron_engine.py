@@ -31,7 +31,9 @@ from typing import Optional, Sequence
 import torch
 
 from gad_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
+from gad_megatron.rollout.reforward_engine import ReforwardEngine
 from gad_megatron.rollout.sampling import sample_seeds, sample_tokens
+from gad_megatron.runtime.parallel import comm_device, model_forward_region
 
 
 def _uses_transformer_engine(model) -> bool:
@@ -190,8 +192,6 @@ class MegatronEngine(RolloutEngine):
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from gad_megatron.runtime.parallel import comm_device
-
         comm = comm_device()
         out = torch.zeros(2, len(rows.rows), dtype=torch.float64, device=comm)
         if logits is not None:
@@ -209,8 +209,6 @@ class MegatronEngine(RolloutEngine):
         logits of the last position on the last stage, None elsewhere."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
-
-        from gad_megatron.runtime.parallel import comm_device, model_forward_region
 
         model, (b, s) = self.model, tokens.shape
         dev = next(model.parameters()).device
@@ -255,7 +253,5 @@ def _cache_bytes(ctx) -> int:
 def make_megatron_engine(chunks: list, max_batch_tokens: int = 1 << 17):
     """The KV-cached engine; the no-cache one for a model in virtual-pipeline chunks."""
     if len(chunks) > 1:
-        from gad_megatron.rollout.reforward_engine import ReforwardEngine
-
         return ReforwardEngine(chunks)
     return MegatronEngine(chunks, max_batch_tokens)

@@ -13,8 +13,10 @@ from typing import Sequence
 
 import torch
 
+from gad_megatron.models.forward import full_logits
 from gad_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
 from gad_megatron.rollout.sampling import sample_seeds, sample_tokens
+from gad_megatron.runtime.parallel import comm_device
 
 
 class ReforwardEngine(RolloutEngine):
@@ -33,8 +35,6 @@ class ReforwardEngine(RolloutEngine):
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from gad_megatron.models.forward import full_logits
-
         for c in self.chunks:
             c.eval()
         last_stage = ps.is_pipeline_last_stage()
@@ -42,7 +42,6 @@ class ReforwardEngine(RolloutEngine):
         group = ps.get_pipeline_model_parallel_group()
         stops = set(sampling.stop_token_ids)
         # The pipeline broadcast of each step's tokens: CUDA tensors under NCCL (PP > 1 on GPU), CPU under gloo.
-        from gad_megatron.runtime.parallel import comm_device
 
         comm = comm_device()
         out = []

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from gad_megatron.rollout.base import RolloutEngine, Sample, SamplingConfig
-from gad_megatron.runtime.topology import request_seed
 from gad_megatron.rollout.transport import make_transport
+from gad_megatron.runtime import on_cuda
 from gad_megatron.runtime.signals import ignored_by_children
+from gad_megatron.runtime.topology import request_seed
 
 EXTENSION = "gad_megatron.rollout.vllm_worker.WeightSyncExtension"
 
@@ -74,7 +75,6 @@ class VLLMEngine(RolloutEngine):
         from vllm import LLM
 
         self.cfg = cfg
-        from gad_megatron.runtime import on_cuda
 
         on_gpu = on_cuda()
         kwargs = dict(

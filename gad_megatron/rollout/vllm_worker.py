@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 
+from gad_megatron.rollout.transport import _DTYPES, broadcast_meta, standalone_group
+
 
 def _retie_embeddings(model_runner) -> bool:
     """vLLM ties ``lm_head.weight`` to the embedding's Parameter object; the in-place reload gives the embedding
@@ -113,8 +115,6 @@ class WeightSyncExtension:
         can complete it after this call."""
         import threading
 
-        from gad_megatron.rollout.transport import standalone_group
-
         rank = 1 + int(getattr(self, "rank", 0))
         box = {}
 
@@ -143,8 +143,6 @@ class WeightSyncExtension:
         import torch
         import torch.distributed as dist
 
-        from gad_megatron.rollout.transport import _DTYPES, broadcast_meta
-
         group, device = self._gad_group()
 
         def named():
@@ -164,8 +162,6 @@ class WeightSyncExtension:
         is copied out of the shared buffer on arrival (the reload may hold tensors until a layer is whole),
         then acknowledged so that the trainer may refill that buffer."""
         import torch
-
-        from gad_megatron.rollout.transport import _DTYPES, broadcast_meta
 
         group, _ = self._gad_group()
 

@@ -15,8 +15,10 @@ from typing import Iterator, Optional
 
 import torch
 
-from gad_megatron.models.mapping import ArchMapping, to_hf
 from gad_megatron.convert.model_io import local_shards
+from gad_megatron.models.forward import token_logprobs
+from gad_megatron.models.mapping import ArchMapping, mapping_for, to_hf
+from gad_megatron.runtime import on_cuda
 
 
 @dataclass
@@ -33,7 +35,6 @@ class SyncStats:
 def _sync_device() -> None:
     # Every gather must have finished before a bucket is read: a missed sync gives stale weights, and only
     # on some machines. (No-op on CPU.)
-    from gad_megatron.runtime import on_cuda
 
     if on_cuda():
         torch.cuda.current_stream().synchronize()
@@ -168,8 +169,6 @@ class WeightSync:
     def __init__(self, chunks, engine, arch, mapping: Optional[ArchMapping] = None, bucket_mb: float = 512,
                  dst=0, verify: bool = True, probe: Optional[list] = None, warn_gap: float = 1e-3,
                  stop_gap: float = 5e-2):
-        from gad_megatron.models.mapping import mapping_for
-
         self.chunks, self.engine, self.arch = chunks, engine, arch
         self.mapping = mapping or mapping_for(arch.model_type)
         self.bucket_mb = bucket_mb
@@ -192,7 +191,6 @@ class WeightSync:
         stats = SyncStats()
         stream = iter_full_tensors(self.chunks, dst=self.dsts)
         if self.owns_engine:
-
             def counted():
                 for bucket in buckets(hf_tensors(stream, self.mapping, self.arch), int(self.bucket_mb * 1024 * 1024)):
                     _sync_device()  # every gather of the bucket has finished before the engine reads it
@@ -218,8 +216,6 @@ class WeightSync:
         ``sequences``; the same list on every rank."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
-
-        from gad_megatron.models.forward import token_logprobs
 
         ours = token_logprobs(self.chunks, sequences)
         # The trainer's logprobs are the same in every DP replica: the last stage of rank 0's pipeline sends.

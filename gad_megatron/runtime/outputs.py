@@ -18,6 +18,8 @@ import shutil
 import socket
 import tempfile
 
+from gad_megatron.runtime.launch import pid_alive
+
 log = logging.getLogger("gad_megatron.outputs")
 OWNER_FILE = ".owner"
 
@@ -59,7 +61,6 @@ def _owner_alive(tmp: str) -> bool:
         return False  # no owner file: written by a crashed run before it could say who it was
     if host != socket.gethostname():
         return True  # another node's process: we cannot know, so we leave it
-    from gad_megatron.runtime.launch import pid_alive
 
     return pid_alive(pid)
 

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from gad_megatron.runtime.launch import under_launcher
+
 
 class LayoutError(ValueError):
     """The requested TP/PP/CP/VPP layout does not fit the world size or the model."""
@@ -171,8 +173,6 @@ def _env_world() -> tuple[int, int, int]:
     """(rank, world, local rank): torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or an srun step's SLURM_* (MASTER_ADDR /
     PORT come from the sbatch script); else one rank. The same decision as ``launch.under_launcher``: a batch
     script's own SLURM_NTASKS (no srun step) is not a world to wait for."""
-    from gad_megatron.runtime.launch import under_launcher
-
     env = os.environ
     if "WORLD_SIZE" in env:
         return int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))

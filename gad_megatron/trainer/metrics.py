@@ -18,6 +18,9 @@ from typing import Optional
 
 import torch
 
+from gad_megatron.data.jsonl import iter_jsonl, read_jsonl
+from gad_megatron.runtime.parallel import comm_device
+
 log = logging.getLogger("gad_megatron.train")
 
 
@@ -34,8 +37,6 @@ def reduce_pairs(pairs: dict) -> dict:
     for i, n in enumerate(names):
         t[i] = pairs[n].double().cpu()
     if dist.is_initialized():
-        from gad_megatron.runtime.parallel import comm_device
-
         t = t.to(comm_device())
         dist.all_reduce(t)
         t = t.cpu()
@@ -59,8 +60,6 @@ def zero_pairs(names) -> dict:
 
 def max_over_world(x: float) -> float:
     import torch.distributed as dist
-
-    from gad_megatron.runtime.parallel import comm_device
 
     t = torch.tensor([x], dtype=torch.float64, device=comm_device())
     if dist.is_initialized():
@@ -202,7 +201,6 @@ def _truncate_after(path: str, step: int) -> None:
     kill). Rows are re-written as they were written (``json.dumps(..., sort_keys=True)``): the same bytes."""
     if not os.path.isfile(path):
         return
-    from gad_megatron.data.jsonl import iter_jsonl
 
     keep = []
     for _, row in iter_jsonl(path):
@@ -225,8 +223,6 @@ def plot_curves(run_dir: str, out: Optional[str] = None) -> Optional[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gad_megatron.data.jsonl import read_jsonl
 
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     if not rows:

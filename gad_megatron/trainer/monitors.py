@@ -7,6 +7,8 @@ import logging
 import os
 from typing import Optional
 
+from gad_megatron.trainer.run_checkpoints import save_student_copy
+
 log = logging.getLogger("gad_megatron.train")
 
 
@@ -41,7 +43,6 @@ def keep_best(t, run, res: dict) -> None:
         return
     if run.best and run.best.get("key") == key and res[key] <= run.best["score"]:
         return
-    from gad_megatron.trainer.run_checkpoints import save_student_copy
 
     run.best = {"key": key, "score": res[key], "step": run.step}
     save_student_copy(t, t.g.modules, os.path.join(run.ckpt_root, "best"), run.step,

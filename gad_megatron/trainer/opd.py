@@ -25,12 +25,19 @@ import torch
 from omegaconf import OmegaConf
 
 from gad_megatron.algo.policy import low_var_kl
-from gad_megatron.convert.api import model_hf_dir
+from gad_megatron.convert.api import is_checkpoint, model_hf_dir
+from gad_megatron.models.hf_config import arch_spec_from_dir
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.metrics import max_over_world, reduce_pairs
 from gad_megatron.trainer.policy import model_logprobs, offload_chunks
-from gad_megatron.trainer.rewards import (DiscriminatorReward, PlannedModels, Reward, RewardContext, Scores,
-                                         WithDiscriminator)
+from gad_megatron.trainer.rewards import (
+    DiscriminatorReward,
+    PlannedModels,
+    Reward,
+    RewardContext,
+    Scores,
+    WithDiscriminator,
+)
 
 
 def validate_opd_section(cfg, bad) -> None:
@@ -67,8 +74,6 @@ def opd_advantages(old_logp: torch.Tensor, teacher_logp: torch.Tensor, coef: flo
 def teacher_folder_problem(path: str) -> str:
     """'' when ``path`` is a model OPD can load (an HF folder with config and weights, or a gad-convert
     checkpoint); else why not, in words that name no library (#32 items 6, 7)."""
-    from gad_megatron.convert.api import is_checkpoint
-
     if not os.path.isdir(path):
         return "no such folder (an HF model folder or a gad-convert checkpoint)"
     if is_checkpoint(path):
@@ -85,8 +90,6 @@ def check_teacher(student_dir: str, teacher_dir: str) -> None:
     tokenizers' token maps and end tokens; the teacher's embedding may have more rows than its tokenizer
     (padding), not fewer than the student's token ids. Raises TeacherMismatch in one line."""
     from transformers import AutoTokenizer
-
-    from gad_megatron.models.hf_config import arch_spec_from_dir
 
     st, te = AutoTokenizer.from_pretrained(student_dir), AutoTokenizer.from_pretrained(teacher_dir)
     sv, tv = st.get_vocab(), te.get_vocab()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from gad_megatron.models.forward import run_schedule
+from gad_megatron.runtime.parallel import comm_device
 from gad_megatron.trainer.batching import MicroBatching, pad_share
 
 
@@ -13,8 +15,6 @@ def forward(model, units: list, step_fn, layout: MicroBatching) -> tuple:
     """Forward only over packed units of ``model`` (a TrainEngine or frozen chunks); returns (outputs on the
     last stage or None elsewhere, the Seq lists per micro-batch)."""
     from megatron.core import parallel_state as ps
-
-    from gad_megatron.models.forward import run_schedule
 
     mbs, seqs = layout.microbatches(units)
     if hasattr(model, "ensure_resident"):
@@ -63,8 +63,6 @@ def agree(*flags: bool):
     """Each flag true on every rank when it is true on any (save / exit decisions every rank must take
     together), in one all-reduce; one flag in, one bool out."""
     import torch.distributed as dist
-
-    from gad_megatron.runtime.parallel import comm_device
 
     x = torch.tensor([1.0 if f else 0.0 for f in flags], device=comm_device())
     dist.all_reduce(x, op=dist.ReduceOp.MAX)

@@ -17,6 +17,7 @@ import torch
 from gad_megatron.data.chat import d_view
 from gad_megatron.data.teacher import EpochSampler
 from gad_megatron.rollout.base import RolloutEngine, SamplingConfig
+from gad_megatron.runtime import device, on_cuda
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.batching import MicroBatching, Seq, fill_per_token
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
@@ -260,8 +261,6 @@ def model_logprobs(model, seqs: list, key: str, temperature: float, layout: Micr
 
 def offload_chunks(chunks: Optional[list], where: str, enabled: bool) -> None:
     """Frozen chunks (the reference, an OPD teacher) to host memory between uses (``enabled``, on GPU)."""
-    from gad_megatron.runtime import device, on_cuda
-
     if chunks is None or not (enabled and on_cuda()):
         return
     for c in chunks:

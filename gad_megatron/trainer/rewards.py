@@ -26,7 +26,9 @@ from typing import Optional
 
 import torch
 
+from gad_megatron.data.chat import d_view
 from gad_megatron.models.roles import D_ROLE
+from gad_megatron.runtime.parallel import comm_device
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.batching import MicroBatching, Seq
 from gad_megatron.trainer.metrics import reduce_pairs, sum_outputs, zero_pairs
@@ -189,8 +191,6 @@ class DiscriminatorReward(Reward):
         """D's scores before its update. Each DP replica fills its share of the global batch; one all-reduce."""
         import torch.distributed as dist
 
-        from gad_megatron.runtime.parallel import comm_device
-
         n, n_prompts = self.n, len(batch.examples)
         flat = self._scores(batch.d_units)
         self._scored = (batch.d_units, self._updates, flat)  # the split BT step reuses them (same weights)
@@ -271,8 +271,6 @@ class DiscriminatorReward(Reward):
         return passes.update(self.d, [[s] for s in seqs], bt_surrogate_step, self.layout), pairs
 
     def _global_groups(self, batch) -> list:
-        from gad_megatron.data.chat import d_view
-
         return [[list(e.prompt), list(e.response),
                  [[d_view(self.tokenizer, s[0], s[2] != "length", self.canonical), int(s[2] != "length")] for s in g]]
                 for e, g in zip(batch.examples, batch.groups)]

@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gad_megatron.convert.api import mcore_to_hf
 from gad_megatron.data.teacher import EpochSampler
+from gad_megatron.runtime import on_cuda
+from gad_megatron.runtime.outputs import DirectoryBusy, lock_directory
 from gad_megatron.trainer import checkpoint as ckpt_io
-from gad_megatron.trainer import run_checkpoints
-from gad_megatron.trainer import passes
+from gad_megatron.trainer import passes, run_checkpoints
 from gad_megatron.trainer.build import build_trainer
+from gad_megatron.trainer.config import to_yaml
 from gad_megatron.trainer.gad import Timer, enter_gad_stage, run_stage, stage_for
 from gad_megatron.trainer.heldout import evaluate
 from gad_megatron.trainer.metrics import FailureWatch, RunLog, max_over_world, plot_curves
@@ -129,8 +132,6 @@ def open_run(t) -> Run:
               FailureWatch(cfg))
     locked = None
     if rank == 0:
-        from gad_megatron.runtime.outputs import DirectoryBusy, lock_directory
-
         try:
             run.lock = lock_directory(run.run_dir)  # held until this process ends
         except DirectoryBusy as e:
@@ -144,7 +145,6 @@ def open_run(t) -> Run:
     if cfg.checkpoint.async_save:
         run.saves = ckpt_io.BackgroundSaves()
     if rank == 0:  # what runs: written once the resume has accepted it
-        from gad_megatron.trainer.config import to_yaml
 
         os.makedirs(run.run_dir, exist_ok=True)
         with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
@@ -253,8 +253,6 @@ def finish(t, run: Run, guard: str = None) -> dict:
         if cfg.log.plot:
             summary["curves"] = plot_curves(run.run_dir)
         if cfg.checkpoint.export_hf_at_end:
-            from gad_megatron.convert.api import mcore_to_hf
-
             out = os.path.join(run.run_dir, "hf_student")
             mcore_to_hf(os.path.join(run.ckpt_root, "student"), out, overwrite=True)
             summary["hf_student"] = out
@@ -295,8 +293,6 @@ def _with_se(ev: dict, key: str) -> str:
 def _peak_memory_gib() -> float:
     """Peak memory of this process so far: the CUDA allocator's peak on GPU, the peak resident set on CPU
     (the largest over ranks is what a layout must fit)."""
-    from gad_megatron.runtime import on_cuda
-
     if on_cuda():
         peak = torch.cuda.max_memory_allocated() / 1024**3
     else:

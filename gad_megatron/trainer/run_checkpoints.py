@@ -9,10 +9,15 @@ import logging
 import os
 from typing import Optional
 
+from gad_megatron.convert.api import config_dir
+from gad_megatron.convert.megatron_ckpt import hf_config_dir, iter_dir, load_checkpoint, save_checkpoint
+from gad_megatron.models.hf_config import arch_spec_from_dir
 from gad_megatron.models.roles import D_ROLE
-from gad_megatron.convert.megatron_ckpt import hf_config_dir, iter_dir
 from gad_megatron.trainer import passes
 from gad_megatron.trainer.checkpoint import LATEST, _rank, _read_json, latest_step, load, save
+from gad_megatron.trainer.config import GADConfig
+from gad_megatron.trainer.drift import check_resume_config, data_digest, model_digest
+from gad_megatron.trainer.gad import enter_gad_stage
 
 log = logging.getLogger("gad_megatron.checkpoint")
 
@@ -26,7 +31,6 @@ def save_run(t, run) -> None:
     if t.reward is not None:
         state["reward"] = t.reward.state_dict()
     state["policy"] = t.policy.state_dict()
-    from gad_megatron.trainer.drift import data_digest, model_digest
 
     # What ran, for the next resume to compare with (trainer/drift.py)
     state.update(config=_plain_config(cfg), data_sha256=data_digest(cfg.data.train),
@@ -70,7 +74,6 @@ def resume(t, run) -> None:
         log.info("%s %s: it holds no %s; %s as at a fresh start", "resuming (reward.source changed)" if own else
                  "branching from", root, " / ".join(fresh), "it starts" if len(fresh) == 1 else "they start")
     if t.cfg.train.stage == "gad" and st["step"] > t.schedule.warm:  # (at == warm the loop enters it)
-        from gad_megatron.trainer.gad import enter_gad_stage
 
         enter_gad_stage(t, run.sampler)  # its schedule and batch size, before their saved states are read
     run.sampler.load_state_dict(st["sampler"])
@@ -94,7 +97,6 @@ def resume(t, run) -> None:
         run.best = {}
     warm, ref_dir = t.schedule.warm, os.path.join(root, "reference")
     if t.ref is not None and run.step > warm:  # at step == warm (> 0) the loop makes the reference itself
-        from gad_megatron.convert.megatron_ckpt import load_checkpoint
 
         if os.path.isdir(ref_dir):
             load_checkpoint(t.ref, ref_dir)
@@ -126,8 +128,6 @@ def _default_config() -> dict:
     """Every key at its default (what a checkpoint written before a key existed ran with)."""
     from omegaconf import OmegaConf
 
-    from gad_megatron.trainer.config import GADConfig
-
     return OmegaConf.to_container(OmegaConf.structured(GADConfig), resolve=False, throw_on_missing=False)
 
 
@@ -152,8 +152,6 @@ def check_config_against(cfg, root: str, step: int, strict: bool = True) -> None
     the checkpoint ran with in a key a resume may not change; logs the changes it applies. Not ``strict``: a
     new run branching from another run's checkpoint (``checkpoint.resume=<dir>``, e.g. tools/ablate.py's
     variants of one warm start), whose differences are the point: logged, applied."""
-    from gad_megatron.trainer.drift import check_resume_config, data_digest, model_digest
-
     state_file = os.path.join(iter_dir(os.path.join(root, "trainer"), step), "state.json")
     saved = _read_json(state_file)
     old, new = saved.get("config") if isinstance(saved, dict) else None, _plain_config(cfg)
@@ -192,9 +190,6 @@ ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "ffn_hidden_size", "nu
 def check_architecture(cfg, root: str) -> None:
     """Before any model is built: the checkpoint's models have the architecture the config's would (a
     mismatch was a 20-frame megatron 'Global shape mismatch' after G, D and the reference were built)."""
-    from gad_megatron.convert.api import config_dir
-    from gad_megatron.models.hf_config import arch_spec_from_dir
-
     for role, path in (("student", cfg.model.student), (D_ROLE, cfg.model.discriminator or cfg.model.student)):
         saved_dir = hf_config_dir(os.path.join(root, role))
         if not os.path.isfile(os.path.join(saved_dir, "config.json")):
@@ -214,7 +209,5 @@ def save_reference(t, ckpt_root: str, step: int) -> None:
 
 def save_student_copy(t, chunks, ckpt: str, step: int, note: str) -> None:
     """Collective: a student-shaped model (the reference, G's best) as a gad-convert checkpoint of its own."""
-    from gad_megatron.convert.megatron_ckpt import save_checkpoint
-
     save_checkpoint(chunks, ckpt, t.hf_dir, {"role": "student", "model_type": t.arch.model_type,
                                              "dtype": t.cfg.model.dtype, "note": note}, iteration=step, overwrite=True)

@@ -16,6 +16,10 @@ from typing import Optional
 from gad_megatron.models.plan_inputs import Assumptions
 from gad_megatron.models.steptime import plan_time
 from gad_megatron.models.storage import checkpoint_bytes, disk_need_bytes, export_bytes
+from gad_megatron.trainer.config import ConfigError
+from gad_megatron.trainer.config_rules import launch_world
+from gad_megatron.trainer.gad import warmup_trains_d
+from gad_megatron.trainer.reward_registry import reward_class
 from gad_megatron.trainer.step_estimate import _human, device_gpu, layout_and_workload, mean_lengths, slurm_seconds_left
 
 
@@ -44,8 +48,6 @@ class RunEstimate:
 
 def count_steps(cfg, warm: int, total: int, has_d: bool) -> dict:
     """``{"SeqKD": n, "warmup with D": n, "GAD": n}`` of a schedule (``trainer.gad``'s own rule)."""
-    from gad_megatron.trainer.gad import warmup_trains_d
-
     if cfg.train.stage == "seqkd":
         return {"SeqKD": total, "warmup with D": 0, "GAD": 0}
     with_d = sum(warmup_trains_d(cfg.train, warm, s, has_d) for s in range(min(warm, total)))
@@ -62,10 +64,7 @@ def count_evaluations(cfg, warm: int, total: int, heldout: int) -> int:
 
 
 def estimate_run(cfg, arch, train_examples: list, heldout: int, warm: int, total: int) -> RunEstimate:
-    from gad_megatron.trainer.reward_registry import reward_class
-
     lay, wl = layout_and_workload(cfg, *mean_lengths(train_examples))
-    from gad_megatron.trainer.config_rules import launch_world
 
     gpu, asm, world = device_gpu(cfg.parallel.device), Assumptions(), launch_world(cfg)
     gad = plan_time(arch, lay, world, replace(wl, stage="gad"), gpu, asm)
@@ -115,8 +114,6 @@ def _save_seconds(ckpt_bytes: float, background: bool, world: int, asm) -> float
 def check_run_time(cfg, est: RunEstimate, env=None) -> Optional[str]:
     """Raises ConfigError when the run is estimated beyond ``train.max_run_hours``; returns a note when it is
     longer than what is left of the Slurm job (the project's sbatch scripts requeue it: it goes on after)."""
-    from gad_megatron.trainer.config import ConfigError
-
     limit = cfg.train.max_run_hours
     if limit is not None and est.total_s > limit * 3600:
         raise ConfigError(f"{est.describe()}: beyond train.max_run_hours={limit}; shorten the schedule "

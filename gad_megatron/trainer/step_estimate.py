@@ -14,6 +14,9 @@ from gad_megatron.models.params import total_params
 from gad_megatron.models.plan_inputs import GPUS, Assumptions, Layout, Workload
 from gad_megatron.models.steptime import plan_time
 from gad_megatron.rollout.factory import planned_engine
+from gad_megatron.runtime.parallel import device_name
+from gad_megatron.trainer.config import ConfigError
+from gad_megatron.trainer.config_rules import distributed_optimizer, launch_world
 from gad_megatron.trainer.reward_registry import reward_class
 
 
@@ -21,8 +24,6 @@ def layout_and_workload(cfg, mean_prompt_tokens: Optional[int] = None,
                         mean_response_tokens: Optional[int] = None) -> tuple:
     """(Layout, Workload) of a gad-train config; gad-plan reads a config through this too. The mean lengths
     default to the planner's (LMSYS-like) ones when no data is at hand."""
-    from gad_megatron.trainer.config_rules import distributed_optimizer, launch_world
-
     p, r, m, d, tr = cfg.parallel, cfg.rollout, cfg.model, cfg.data, cfg.train
     lay = Layout(p.tensor_parallel, p.pipeline_parallel, 1, p.sequence_parallel, distributed_optimizer(cfg, launch_world(cfg)),
                  m.recompute_granularity, r.vllm_tensor_parallel, r.colocated, r.sleep_between_rollouts,
@@ -59,8 +60,6 @@ def device_gpu(device: Optional[str]):
     """The planner's entry for the device the ranks will use (``parallel.device``; unset: cuda when available,
     as the runtime decides). Every rank asks (under srun there is no launching process to ask for them), so
     the name comes from torch, not from a subprocess; an unknown GPU counts as an H100."""
-    from gad_megatron.runtime.parallel import device_name
-
     name = device_name(device)
     if name is None:  # the runtime's own decision: no GPU to compute on
         return GPUS["cpu"]
@@ -111,7 +110,6 @@ def estimate_step(cfg, arch, examples) -> StepEstimate:
     lengths; the samples' decode runs to the data's mean answer length, its tail to rollout.max_tokens)."""
     lay, wl = layout_and_workload(cfg, *mean_lengths(examples))
     gpu, asm = device_gpu(cfg.parallel.device), Assumptions()
-    from gad_megatron.trainer.config_rules import launch_world
 
     world = launch_world(cfg)  # under torchrun / srun: the launcher's, not parallel.nproc (#32 item 16)
     t = plan_time(arch, lay, world, wl, gpu, asm)
@@ -134,8 +132,6 @@ def slurm_seconds_left(env=None) -> Optional[float]:
 def check_step_time(cfg, est: StepEstimate, env=None) -> None:
     """A step estimated beyond ``train.max_step_hours``, or beyond what is left of the Slurm job, never
     reaches its checkpoint: refused with the numbers, before any rank starts."""
-    from gad_megatron.trainer.config import ConfigError
-
     step_s = est.warmup_step_s if cfg.train.stage == "seqkd" else max(est.gad_step_s, est.warmup_step_s)
     what = (f"{est.samples // cfg.rollout.n} prompts x rollout.n={cfg.rollout.n}: {est.samples:,} samples, up to "
             f"{est.new_tokens_max:,} new tokens a step" if cfg.train.stage == "gad" else
