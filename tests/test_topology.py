@@ -61,7 +61,13 @@ def test_planner_and_trainer_take_their_engine_count_from_one_function(monkeypat
         calls.append((world, rtp, per_node))
         return real(world, rtp, per_node)
 
-    monkeypatch.setattr(topology, "rollout_topology", counted)
+    import gad_megatron.models.plan_inputs as plan_inputs
+    from gad_megatron.trainer import build
+
+    # both import the one function (at the top of their files): count its calls where each calls it
+    assert plan_inputs.rollout_topology is real and build.rollout_topology is real
+    for mod in (topology, plan_inputs, build):
+        monkeypatch.setattr(mod, "rollout_topology", counted)
     cfg = load_config(EXAMPLE_14B, [])
     model, lay, wl = from_config(cfg)
     p = plan(load_arch(model), lay, 16, wl, GPUS["h100-80gb"])
@@ -102,7 +108,9 @@ def test_the_rollout_phase_counts_vllms_share_and_refuses_in_one_line(monkeypatc
     for needle in ("vLLM cannot start in the rollout phase: 46.0 GiB of training state", "optimizer 27.2",
                    "rollout.gpu_memory_utilization=0.7 asks for 56.0 GiB: 102.0 GiB > the h100-80gb's 80 GiB"):
         assert needle in line, line
-    monkeypatch.setattr(step_estimate, "device_gpu", lambda device: __import__("gad_megatron.plan", fromlist=["GPUS"]).GPUS["h100-80gb"])
+    h100 = lambda device: __import__("gad_megatron.plan", fromlist=["GPUS"]).GPUS["h100-80gb"]  # noqa: E731
+    for mod in (step_estimate, build):  # build reads it at the top of its file
+        monkeypatch.setattr(mod, "device_gpu", h100)
     with pytest.raises(ConfigError) as e:
         build.check_vllm_can_start(cfg, arch)
     assert str(e.value) == line

@@ -55,7 +55,10 @@ def test_zero1_equals_the_plain_optimizer_and_offload_round_trips(hf_models, tmp
     for r in read_json(out):
         assert r["dp"] == 2
         assert r["moved"] > 1e-4  # the steps changed the weights
-        assert r["max_param_diff"] <= 1e-6 and r["max_param_diff_step4"] <= 1e-6, r
+        # fp32 reduction order (the grad norm and clip over shards): below 1e-6 on earlier machines, 1.0e-6 /
+        # 1.3e-6 (DP2) and 2.0e-6 / 2.4e-6 (TP2 x DP2) on 2026-12-08's Xeon, with 3e-3 moved; a wrong shard (no
+        # reduce-scatter, a stale all-gather) is off by the update itself, ~3e-3. The bound: 5e-6.
+        assert r["max_param_diff"] <= 5e-6 and r["max_param_diff_step4"] <= 5e-6, r
         for a, b in r["norms"]:
             assert a == pytest.approx(b, rel=1e-5)
         assert r["offload_freed"] > 0 and r["left_on_device"] == 0 and r["param_storage_bytes_while_away"] == 0

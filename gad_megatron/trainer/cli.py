@@ -120,10 +120,12 @@ def main(argv=None) -> int:
         if found.refused:  # --check: every refusal, each in its own line, in the pre-flight's order
             for _, message in found.refused:
                 print(f"gad-train: error: {message}", file=sys.stderr)
-            for check, lacking in found.skipped:
-                print(f"gad-train: {check}: not checked (needs {lacking})", file=sys.stderr)
-            print(f"gad-train: --check: {len(found.refused)} refusal(s), from the "
-                  f"{', '.join(c for c, _ in found.refused)} check(s)", file=sys.stderr)
+            if found.skipped and len(found.refused) > 1:  # a note under several refusals (one refusal: one line)
+                print("  not checked, their input refused: " + ", ".join(f"{c} (needs {n})" for c, n in found.skipped),
+                      file=sys.stderr)
+            if len(found.refused) > 1:
+                print(f"gad-train: --check: {len(found.refused)} refusals, from the "
+                      f"{', '.join(c for c, _ in found.refused)} checks", file=sys.stderr)
             return 2
         data, estimate, whole, note = found.data, found.step, found.run, found.run_note
         says = not under_launcher() or (os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"

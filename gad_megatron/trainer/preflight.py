@@ -9,8 +9,8 @@
   resume     the checkpoint a resume would take accepts this config
 
 A run stops at the first refusal, named in one line. ``gad-train --check`` (and ``gad-doctor --config``) run
-every check whose inputs exist and list each refusal; a check whose input was refused (the step time without
-readable data) is said to be skipped, not guessed.
+every check whose inputs passed and list each refusal; a check whose input was refused (the step time without
+readable data, the memory plan of a refused config) is said to be skipped, not guessed.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Findings:
     run: object = None  # run_estimate.RunEstimate
     run_note: Optional[str] = None
     refused: list = field(default_factory=list)  # [(check, message)] in the order found
+    passed: list = field(default_factory=list)  # the checks that ran and refused nothing
     skipped: list = field(default_factory=list)  # [(check, the input it lacks)]
 
 
@@ -109,9 +110,10 @@ def check_resume(cfg, f: Findings) -> None:
     precheck_resume(cfg)
 
 
-# (name, check, the findings it needs: a check whose input was refused is skipped)
+# (name, check, the checks it needs to have passed: a check whose input was refused is skipped, not guessed;
+# the memory and step-time figures read the whole config, the reward's models and the data's lengths)
 CHECKS = (("config", check_config, ()), ("data", check_data, ()), ("positions", check_positions, ()),
-          ("memory", check_memory, ()), ("disk", check_disk, ()), ("step time", check_time, ("data",)),
+          ("memory", check_memory, ("config",)), ("disk", check_disk, ()), ("step time", check_time, ("config", "data")),
           ("resume", check_resume, ()))
 
 
@@ -120,12 +122,13 @@ def run_checks(cfg, keep_going: bool = False) -> Findings:
     True: each refusal is recorded in ``Findings.refused`` and the later checks still run (``--check``)."""
     f = Findings()
     for name, check, needs in CHECKS:
-        lacking = [n for n in needs if getattr(f, n) is None]
+        lacking = [n for n in needs if n not in f.passed]
         if lacking:
             f.skipped.append((name, lacking[0]))
             continue
         try:
             check(cfg, f)
+            f.passed.append(name)
         except REFUSALS as e:
             if not keep_going:
                 raise
