@@ -4,7 +4,7 @@
 # Why not NGC's PyTorch image: its torch is always a pre-release build (2.13.0a0+...nv26.x), which never satisfies
 # vLLM's exact pin (torch==2.13.0), and replacing it breaks the TE and apex compiled into the image. So the base is
 # CUDA's devel image (the compilers TE's torch extension and apex need) and every version is in one file,
-# docker/constraints.txt. tests/test_image_resolution.py runs pip's resolver on exactly the lines below.
+# docker/constraints.txt. tests/network/test_image_resolution.py runs pip's resolver on exactly the lines below.
 ARG BASE=nvidia/cuda:13.0.1-devel-ubuntu24.04
 FROM ${BASE}
 

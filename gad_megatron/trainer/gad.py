@@ -132,8 +132,8 @@ def stage_gad(t, step: int, examples: list, b, timer) -> dict:
         with timer("sync"):
             m.update(g.sync(step))
     m["tokens"] = b.tokens
-    t.last_samples = [{"prompt_id": e.id, "sample": j, "response": t.tokenizer.decode(gr[j][0], skip_special_tokens=True),
-                       "reward": rewards[i * n + j].item(), "advantage": adv[i * n + j].item(), "length": len(gr[j][0])}
+    t.last_samples = [{"prompt_id": e.id, "sample": j, "response": t.tokenizer.decode(gr[j].token_ids, skip_special_tokens=True),
+                       "reward": rewards[i * n + j].item(), "advantage": adv[i * n + j].item(), "length": len(gr[j].token_ids)}
                       for i, (e, gr) in enumerate(zip(b.examples, b.groups)) for j in range(n)]
     return m
 

@@ -46,8 +46,8 @@ def evaluate(t, held: list) -> dict:
     stop = [t.tokenizer.eos_token_id]
     greedy = t.policy.generate([e.prompt for e in held], SamplingConfig(
         n=1, temperature=0.0, max_tokens=cfg.eval.max_tokens, stop_token_ids=stop, seed=0))
-    texts = [t.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in greedy]
-    res["heldout_length"] = sum(len(g[0][0]) for g in greedy) / len(held)
+    texts = [t.tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in greedy]
+    res["heldout_length"] = sum(len(g[0].token_ids) for g in greedy) / len(held)
     if scorer is not None:
         where = f"eval.scorer={cfg.eval.scorer}"
         greedy_scores = [call_scorer(scorer, where, e, txt) for e, txt in zip(held, texts)]
@@ -76,11 +76,11 @@ def _sampled(t, held: list, scorer, stop: list) -> tuple:
     groups = t.policy.generate([e.prompt for e in held], SamplingConfig(
         n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
         max_tokens=cfg.eval.max_tokens, stop_token_ids=stop, seed=cfg.eval.seed))
-    res = {"heldout_length_sampled": sum(len(s[0]) for g in groups for s in g) / (n * len(held))}
+    res = {"heldout_length_sampled": sum(len(s.token_ids) for g in groups for s in g) / (n * len(held))}
     if scorer is not None:
         dec = t.tokenizer.decode
         where = f"eval.scorer={cfg.eval.scorer}"
-        per_prompt = [[call_scorer(scorer, where, e, dec(s[0], skip_special_tokens=True)) for s in g]
+        per_prompt = [[call_scorer(scorer, where, e, dec(s.token_ids, skip_special_tokens=True)) for s in g]
                       for e, g in zip(held, groups)]
         res.update(score_and_se("heldout_score_sampled", per_prompt))
     if t.ref is not None:
@@ -96,7 +96,7 @@ def _d_accuracy(t, held: list, groups: list) -> dict:
     mine = dp_share(t.world, held)
     first = t.world["dp_rank"] * len(mine)
     canonical = t.cfg.reward.canonical_text
-    units = [[teacher_seq(e)] + [Seq(e.prompt, d_view(t.tokenizer, s[0], s[2] != "length", canonical)) for s in g]
+    units = [[teacher_seq(e)] + [Seq(e.prompt, d_view(t.tokenizer, s.token_ids, not s.truncated, canonical)) for s in g]
              for e, g in zip(mine, groups[first : first + len(mine)])]
     scores = t.reward.heldout_scores(units)
     pair = torch.zeros(2, dtype=torch.float64)
@@ -111,7 +111,7 @@ def _d_accuracy(t, held: list, groups: list) -> dict:
 def _kl_to_reference(t, held: list, groups: list) -> float:
     mine = dp_share(t.world, held)
     first = t.world["dp_rank"] * len(mine)
-    seqs = [Seq(e.prompt, s[0]) for e, g in zip(mine, groups[first : first + len(mine)]) for s in g if s[0]]
+    seqs = [Seq(e.prompt, s.token_ids) for e, g in zip(mine, groups[first : first + len(mine)]) for s in g if s.token_ids]
     t.policy.logprobs(seqs, "old_logp")
     t.policy.reference_logprobs(seqs)
     pair = torch.zeros(2, dtype=torch.float64)

@@ -31,7 +31,7 @@ class RolloutBatch:
     step: int
     policy_version: int  # G's optimizer steps when these were sampled
     examples: list  # the global batch (data.teacher.Example)
-    groups: list  # per prompt of the global batch: n x (token_ids, logprobs, finish_reason)
+    groups: list  # per prompt of the global batch: n rollout.base.Sample
     mine: list  # this DP rank's examples: a contiguous share of whole prompt groups
     first: int  # index of this rank's first prompt in the global batch
     students: list = field(default_factory=list)  # this rank's student samples (Seq, rollout logprobs filled)
@@ -41,12 +41,12 @@ class RolloutBatch:
     @property
     def truncated(self) -> torch.Tensor:
         """``[P*n]`` bool over the global batch: the sample hit max_tokens without its end token."""
-        return torch.tensor([s[2] == "length" for g in self.groups for s in g], dtype=torch.bool)
+        return torch.tensor([s.truncated for g in self.groups for s in g], dtype=torch.bool)
 
     @property
     def tokens(self) -> int:
         """Tokens the step processed: teacher answers and student samples with their prompts."""
-        return sum((len(e.prompt) + len(e.response)) + sum(len(e.prompt) + len(s[0]) for s in g)
+        return sum((len(e.prompt) + len(e.response)) + sum(len(e.prompt) + len(s.token_ids) for s in g)
                    for e, g in zip(self.examples, self.groups))
 
 
@@ -84,7 +84,7 @@ class Policy:
                               stop_token_ids=[self.tokenizer.eos_token_id], seed=c.train.seed * 100003 + step)
 
     def generate(self, prompts: list, sampling: SamplingConfig) -> list:
-        """``[[(token_ids, logprobs, finish_reason)] * n] * len(prompts)``, the same on every rank. A
+        """``[[Sample] * n] * len(prompts)`` (rollout.base.Sample), the same on every rank. A
         collective engine samples everywhere; otherwise each engine's leader samples its block of the prompts
         (``runtime.topology``) and the blocks are gathered in prompt order."""
         import torch.distributed as dist
@@ -94,14 +94,13 @@ class Policy:
         if engine is not None and engine.collective:
             groups = engine.generate(prompts, sampling)  # every rank, same seed: the same samples everywhere
             self.train_state_back()
-            return [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in groups]
+            return groups
         topo, rank = self.topology, dist.get_rank()
         mine = None
         if engine is not None:
             lo, hi = topo.prompt_range(topo.engine_of(rank), len(prompts)) if topo else (0, len(prompts))
             part = replace(sampling, index_base=sampling.index_base + lo)
-            mine = [[(s.token_ids, s.logprobs, s.finish_reason) for s in g]
-                    for g in (engine.generate(prompts[lo:hi], part) if hi > lo else [])]
+            mine = engine.generate(prompts[lo:hi], part) if hi > lo else []
         self.train_state_back()  # the engine sleeps (GPU, colocated; no-op on CPU) and training state returns
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
@@ -115,14 +114,14 @@ class Policy:
         b = RolloutBatch(step, self.version, examples, groups, mine, first)
         canonical = self.cfg.reward.canonical_text
         for e, g in zip(mine, groups[first : first + len(mine)]):
-            b.students += [Seq(e.prompt, toks, per_token={"rollout_logp": torch.tensor(lps, dtype=torch.float32)})
-                           for toks, lps, _ in g]
+            b.students += [Seq(e.prompt, s.token_ids,
+                               per_token={"rollout_logp": torch.tensor(s.logprobs, dtype=torch.float32)}) for s in g]
             # A truncated sample has no end: D does not learn from it (its reward is algo.truncated_reward).
-            d_group = [Seq(e.prompt, d_view(self.tokenizer, toks, finish != "length", canonical),
-                           in_d_loss=finish != "length") for toks, _, finish in g]
+            d_group = [Seq(e.prompt, d_view(self.tokenizer, s.token_ids, not s.truncated, canonical),
+                           in_d_loss=not s.truncated) for s in g]
             b.d_units.append([teacher_seq(e)] + d_group)
-        lengths = torch.tensor([len(s[0]) for g in groups for s in g], dtype=torch.float64)
-        truncated = sum(s[2] == "length" for g in groups for s in g) / max(1, len(lengths))
+        lengths = torch.tensor([len(s.token_ids) for g in groups for s in g], dtype=torch.float64)
+        truncated = sum(s.truncated for g in groups for s in g) / max(1, len(lengths))
         b.metrics = {"response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
                      "response_truncated_share": truncated,
                      "teacher_length_mean": sum(len(e.response) for e in examples) / len(examples)}

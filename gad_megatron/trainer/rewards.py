@@ -272,7 +272,7 @@ class DiscriminatorReward(Reward):
 
     def _global_groups(self, batch) -> list:
         return [[list(e.prompt), list(e.response),
-                 [[d_view(self.tokenizer, s[0], s[2] != "length", self.canonical), int(s[2] != "length")] for s in g]]
+                 [[d_view(self.tokenizer, s.token_ids, not s.truncated, self.canonical), int(not s.truncated)] for s in g]]
                 for e, g in zip(batch.examples, batch.groups)]
 
     def state_dict(self) -> dict:
@@ -337,7 +337,7 @@ class ScorerReward(Reward):
         dec = self.tokenizer.decode
 
         def on_rank0():
-            students = [call_scorer(self.fn, self.where, e, dec(s[0], skip_special_tokens=True))
+            students = [call_scorer(self.fn, self.where, e, dec(s.token_ids, skip_special_tokens=True))
                         for e, g in zip(batch.examples, batch.groups) for s in g]
             teacher = [call_scorer(self.fn, self.where, e, dec(e.response, skip_special_tokens=True))
                        for e in batch.examples]

@@ -52,7 +52,7 @@ def main():
     policy = Policy(cfg, {"rank": rank}, None, type("G", (), {"bring_back": None})())
     policy.engine, policy.topology, policy.train_engines = engine, topo, []  # no training state to offload here
     sampling = SamplingConfig(n=3, temperature=0.9, max_tokens=8, seed=1234)
-    res["two_engines"] = policy.generate(PROMPTS, sampling)
+    res["two_engines"] = [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in policy.generate(PROMPTS, sampling)]
     if rank == 0:
         alone = engine.generate(PROMPTS, sampling)
         res["one_engine"] = [[(s.token_ids, s.logprobs, s.finish_reason) for s in grp] for grp in alone]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402  (the repository root)
 PKG = os.path.join(ROOT, "gad_megatron")
 # Lower packages first: a package may import only those before it (and itself).
 ORDER = ["runtime", "algo", "models", "convert", "rollout", "data", "eval", "trainer", "plan", "doctor", "testing"]

@@ -170,7 +170,7 @@ def test_demo_with_the_megatron_engine_runs_to_the_end(tmp_path):
     import os
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from conftest import ROOT as root
     run = tmp_path / "a"
     p = subprocess.run(["bash", "scripts/demo.sh", "rollout.engine=megatron", "train.warmup_steps=4",
                         "train.total_steps=10"], capture_output=True, text=True, cwd=root, timeout=600,

@@ -8,6 +8,8 @@ from hf_fixtures import VLLM_SHAPE, make_hf_model, make_tokenizer
 
 from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
 
+pytestmark = pytest.mark.vllm  # beyond its folder's markers
+
 
 @pytest.fixture(scope="module")
 def rollout(tmp_path_factory):

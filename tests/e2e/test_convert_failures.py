@@ -19,6 +19,8 @@ from hf_fixtures import make_hf_model
 from gad_megatron.convert.megatron_ckpt import iter_dir, load_checkpoint, read_iteration
 from gad_megatron.runtime import outputs
 
+pytestmark = pytest.mark.multirank  # beyond its folder's markers
+
 
 def _cli(*args, preexec=None, timeout=300, env=None):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.multirank  # beyond its folder's markers
 
 TOOL = os.path.join(ROOT, "tools", "scaling_study.py")
 

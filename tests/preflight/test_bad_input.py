@@ -15,7 +15,7 @@ from gad_megatron.convert.hf_io import CheckpointError
 from gad_megatron.models.hf_config import UnsupportedConfigError, arch_spec_from_dir
 from gad_megatron.runtime import LayoutError, ParallelConfig, validate_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402  (the repository root)
 
 
 @pytest.fixture

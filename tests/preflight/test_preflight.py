@@ -7,7 +7,7 @@ import sys
 
 from gad_megatron.trainer.preflight import CHECKS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402  (the repository root)
 # three rules broken at once, one for each of three checks (in the pre-flight's order); {rows}: a data file whose
 # first row has no answer
 BROKEN = {"config": ("algo.tis_cap=0.5", "algo.tis_cap=0.5: must be >= 1"),

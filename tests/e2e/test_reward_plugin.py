@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402  (the repository root)
 
 # The whole plugin: rewards short answers, from the tokens alone (no D is built, none is budgeted).
 PLUGIN = '''
@@ -33,14 +33,14 @@ class ShortAnswers(Reward):
             bad("rollout.n", "ShortAnswers compares samples of a group: at least 2")
 
     def score(self, batch):
-        rewards = torch.tensor([-len(s[0]) / self.limit for g in batch.groups for s in g], dtype=torch.float64)
+        rewards = torch.tensor([-len(s.token_ids) / self.limit for g in batch.groups for s in g], dtype=torch.float64)
         teacher = torch.tensor([-len(e.response) / self.limit for e in batch.examples], dtype=torch.float64)
         return Scores(rewards, teacher, {"short_reward_mean": rewards.mean().item()})
 '''
 
 
-def _run(args, tmp_path, timeout=600):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "GAD_DEMO_DIR": str(tmp_path / "demo")}
+def _run(args, tmp_path, timeout=600, demo="demo"):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "GAD_DEMO_DIR": str(tmp_path / demo)}
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=timeout)
 
@@ -84,9 +84,16 @@ def test_a_reward_class_of_ones_own_is_checked_planned_and_trained(plugin):
     assert not list(ckpt.rglob("discriminator")) and list(ckpt.rglob("student"))
 
 
-def test_a_reward_spec_that_does_not_load_is_one_line_naming_reward_source(plugin):
+def test_a_reward_spec_that_does_not_load_is_one_line_naming_reward_source(plugin, monkeypatch):
+    from gad_megatron.trainer.config import ConfigError, load_config
+
+    monkeypatch.chdir(plugin)  # a file spec is relative to the working directory
+    base = ["model.student=/nowhere", "data.train=/nowhere.jsonl"]
     for spec, says in (("my_reward.py:Missing", "cannot be imported"), ("my_reward.py:torch", "not a subclass"),
                        ("nowhere.py:X", "cannot be imported"), ("critic", "use one of discriminator")):
-        p = _run(["gad_megatron.trainer.cli", "--demo", "--check", f"reward.source={spec}"], plugin)
-        assert p.returncode == 2 and f"reward.source='{spec}': " in p.stderr and says in p.stderr, p.stderr[-2000:]
-        assert "Traceback" not in p.stderr
+        with pytest.raises(ConfigError, match=f"reward.source='{spec}': .*{says}"):
+            load_config(None, base + [f"reward.source={spec}"])
+    p = _run(["gad_megatron.trainer.cli", "--demo", "--check", "reward.source=my_reward.py:Missing"], plugin,
+             demo="fresh")  # (not the trained run's directory: its resume check would refuse the change too)
+    assert p.returncode == 2 and "reward.source='my_reward.py:Missing': cannot be imported" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -8,7 +8,7 @@ import sys
 import torch
 import transformers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402  (the repository root)
 
 
 def gad_convert(*args, timeout=300):

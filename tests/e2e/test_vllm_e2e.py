@@ -15,7 +15,9 @@ from test_collect import rows, write_prompts
 
 from gad_megatron.rollout.vllm_engine import vllm_unavailable_reason
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402  (the repository root)
+
+pytestmark = pytest.mark.vllm  # beyond its folder's markers
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402  (the repository root)
 DOCS = os.path.join(ROOT, "docs")
 
 

@@ -21,6 +21,8 @@ from test_gad_train import lines, run_train, write_config
 
 from gad_megatron.data import demo
 
+pytestmark = pytest.mark.multirank  # beyond its folder's markers
+
 # A G step with no signal but OPD's (no KL pull, no weight decay): what a zero advantage must leave alone.
 QUIET = {"algo.kl_coef": 0.0, "g_optim.weight_decay": 0.0, "rollout.temperature": 0.8}
 ONE_RANK = {"parallel.nproc": 1, "train.warmup_steps": 0, "train.critic_warmup": 0}
@@ -162,6 +164,7 @@ def _serve(model_dir, port):
     raise AssertionError("vLLM server did not become healthy")
 
 
+@pytest.mark.vllm
 def test_teacher_equal_to_the_student_through_a_vllm_server(teacher, tmp_path):
     """opd.url: the teacher's logprobs from vLLM's OpenAI server (prompt logprobs, T 1). The same weights as G
     give advantages at the level of the trainer/vLLM logprob gap (one step: Adam turns even a 1e-7 advantage

@@ -59,3 +59,26 @@ def test_report_refuses_runs_evaluated_on_other_data_or_scorers(tmp_path, capsys
     (tmp_path / "seqkd" / "seed2" / "config.yaml").unlink()
     assert ablate.main(["report", "--out", str(tmp_path)]) == 2
     assert "eval.scorer='my_task:score'" in capsys.readouterr().err
+
+
+def test_ablate_checks_its_arguments_and_names_a_bad_summary(tmp_path, capsys):
+    """Items 20 and 21: `ablate.py local --warmup-steps 0` said only 'warm start of seed 1 failed; see <log>';
+    `ablate.py report` over a truncated summary.json was a JSONDecodeError traceback."""
+    import os
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import ablate
+
+    with pytest.raises(SystemExit) as e:
+        ablate.main(["local", "--out", str(tmp_path / "a"), "--warmup-steps", "0"])
+    assert e.value.code == 2 and "--warmup-steps 0 / --steps 40: each must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    run = tmp_path / "r" / "gad" / "seed1"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text('{"steps": 3, "evals": {"aft')
+    assert ablate.main(["report", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert f"ablate: {run}/summary.json: not valid JSON" in err and "Traceback" not in err

@@ -1,7 +1,7 @@
 """The commands the README and docs/ show are commands that exist: every fenced ``bash`` line is read, its
 script or console command found, each ``--flag`` looked up in that command's own ``--help``, and each dotted
 config override (``train.total_steps=70``) checked against gad-train's config schema. A renamed flag, script or
-config key fails here. (The demo command itself runs in tests/test_gad_train.py; the suite command is CI.)"""
+config key fails here. (The demo command itself runs in tests/e2e/test_gad_train.py; the suite command is CI.)"""
 
 import glob
 import os
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402  (the repository root)
 CONSOLE = {"gad-train": "gad_megatron.trainer.cli", "gad-convert": "gad_megatron.convert.cli",
            "gad-collect": "gad_megatron.data.collect", "gad-eval": "gad_megatron.eval.run",
            "gad-plan": "gad_megatron.plan.cli", "gad-doctor": "gad_megatron.doctor.cli"}
