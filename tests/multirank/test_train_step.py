@@ -63,7 +63,7 @@ def test_zero1_equals_the_plain_optimizer_and_offload_round_trips(hf_models, tmp
             assert a == pytest.approx(b, rel=1e-5)
         assert r["offload_freed"] > 0 and r["left_on_device"] == 0 and r["param_storage_bytes_while_away"] == 0
         assert r["digest_same_after_round_trip"]
-        assert r["sync_max_diff"] <= 1e-6  # the engine got the sharded optimizer's updated weights
+        assert r["sync_max_diff"] <= 5e-6  # the engine got the sharded optimizer's updated weights (bound: above)
     syncs = [r["sync"] for r in read_json(out)]  # every rank leads an engine (rollout TP 1), DP rank 1's included
     for name in ("initial", "plain", "zero1"):  # each engine got the same bytes from its own DP replica
         assert len({s[name][0] for s in syncs}) == 1, name
