@@ -10,16 +10,7 @@ from gad_megatron.trainer.preflight import Findings, check_config, check_positio
 from gad_megatron.trainer.config import ConfigError, load_config
 
 
-@pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return demo.make_student(str(tmp_path_factory.mktemp("demo") / "student"), seed=5)
-
-
-def config(student, tmp_path, *over):
-    return load_config(None, [f"model.student={student}", f"data.train={demo.ASSET}", f"log.run_dir={tmp_path}/run",
-                              "parallel.device=cpu", "parallel.nproc=2", "train.batch_prompts=8",
-                              "data.max_prompt_tokens=48", "data.max_response_tokens=12", "rollout.engine=megatron",
-                              *over])
+from demo_config import config, student  # noqa: E402,F401  (the shared fixture)
 
 
 def test_a_step_that_cannot_finish_is_refused_saying_what_it_would_generate(student, tmp_path):
